@@ -1,0 +1,200 @@
+"""One frozen, typed settings object, read from ``shardmail.toml`` and the environment.
+
+Interface: ``load(path=None, env=os.environ) -> Settings``; ``Settings`` is a frozen dataclass whose
+field names follow qmail's control files where qmail has one (``me``, ``rcpthosts``, ``locals``,
+``databytes``, ``queuelifetime``, ``concurrencylocal``, ``concurrencyremote``, ``maxrcptcount``...).
+Every key may be overridden by ``SHARDMAIL_<KEY>`` (lists comma-separated); the file is found at
+``path``, else ``$SHARDMAIL_CONFIG``, else ``./shardmail.toml`` if present, else defaults only.
+
+Failures: a bad value, an unknown key or an unreadable file raises ``ConfigError`` whose message
+names the key and where the value came from, so a process dies at start with one clear line
+instead of a traceback in the middle of a delivery.
+
+Settings: this module defines them all; each role's docstring lists the keys it reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SHARDMAIL_"
+SHARD_POLICIES = ("roundrobin", "random", "leastloaded")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range; the message names the key."""
+
+
+def _check(test: Callable[[Any], bool], wanted: str) -> Callable[[Any], str | None]:
+    return lambda value: None if test(value) else wanted
+
+
+def _cidr_list(values: list[str]) -> str | None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"a list of CIDR networks (bad entry {value!r})"
+    return None
+
+
+def _listen_list(values: list[str]) -> str | None:
+    for value in values:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"a list of host:port (bad entry {value!r})"
+    return None
+
+
+def _setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    meta = {"doc": doc, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+NONNEGATIVE = _check(lambda v: v >= 0, "an integer >= 0")
+POSITIVE = _check(lambda v: v > 0, "an integer > 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting shardmail reads; see ``shardmail.toml.example`` for the commented reference."""
+
+    me: str = _setting("", "this host's name; default: the machine's FQDN")
+    rcpthosts: list[str] = _setting([], "domains accepted from anyone (.example.com = subdomains)")
+    locals: list[str] = _setting(["localhost"], "domains delivered here (accepted too); default: localhost and me")
+    relaynets: list[str] = _setting(
+        ["127.0.0.0/8", "::1/128"], "client networks allowed to relay (tcpserver's RELAYCLIENT)", _cidr_list
+    )
+    databytes: int = _setting(10240000, "largest message accepted, bytes (0 = no limit)", NONNEGATIVE)
+    maxrcptcount: int = _setting(1000, "recipients per message; further ones get 452 4.5.3", POSITIVE)
+    timeoutsmtpd: int = _setting(300, "seconds an SMTP client may stay silent", POSITIVE)
+    smtpgreeting: str = _setting("", "text after 220 in the greeting; default: me")
+    smtp_listen: list[str] = _setting(["127.0.0.1:2525"], "SMTP listeners, host:port", _listen_list)
+    ingress_processes: int = _setting(0, "SMTP processes sharing the port (0 = one per core)", NONNEGATIVE)
+    ingress_threads: int = _setting(16, "spool-writing threads per SMTP process", POSITIVE)
+    queuelifetime: int = _setting(604800, "seconds a message may stay queued", POSITIVE)
+    concurrencylocal: int = _setting(10, "local deliveries in flight per node", POSITIVE)
+    concurrencyremote: int = _setting(200, "remote deliveries in flight per node", POSITIVE)
+    shards: int = _setting(4, "queue shards on this node", _check(lambda v: 1 <= v <= 1024, "1..1024"))
+    shard_policy: str = _setting(
+        "roundrobin", "how ingress picks a shard", _check(lambda v: v in SHARD_POLICIES, " | ".join(SHARD_POLICIES))
+    )
+    queue_split: int = _setting(23, "split directories per shard spool (qmail's conf-split)", POSITIVE)
+    var_dir: str = _setting("./var", "runtime state: spool, embedded Redis, Maildirs")
+    spool_dir: str = _setting("", "spool root; default: <var_dir>/spool")
+    redis_url: str = _setting("", "Redis for the queues; empty = start an embedded redis-server")
+    redis_prefix: str = _setting("shardmail", "prefix of shardmail's own Redis keys")
+
+    @property
+    def spool_root(self) -> Path:
+        return Path(self.spool_dir) if self.spool_dir else Path(self.var_dir) / "spool"
+
+    @property
+    def greeting(self) -> str:
+        return self.smtpgreeting or self.me
+
+    @property
+    def processes(self) -> int:
+        return self.ingress_processes or os.cpu_count() or 1
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def _coerce(key: str, kind: Any, raw: Any, source: str) -> Any:
+    """Turn a TOML value or an environment string into the field's type, or fail naming the key."""
+    origin = typing.get_origin(kind)
+    try:
+        if origin in (list, types.GenericAlias) or kind == list[str]:
+            if isinstance(raw, str):
+                items = [part.strip() for part in raw.split(",") if part.strip()]
+            elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+                items = list(raw)
+            else:
+                raise TypeError
+            return items
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in ("1", "yes", "true", "on"):
+                return True
+            if lowered in ("0", "no", "false", "off"):
+                return False
+            raise TypeError
+        if kind is int:
+            if isinstance(raw, bool):
+                raise TypeError
+            if isinstance(raw, int):
+                return raw
+            return int(str(raw).strip())
+        if kind is str:
+            if not isinstance(raw, str):
+                raise TypeError
+            return raw
+    except (TypeError, ValueError):
+        pass
+    wanted = {int: "an integer", str: "a string", bool: "true or false"}.get(kind, "a list of strings")
+    raise ConfigError(f"{key}: expected {wanted}, got {raw!r} ({source})")
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the file (if any), apply environment overrides, validate every value."""
+    env = os.environ if env is None else env
+    chosen = path or env.get(ENV_PREFIX + "CONFIG") or ("shardmail.toml" if Path("shardmail.toml").exists() else None)
+    values: dict[str, tuple[Any, str]] = {}
+    kinds = _field_types()
+    if chosen:
+        try:
+            with open(chosen, "rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"config file {chosen}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {chosen}: {exc}") from None
+        for key, raw in data.items():
+            if key not in kinds:
+                raise ConfigError(f"{key}: unknown setting (in {chosen})")
+            values[key] = (raw, f"in {chosen}")
+    for key in kinds:
+        name = ENV_PREFIX + key.upper()
+        if name in env:
+            values[key] = (env[name], f"from {name}")
+    checked: dict[str, Any] = {}
+    for fld in dataclasses.fields(Settings):
+        if fld.name not in values:
+            continue
+        raw, source = values[fld.name]
+        value = _coerce(fld.name, kinds[fld.name], raw, source)
+        check = fld.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{fld.name}: expected {problem}, got {raw!r} ({source})")
+        checked[fld.name] = value
+    if not checked.get("me"):
+        checked["me"] = socket.getfqdn() or "localhost"
+    if "locals" not in checked:
+        checked["locals"] = ["localhost", checked["me"]]  # qmail: locals defaults to me
+    return Settings(**checked)
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for each setting: the source of the configuration reference."""
+    rows = []
+    for fld in dataclasses.fields(Settings):
+        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
+        rows.append((fld.name, default, fld.metadata["doc"]))
+    return rows

@@ -1,0 +1,33 @@
+"""Named crash points and injected faults, for the crash and fault tests.
+
+Interface: ``crash_point(name)`` kills this process with SIGKILL when ``SHARDMAIL_CRASH_AT`` names
+``name`` (a comma-separated list may name several); ``check(name)`` raises the OSError that
+``SHARDMAIL_FAULT=name=ERRNO`` asks for (e.g. ``spool.write=ENOSPC``). Both cost one dict lookup
+when unset, so they stay in production code: a test then kills the real process at the real spot,
+which is more reliable than timing a kill from outside.
+
+Failures: by design. Settings: the two environment variables above (read once at import).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+_CRASH = frozenset(filter(None, os.environ.get("SHARDMAIL_CRASH_AT", "").split(",")))
+_FAULTS = dict(
+    item.split("=", 1) for item in os.environ.get("SHARDMAIL_FAULT", "").split(",") if "=" in item
+)
+
+
+def crash_point(name: str) -> None:
+    if name in _CRASH:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check(name: str) -> None:
+    code = _FAULTS.get(name)
+    if code:
+        number = getattr(errno, code, errno.EIO)
+        raise OSError(number, f"{os.strerror(number)} (injected at {name})")

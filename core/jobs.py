@@ -1,0 +1,163 @@
+"""The only place rq jobs are named, created, claimed and finished.
+
+Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
+``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``,
+``finish(claims)``, ``fail(claim, why)``, ``depths(shards)``; ``DELIVER_FUNC`` (the function name
+the jobs carry, for rq's tools).
+
+Granularity and consumer (the decision the drain benchmark in ``bench/drain.py`` measures): one
+rq job per message and channel, with a deterministic id ``<message id>-<channel>``, a JSON
+payload ``[shard, message id, channel]`` and ``result_ttl=0``; so ``rq info``, rq-dashboard and
+the sweep see exactly which messages wait where, and a re-enqueue of the same message is
+recognisable. Stock rq workers run one job at a time with several Redis round trips and
+bookkeeping each (about 250 jobs/s per process); shardmail's pools instead *claim* up to N jobs
+per round trip with one Lua script that pops them from the queue list and records them in rq's
+StartedJobRegistry (``<job id>:<execution id>`` entries, the format rq 2+ uses) with status
+``started``, then *finish* them in one pipeline (job hash deleted, registry entry removed). rq's
+own data model stays truthful: queue lengths, started registry, failed registry, job statuses.
+
+Failures: every ``redis.RedisError`` propagates; callers treat it as temporary. A claimed job
+whose consumer dies stays in the started registry until its lease expires; then rq's own registry
+cleanup (or shardmail's sweep) moves it on, and the spool still holds the message.
+
+Settings: ``redis_prefix`` (via the prefix passed in).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis
+from rq import Queue
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
+
+from core.envelope import Channel
+
+DELIVER_FUNC = "workers.pool.deliver"
+CLAIM_LEASE = 600  # seconds a claim may run before rq's cleanup considers it abandoned
+
+_CLAIM = """
+local ids = redis.call('LPOP', KEYS[1], ARGV[1])
+if not ids then return {} end
+for _, id in ipairs(ids) do
+  redis.call('HSET', ARGV[2] .. id, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[4])
+  redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[6])
+end
+return ids
+"""
+
+
+def queue_name(prefix: str, shard: int, channel: Channel) -> str:
+    return f"{prefix}.s{shard}.{channel}"
+
+
+def job_id(message_id: str, channel: Channel) -> str:
+    return f"{message_id}-{channel}"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A job taken from a queue by a consumer: which message, which channel, under which execution."""
+
+    job_id: str
+    message_id: str
+    shard: int
+    channel: Channel
+    execution: str
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One job to enqueue."""
+
+    shard: int
+    message_id: str
+    channel: Channel
+    recipients: int = 1
+
+
+class Jobs:
+    """rq queues of one Redis deployment, cached per (shard, channel)."""
+
+    def __init__(self, conn: redis.Redis, prefix: str) -> None:
+        self.conn = conn
+        self.prefix = prefix
+        self._queues: dict[tuple[int, str], Queue] = {}
+        self._claim = conn.register_script(_CLAIM)
+
+    def queue(self, shard: int, channel: Channel) -> Queue:
+        key = (shard, channel)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = Queue(
+                queue_name(self.prefix, shard, channel), connection=self.conn, serializer=JSONSerializer
+            )
+            self._queues[key] = queue
+        return queue
+
+    def enqueue(self, items: Iterable[Item]) -> None:
+        """Create and push every job in one pipelined round trip."""
+        by_queue: dict[tuple[int, Channel], list] = {}
+        for item in items:
+            data = Queue.prepare_data(
+                DELIVER_FUNC,
+                args=[item.shard, item.message_id, item.channel],
+                job_id=job_id(item.message_id, item.channel),
+                description=f"deliver {item.message_id} ({item.recipients} rcpt) via {item.channel}",
+                result_ttl=0,
+                failure_ttl=7 * 86400,
+                timeout=CLAIM_LEASE,
+            )
+            by_queue.setdefault((item.shard, item.channel), []).append(data)
+        with self.conn.pipeline(transaction=False) as pipe:
+            for (shard, channel), datas in by_queue.items():
+                self.queue(shard, channel).enqueue_many(datas, pipeline=pipe)
+            pipe.execute()
+
+    def claim(self, shard: int, channel: Channel, count: int, worker: str) -> list[Claim]:
+        """Take up to ``count`` jobs in one round trip, recording them as started."""
+        queue = self.queue(shard, channel)
+        execution = uuid.uuid4().hex
+        ids = self._claim(
+            keys=[queue.key, StartedJobRegistry(queue=queue).key],
+            args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE, execution],
+        )
+        claims = []
+        for raw in ids:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            message_id = text.rpartition("-")[0]
+            claims.append(Claim(text, message_id, shard, channel, execution))
+        return claims
+
+    def finish(self, claims: Iterable[Claim]) -> None:
+        """The jobs are done (whatever their messages' outcomes): forget them, in one round trip."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for claim in claims:
+                registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
+                pipe.zrem(registry_key, f"{claim.job_id}:{claim.execution}")
+                pipe.delete(f"rq:job:{claim.job_id}")
+            pipe.execute()
+
+    def fail(self, claim: Claim, why: str) -> None:
+        """A job raised (a bug, not a delivery outcome): keep it in rq's failed registry for a human."""
+        queue = self.queue(claim.shard, claim.channel)
+        with self.conn.pipeline(transaction=False) as pipe:
+            pipe.zrem(StartedJobRegistry(queue=queue).key, f"{claim.job_id}:{claim.execution}")
+            pipe.hset(f"rq:job:{claim.job_id}", mapping={"status": "failed", "exc_info": why[:4000]})
+            pipe.zadd(FailedJobRegistry(queue=queue).key, {claim.job_id: time.time() + 7 * 86400})
+            pipe.execute()
+
+    def depths(self, shards: Iterable[int]) -> dict[int, int]:
+        """Ready jobs per shard (all channels), in one round trip."""
+        shards = list(shards)
+        with self.conn.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                for channel in ("local", "remote"):
+                    pipe.llen(self.queue(shard, channel).key)
+            counts = pipe.execute()
+        return {shard: counts[2 * i] + counts[2 * i + 1] for i, shard in enumerate(shards)}

@@ -1,0 +1,77 @@
+"""Delivery outcomes as values, and their one mapping to SMTP replies and exit codes.
+
+Interface: ``Delivered``, ``Deferred``, ``Failed`` (frozen dataclasses; ``Outcome`` is their union),
+``smtp_reply(outcome) -> str``, ``exit_code(outcome) -> int``, ``QueueUnavailable`` (raised by the
+front door when a message cannot be made durable or enqueued), ``is_temporary(status)``.
+
+Outcomes are values, never exceptions: rq treats an exception as a bug in the job, and a mail
+system must tell "try later" from "never" in exactly one place. Every infrastructure fault is a
+``Deferred``; only a definite answer from the authority (5xx, NXDOMAIN, no such user) is ``Failed``.
+
+Failures: none. Settings: none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# sysexits.h, as sendmail-compatible commands report them
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    text: str = ""
+    status: str = "2.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    status: str  # 4.x.x
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    status: str  # 5.x.x
+    text: str
+
+
+Outcome = Delivered | Deferred | Failed
+
+
+def is_temporary(status: str) -> bool:
+    return status.startswith("4")
+
+
+def smtp_reply(outcome: Outcome) -> str:
+    """The reply line for an outcome at SMTP time (basic code from the enhanced code's class)."""
+    if isinstance(outcome, Delivered):
+        return f"250 {outcome.status} {outcome.text or 'Ok'}"
+    basic = "451" if isinstance(outcome, Deferred) else "554"
+    return f"{basic} {outcome.status} {outcome.text}"
+
+
+def exit_code(outcome: Outcome) -> int:
+    """Exit status of a sendmail-compatible command for an outcome."""
+    if isinstance(outcome, Delivered):
+        return EX_OK
+    if isinstance(outcome, Deferred):
+        return EX_TEMPFAIL
+    return EX_NOUSER if outcome.status.startswith("5.1.") else EX_DATAERR
+
+
+class QueueUnavailable(Exception):
+    """The message could not be made durable and enqueued; nothing of it was kept."""
+
+    def __init__(self, outcome: Deferred) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome

@@ -1,0 +1,282 @@
+"""The spool: the durable ledger of every accepted message; the only module that knows its paths.
+
+Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``, ``read(id) -> Envelope``,
+``body(id) -> bytes``, ``mark(id, marks)``, ``remove(id)``, ``scan() -> Iterator[Entry]``,
+``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``.
+
+Layout of one shard (``<root>/s<shard>/``)::
+
+    tmp/<id>                 a message being written (not yet accepted)
+    queue/<split>/<id>       a committed message: one line of envelope JSON, the body (CRLF), then
+                             the marks appended after each delivery attempt, one JSON line each
+    corrupt/<id>             entries the sweep could not decode, moved aside for a human
+
+One file per message: a single rename commits envelope and body together, and a mark is one
+``write`` + ``fdatasync`` on the same file, so per-recipient checkpoints cost no directory fsync.
+
+Crash-state table (what a crash leaves, the one syscall that moves a message on, what the sweep does)
+
+====================  ==============================  ======================  ==========================
+state                 files that exist                next syscall            sweep on a leftover
+====================  ==============================  ======================  ==========================
+1 writing             tmp/<id> (partial or unsynced)  fsync(tmp/<id>)         unlink when older than 36 h
+2 written             tmp/<id> complete, fsync'd      rename -> queue/..      unlink when older than 36 h
+3 committed           queue/<s>/<id>                  fsync(queue/<s>)        (rename may be lost: = 2)
+4 accepted (250 due)  queue/<s>/<id>, durable         Redis enqueue           enqueue it (job missing)
+5 queued              queue/<s>/<id> + rq job         delivery, then mark     none: job present
+6 delivered, unmarked queue/<s>/<id>, mark missing    write+fdatasync(mark)   enqueue: attempt again
+7 marked              queue/<s>/<id> + mark lines     next recipient / unlink enqueue pending ones
+8 all final           queue/<s>/<id>, all marked      unlink(queue/<s>/<id>)  unlink it
+9 gone                nothing                         -                       -
+====================  ==============================  ======================  ==========================
+
+A 250 is sent only in state 4 or later: the client retries anything it did not see accepted, and
+a tmp/ file never becomes a delivery (so an interrupted write is simply lost, as it must be, since
+it was never acknowledged). Duplicates come only from state 6: a local delivery names its Maildir
+file after id + recipient and finds it there (0 duplicates); a remote one whose reply to "." was
+lost is sent again (at most one duplicate per crash). A tmp/<id> beside a committed queue/<s>/<id>
+(rename replayed after a crash) is removed at once.
+
+Failures: every ``OSError`` (ENOSPC, EIO, EROFS...) propagates to the caller, which treats it as a
+temporary failure; ``write`` removes its own partial file first. ``scan`` never raises for a bad
+entry: it yields it with ``error`` set.
+
+Settings: ``spool_dir`` (via the root passed in), ``queue_split``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import faults
+from core.envelope import Envelope, EnvelopeError, Mark, decode, decode_marks, encode, encode_mark
+
+LEFTOVER_AGE = 36 * 3600  # qmail's rule: a tmp file this old belongs to no living writer
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One committed spool file as the scan found it; ``envelope`` is None when ``error`` is set."""
+
+    id: str
+    path: Path
+    envelope: Envelope | None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """A tmp/ file: an interrupted write (or a rename replayed after a crash)."""
+
+    path: Path
+    age: float
+    committed: bool  # the same id is already in queue/
+
+
+class _DirSync:
+    """Shares directory fsyncs among concurrent committers (group commit).
+
+    A caller needs an fsync that *starts* after its rename; if one is already running, it waits for
+    the next one, which then covers every rename made while the first was running.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._started = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            need = self._started + 1
+            while self._done < need:
+                if not self._running:
+                    break
+                self._cond.wait()
+            else:
+                return
+            self._running = True
+            self._started += 1
+            generation = self._started
+        synced = False
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            synced = True
+        finally:
+            with self._cond:
+                self._running = False
+                if synced:
+                    self._done = generation
+                self._cond.notify_all()
+
+
+class Spool:
+    """One shard's spool directory."""
+
+    def __init__(self, root: str | os.PathLike[str], shard: int, split: int = 23) -> None:
+        self.shard = shard
+        self.split = split
+        self.base = Path(root) / f"s{shard}"
+        self.tmp = self.base / "tmp"
+        self.queue = self.base / "queue"
+        self.corrupt = self.base / "corrupt"
+        self._syncers = {}
+        for directory in (self.tmp, self.corrupt, *(self.queue / str(i) for i in range(split))):
+            directory.mkdir(parents=True, exist_ok=True)
+        for i in range(split):
+            self._syncers[i] = _DirSync(self.queue / str(i))
+
+    def _bucket(self, message_id: str) -> int:
+        return zlib.crc32(message_id.encode()) % self.split
+
+    def path(self, message_id: str) -> Path:
+        return self.queue / str(self._bucket(message_id)) / message_id
+
+    def write(self, envelope: Envelope, body: bytes) -> Path:
+        """Commit envelope + body durably; return the committed path. Raises OSError, leaving nothing."""
+        tmp = self.tmp / envelope.id
+        header = encode(envelope)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                faults.check("spool.write")
+                view = memoryview(header + body) if len(body) < 65536 else None
+                if view is not None:
+                    _write_all(fd, view)
+                else:
+                    _write_all(fd, memoryview(header))
+                    _write_all(fd, memoryview(body))
+                faults.crash_point("after_data_write")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            final = self.path(envelope.id)
+            os.rename(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        faults.crash_point("after_rename")
+        try:
+            self._syncers[self._bucket(envelope.id)].sync()
+        except BaseException:
+            # Not durable: undo, so that a 4xx never leaves a message that is delivered later.
+            _unlink_quietly(final)
+            raise
+        faults.crash_point("after_commit")
+        return final
+
+    def _load(self, message_id: str) -> tuple[Envelope, int, bytes]:
+        """Envelope (with marks), body offset, and the file's bytes."""
+        with open(self.path(message_id), "rb") as handle:
+            data = handle.read()
+        return _parse(data)
+
+    def read(self, message_id: str) -> Envelope:
+        """The envelope with every durable mark. Raises FileNotFoundError or EnvelopeError."""
+        return self._load(message_id)[0]
+
+    def body(self, message_id: str) -> bytes:
+        envelope, offset, data = self._load(message_id)
+        return data[offset : offset + envelope.size]
+
+    def mark(self, message_id: str, marks: list[Mark]) -> None:
+        """Append outcomes and make them durable before returning (the per-recipient checkpoint)."""
+        blob = b"".join(encode_mark(m) for m in marks)
+        fd = os.open(self.path(message_id), os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                blob = b"\n" + blob  # a torn earlier append must not swallow this one
+            _write_all(fd, memoryview(blob))
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def withdraw(self, message_id: str) -> None:
+        """Undo a commit durably (unlink + directory fsync): used when the 250 cannot be given, so
+        that a message answered with 4xx can never be delivered later."""
+        os.unlink(self.path(message_id))
+        self._syncers[self._bucket(message_id)].sync()
+
+    def remove(self, message_id: str) -> None:
+        """Drop a message whose recipients are all final. Not fsync'd: if the unlink is lost in a
+        crash, the sweep finds every recipient marked and removes the file again."""
+        _unlink_quietly(self.path(message_id))
+
+    def quarantine(self, message_id: str) -> Path:
+        """Move an undecodable entry aside, out of the queue but kept for a human."""
+        target = self.corrupt / message_id
+        os.rename(self.path(message_id), target)
+        return target
+
+    def ids(self) -> Iterator[str]:
+        for i in range(self.split):
+            try:
+                names = os.listdir(self.queue / str(i))
+            except FileNotFoundError:
+                continue
+            yield from names
+
+    def count(self) -> int:
+        return sum(1 for _ in self.ids())
+
+    def scan(self) -> Iterator[Entry]:
+        """Every committed entry; corrupt ones are yielded with ``error`` set, never raised."""
+        for message_id in self.ids():
+            path = self.path(message_id)
+            try:
+                envelope = self.read(message_id)
+            except FileNotFoundError:
+                continue  # delivered and removed while we looked
+            except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
+                yield Entry(message_id, path, None, str(exc))
+                continue
+            if envelope.id != message_id:
+                yield Entry(message_id, path, None, f"envelope names id {envelope.id}")
+                continue
+            yield Entry(message_id, path, envelope)
+
+    def leftovers(self, now: float | None = None) -> Iterator[Leftover]:
+        now = time.time() if now is None else now
+        for name in os.listdir(self.tmp):
+            path = self.tmp / name
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            yield Leftover(path, age, self.path(name).exists())
+
+
+def _parse(data: bytes) -> tuple[Envelope, int, bytes]:
+    newline = data.find(b"\n")
+    if newline < 0:
+        raise EnvelopeError("no envelope line")
+    envelope = decode(data[:newline])
+    offset = newline + 1
+    end = offset + envelope.size
+    if len(data) < end:
+        raise EnvelopeError(f"body truncated: {len(data) - offset} of {envelope.size} bytes")
+    return envelope.with_marks(decode_marks(data[end:])), offset, data
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

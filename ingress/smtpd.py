@@ -1,0 +1,197 @@
+"""The SMTP policy: what is accepted, what is refused, and every reply's words and codes.
+
+Interface: ``Handler(settings, submitter, executor)`` (an aiosmtpd handler) and ``Server`` (an
+aiosmtpd ``SMTP`` subclass that gives every reply an enhanced status code).
+
+Policy, in the order a transaction meets it:
+- MAIL: sender syntax (501 5.1.7), SIZE over ``databytes`` (552 5.3.4), 8-bit without SMTPUTF8.
+- RCPT: syntax (501 5.1.3); more than ``maxrcptcount`` (452 4.5.3, the client sends the rest
+  later); a domain outside ``rcpthosts``/``locals`` from a client outside ``relaynets`` (554 5.7.1).
+- DATA: only CRLF.CRLF ends it; a message holding a bare CR or LF is refused (554 5.5.2), so
+  an SMTP-smuggling attempt never becomes a second message; over ``databytes`` 552 5.3.4. A
+  Received header is prepended, then the message goes through ``core.submit`` and only then
+  ``250 2.0.0 Ok: queued as <id>``.
+
+Failures: a spool or Redis fault, or any unexpected exception, is ``451 4.3.0`` (aiosmtpd's own
+default would be a permanent 500): infrastructure trouble is never the client's fault.
+
+Settings: ``me``, ``smtpgreeting``, ``rcpthosts``, ``locals``, ``relaynets``, ``databytes``,
+``maxrcptcount``, ``timeoutsmtpd``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import re
+from concurrent.futures import Executor
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from core.address import check_mailbox, clean_for_header, domain_matches, domain_of
+from core.config import Settings
+from core.envelope import Client
+from core.outcome import QueueUnavailable
+from core.submit import Submitter
+
+log = logging.getLogger("shardmail.smtpd")
+
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# Enhanced codes for aiosmtpd's built-in replies, by basic code (RFC 3463).
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0", "250": "2.0.0", "252": "2.0.0",
+    "421": "4.3.0", "451": "4.3.0", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "552": "5.3.4", "554": "5.5.0", "555": "5.5.4",
+}  # fmt: skip
+_REWRITE = {
+    "553 5.1.3 Error: malformed address": "501 5.1.3 Bad address syntax",
+    "501 Syntax: MAIL FROM: <address>": "501 5.5.4 Syntax: MAIL FROM:<address>",
+    "501 Syntax: RCPT TO: <address>": "501 5.5.4 Syntax: RCPT TO:<address>",
+    "552 Error: Too much mail data": "552 5.3.4 Message too big for system",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+}
+_NO_ENHANCED = ("220", "354", "334")
+
+
+class Server(SMTP):
+    """aiosmtpd's protocol with shardmail's reply discipline."""
+
+    _raw_replies = False
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._raw_replies:
+            status = _enhance(status)
+        await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+
+def _enhance(status: str) -> str:
+    """Give a reply line an enhanced status code if it lacks one (RFC 2034)."""
+    status = _REWRITE.get(status, status)
+    code = status[:3]
+    if code in _NO_ENHANCED or _HAS_ENHANCED.match(status):
+        return status
+    enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
+    return f"{code}{status[3:4] or ' '}{enhanced} {status[4:]}".rstrip()
+
+
+class Handler:
+    """aiosmtpd hooks implementing shardmail's acceptance policy."""
+
+    def __init__(self, settings: Settings, submitter: Submitter, executor: Executor) -> None:
+        self.settings = settings
+        self.submitter = submitter
+        self.executor = executor
+        self.accepted = list(settings.rcpthosts) + list(settings.locals)
+        self.relaynets = [ipaddress.ip_network(n, strict=False) for n in settings.relaynets]
+
+    def may_relay(self, session: Session) -> bool:
+        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.relaynets)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return _ehlo_lines(responses)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        smtputf8 = any(o.upper() == "SMTPUTF8" for o in options)
+        if address:
+            problem = check_mailbox(address, smtputf8)
+            if problem:
+                return f"501 5.1.7 Bad sender address syntax: {problem}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
+        if len(envelope.rcpt_tos) >= self.settings.maxrcptcount:
+            return "452 4.5.3 Too many recipients"
+        problem = check_mailbox(address, smtputf8)
+        if problem:
+            return f"501 5.1.3 Bad recipient address syntax: {problem}"
+        if not domain_matches(domain_of(address), self.accepted) and not self.may_relay(session):
+            return "554 5.7.1 Relaying denied"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        if _BARE_CR_OR_LF.search(content):
+            return "554 5.5.2 Message contains a bare CR or LF (RFC 5321 2.3.8); use CRLF line endings"
+        smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
+        submitter = self.submitter
+        message_id = submitter.new_id()
+        helo = clean_for_header(session.host_name or "unknown")
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.extended_smtp else "SMTP"
+        body = self._received(message_id, helo, peer, protocol, envelope.rcpt_tos) + content
+        client = Client(address=peer, helo=helo, protocol=protocol)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self.executor,
+                lambda: submitter.accept(
+                    message_id, envelope.mail_from or "", list(envelope.rcpt_tos), body, client, smtputf8
+                ),
+            )
+        except QueueUnavailable as exc:
+            return f"451 {exc.outcome.status} {exc.outcome.text}, try again later"
+        except Exception:
+            log.exception("unexpected failure queueing %s", message_id)
+            return "451 4.3.0 Internal error, try again later"
+        log.info("queued %s from <%s> for %d rcpt, %d bytes", message_id, envelope.mail_from,
+                 len(envelope.rcpt_tos), len(body))
+        return f"250 2.0.0 Ok: queued as {message_id}"
+
+    def _received(self, message_id: str, helo: str, peer: str, protocol: str, rcpts: list[str]) -> bytes:
+        me = self.settings.me
+        line = f"Received: from {helo} ([{peer}])\r\n\tby {me} (shardmail) with {protocol} id {message_id}"
+        if len(rcpts) == 1:
+            line += f"\r\n\tfor <{clean_for_header(rcpts[0], 300)}>"
+        line += f"; {email.utils.formatdate(localtime=True)}\r\n"
+        return line.encode("utf-8", "surrogateescape")
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session error: %r", error, exc_info=error)
+        return "451 4.3.0 Internal error, try again later"
+
+
+def _ehlo_lines(responses: list[str]) -> list[str]:
+    """aiosmtpd's EHLO lines (greeting name, SIZE, 8BITMIME, SMTPUTF8, ...) plus ours."""
+    keywords = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
+    keywords[:0] = ["PIPELINING"]
+    keywords.append("ENHANCEDSTATUSCODES")
+    lines = ["250-" + responses[0][4:]] + [f"250-{k}" for k in keywords[:-1]]
+    return [*lines, f"250 {keywords[-1]}"]

@@ -1,0 +1,115 @@
+"""The ``shardmail`` command: one entry point for every role and every admin task.
+
+Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands:
+``run`` (supervisor), ``smtpd`` (one ingress process), ``sendmail`` (inject; also used when the
+program is invoked under the name ``sendmail``), ``status`` (depth per shard), ``config``
+(validate and print the effective settings).
+
+Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
+Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from core.config import ConfigError, Settings, describe, load
+from core.outcome import EX_CONFIG, EX_TEMPFAIL
+
+
+def _settings(path: str | None) -> Settings:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"shardmail: configuration: {exc}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ops.run import Supervisor
+
+    _logging(args.verbose)
+    return Supervisor(_settings(args.config), args.config).run()
+
+
+def cmd_smtpd(args: argparse.Namespace) -> int:
+    from ingress.serve import main as serve
+
+    _logging(args.verbose)
+    settings = _settings(args.config)
+    try:
+        serve(settings)
+    except OSError as exc:
+        logging.getLogger("shardmail.ingress").error("cannot listen: %s", exc)
+        return EX_CONFIG
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from core.redis_conn import connect
+    from ops.depth import as_json, render, shard_depths
+
+    settings = _settings(args.config)
+    conn = connect(settings)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        print(f"shardmail: Redis unavailable ({exc}); showing the spool only", file=sys.stderr)
+        conn = None
+    rows = shard_depths(settings, conn)
+    print(as_json(rows) if args.json else render(rows))
+    return 0 if conn is not None else EX_TEMPFAIL
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _settings(args.config)
+    for key, _default, doc in describe():
+        print(f"{key} = {getattr(settings, key)!r}    # {doc}")
+    return 0
+
+
+def cmd_sendmail(argv: list[str]) -> int:
+    from ingress.inject import main as inject
+
+    return inject(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="shardmail", description="a sharded, crash-safe mail transfer agent")
+    top.add_argument("-c", "--config", help="shardmail.toml to read (default: $SHARDMAIL_CONFIG, ./shardmail.toml)")
+    top.add_argument("-v", "--verbose", action="store_true")
+    sub = top.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run a whole node: embedded Redis if none configured, SMTP, workers")
+    sub.add_parser("smtpd", help="run one SMTP ingress process")
+    status = sub.add_parser("status", help="queue depth per shard and channel")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("config", help="check the configuration and print the effective settings")
+    sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.path.basename(sys.argv[0]) == "sendmail":
+        sys.exit(cmd_sendmail(argv))
+    if argv and argv[0] == "sendmail":
+        sys.exit(cmd_sendmail(argv[1:]))
+    args = parser().parse_args(argv)
+    commands = {"run": cmd_run, "smtpd": cmd_smtpd, "status": cmd_status, "config": cmd_config}
+    sys.exit(commands[args.command](args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""``shardmail run``: the all-in-one supervisor for a node.
+
+Interface: ``Supervisor(settings, config_path).run() -> int``. It starts an embedded
+``redis-server`` when no ``redis_url`` is configured (unix socket under ``var_dir``, persistence
+off: the spool is the ledger, so Redis may forget everything), then ``ingress_processes`` SMTP
+processes (later: worker pools and the scheduler), restarts any child that dies (with a growing
+delay, logging why), and on SIGTERM or Ctrl-C stops the children, Redis last.
+
+Failures: a missing ``redis-server`` binary or a Redis that does not come up is fatal at start
+(exit 69, a clear message). A child that keeps crashing is restarted every 30 s at most.
+
+Settings: ``redis_url``, ``var_dir``, ``ingress_processes``, plus everything the children read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from core.config import Settings
+from core.redis_conn import embedded_socket, url
+
+log = logging.getLogger("shardmail.run")
+EX_UNAVAILABLE = 69
+MAX_DELAY = 30.0
+STABLE = 60.0  # a child up this long has its restart delay reset
+STOP_GRACE = 15.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    delay: float = 1.0
+    restart_at: float = 0.0
+    history: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.started = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.children: list[Child] = []
+        self._stopping = False
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SHARDMAIL_REDIS_URL"] = url(self.settings)
+        env["SHARDMAIL_VAR_DIR"] = str(Path(self.settings.var_dir).resolve())
+        env["SHARDMAIL_ME"] = self.settings.me
+        if self.config_path:
+            env["SHARDMAIL_CONFIG"] = str(Path(self.config_path).resolve())
+        return env
+
+    def _redis_child(self) -> Child | None:
+        if self.settings.redis_url:
+            return None
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("redis-server not found: install it (apt-get install redis-server) or set redis_url")
+        sock = embedded_socket(self.settings)
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+        argv = [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                "--save", "", "--appendonly", "no", "--dir", str(sock.parent), "--loglevel", "warning"]
+        return Child("redis", argv, dict(os.environ))
+
+    def _wait_for_redis(self, deadline: float) -> None:
+        conn = redis.Redis.from_url(url(self.settings), socket_connect_timeout=1)
+        while True:
+            try:
+                conn.ping()
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis at {url(self.settings)} did not answer: {exc}") from None
+                time.sleep(0.05)
+
+    def plan(self) -> list[Child]:
+        env = self._env()
+        base = [sys.executable, "-m", "ops.cli"]
+        children = [Child(f"smtpd-{i}", [*base, "smtpd"], env) for i in range(self.settings.processes)]
+        return children
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        try:
+            redis_child = self._redis_child()
+            if redis_child:
+                redis_child.start()
+                self.children.append(redis_child)
+            self._wait_for_redis(time.monotonic() + 10)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            self.shutdown()
+            return EX_UNAVAILABLE
+        for child in self.plan():
+            child.start()
+            self.children.append(child)
+        log.info("shardmail is running: SMTP on %s, %d shards, spool %s, Redis %s",
+                 ", ".join(self.settings.smtp_listen), self.settings.shards, self.settings.spool_root,
+                 url(self.settings) + (" (embedded)" if not self.settings.redis_url else ""))
+        while not self._stopping:
+            self._tend()
+            time.sleep(0.2)
+        self.shutdown()
+        return 0
+
+    def _tend(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None:
+                if now >= child.restart_at:
+                    child.start()
+                continue
+            status = child.proc.poll()
+            if status is None:
+                if now - child.started > STABLE:
+                    child.delay = 1.0
+                continue
+            reason = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+            log.warning("%s (pid %d) died: %s; restarting in %.0f s", child.name, child.proc.pid, reason,
+                        child.delay)
+            child.history.append(status)
+            child.proc = None
+            child.restart_at = now + child.delay
+            child.delay = min(child.delay * 2, MAX_DELAY)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def shutdown(self) -> None:
+        """Stop the workers and ingress first, Redis last, so no one loses its Redis mid-message."""
+        others = [c for c in self.children if c.name != "redis"]
+        last = [c for c in self.children if c.name == "redis"]
+        for group in (others, last):
+            for child in group:
+                if child.proc and child.proc.poll() is None:
+                    child.proc.terminate()
+            deadline = time.monotonic() + STOP_GRACE
+            for child in group:
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_GRACE)
+                    child.proc.kill()
+                    child.proc.wait()
+        log.info("stopped")
