@@ -2,7 +2,8 @@
 
 Interface: ``crash_point(name)`` kills this process with SIGKILL when ``SHARDMAIL_CRASH_AT`` names
 ``name`` (a comma-separated list may name several); ``check(name)`` raises the OSError that
-``SHARDMAIL_FAULT=name=ERRNO`` asks for (e.g. ``spool.write=ENOSPC``). Both cost one dict lookup
+``SHARDMAIL_FAULT=name=ERRNO`` asks for (e.g. ``spool.write=ENOSPC``), or a RuntimeError for
+``name=BUG`` (an unexpected exception, as a programming error would raise). Both cost one dict lookup
 when unset, so they stay in production code: a test then kills the real process at the real spot,
 which is more reliable than timing a kill from outside.
 
@@ -28,6 +29,8 @@ def crash_point(name: str) -> None:
 
 def check(name: str) -> None:
     code = _FAULTS.get(name)
+    if code == "BUG":
+        raise RuntimeError(f"injected bug at {name}")
     if code:
         number = getattr(errno, code, errno.EIO)
         raise OSError(number, f"{os.strerror(number)} (injected at {name})")

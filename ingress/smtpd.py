@@ -31,6 +31,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from core import faults
 from core.address import check_mailbox, clean_for_header, domain_matches, domain_of
 from core.config import Settings
 from core.envelope import Client
@@ -74,6 +75,10 @@ class Server(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._raw_replies = False
+
+    async def smtp_DATA(self, arg: str) -> None:
+        await super().smtp_DATA(arg)
+        faults.crash_point("after_250")
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._raw_replies = True
@@ -123,7 +128,7 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         smtputf8 = any(o.upper() == "SMTPUTF8" for o in options)
-        if address:
+        if address != "<>":  # aiosmtpd's spelling of the null sender; kept truthy for its state checks
             problem = check_mailbox(address, smtputf8)
             if problem:
                 return f"501 5.1.7 Bad sender address syntax: {problem}"
@@ -134,6 +139,7 @@ class Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        faults.check("smtpd.rcpt")
         smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
         if len(envelope.rcpt_tos) >= self.settings.maxrcptcount:
             return "452 4.5.3 Too many recipients"
@@ -163,7 +169,7 @@ class Handler:
             await loop.run_in_executor(
                 self.executor,
                 lambda: submitter.accept(
-                    message_id, envelope.mail_from or "", list(envelope.rcpt_tos), body, client, smtputf8
+                    message_id, _sender(envelope), list(envelope.rcpt_tos), body, client, smtputf8
                 ),
             )
         except QueueUnavailable as exc:
@@ -171,7 +177,7 @@ class Handler:
         except Exception:
             log.exception("unexpected failure queueing %s", message_id)
             return "451 4.3.0 Internal error, try again later"
-        log.info("queued %s from <%s> for %d rcpt, %d bytes", message_id, envelope.mail_from,
+        log.info("queued %s from <%s> for %d rcpt, %d bytes", message_id, _sender(envelope),
                  len(envelope.rcpt_tos), len(body))
         return f"250 2.0.0 Ok: queued as {message_id}"
 
@@ -186,6 +192,10 @@ class Handler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("session error: %r", error, exc_info=error)
         return "451 4.3.0 Internal error, try again later"
+
+
+def _sender(envelope: Envelope) -> str:
+    return "" if envelope.mail_from in (None, "<>") else envelope.mail_from
 
 
 def _ehlo_lines(responses: list[str]) -> list[str]:
