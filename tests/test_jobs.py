@@ -1,0 +1,97 @@
+"""rq jobs as shardmail creates, claims and finishes them: rq's own view must stay truthful."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from core.jobs import DELIVER_FUNC, Item, Jobs, job_id, queue_name
+from core.shards import Picker, ShardMap
+from tests.conftest import Node
+
+
+def test_enqueue_creates_readable_rq_jobs(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    jobs = Jobs(conn, "t")
+    jobs.enqueue([Item(0, "A" * 26, "local", 3), Item(1, "B" * 26, "remote", 1)])
+    queue = Queue(queue_name("t", 0, "local"), connection=conn, serializer=JSONSerializer)
+    assert queue.count == 1
+    job = Job.fetch(job_id("A" * 26, "local"), connection=conn, serializer=JSONSerializer)
+    assert job.func_name == DELIVER_FUNC
+    assert job.args == [0, "A" * 26, "local"]
+    assert job.description == f"deliver {'A' * 26} (3 rcpt) via local"
+    assert job.result_ttl == 0
+    assert "rq:queue:t.s1.remote".encode() in conn.smembers("rq:queues")
+
+
+def test_claim_records_started_and_finish_forgets(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    jobs = Jobs(conn, "t")
+    jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(10)])
+    claims = jobs.claim(0, "local", 4, "worker-1")
+    assert [c.message_id for c in claims] == [f"{i:026X}" for i in range(4)]
+    queue = jobs.queue(0, "local")
+    started = StartedJobRegistry(queue=queue)
+    assert queue.count == 6
+    assert sorted(started.get_job_ids(cleanup=False)) == sorted(c.job_id for c in claims)
+    job = Job.fetch(claims[0].job_id, connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == "started"
+    assert job.worker_name == "worker-1"
+    jobs.finish(claims[:3])
+    assert started.get_job_ids(cleanup=False) == [claims[3].job_id]
+    assert not conn.exists(f"rq:job:{claims[0].job_id}")
+    jobs.fail(claims[3], "Traceback: boom")
+    assert started.count == 0
+    assert FailedJobRegistry(queue=queue).get_job_ids(cleanup=False) == [claims[3].job_id]
+    assert jobs.claim(0, "local", 100, "worker-1").__len__() == 6
+    assert jobs.claim(0, "local", 100, "worker-1") == []
+
+
+def test_depths_count_ready_jobs_per_shard(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    jobs = Jobs(conn, "t")
+    jobs.enqueue([Item(1, f"{i:026X}", "remote") for i in range(3)] + [Item(1, "F" * 26, "local")])
+    assert jobs.depths(range(3)) == {0: 0, 1: 4, 2: 0}
+
+
+def test_picker_round_robin_skips_draining_shards(node_factory: Callable[..., Node]) -> None:
+    node = node_factory(shards="4")
+    settings = node.settings()
+    conn = redis.Redis.from_url(settings.redis_url)
+    shard_map = ShardMap(settings)
+    conn.sadd(shard_map.draining_key, 2)
+    picker = Picker(shard_map, Jobs(conn, settings.redis_prefix), "roundrobin")
+    picks = [picker.pick() for _ in range(30)]
+    assert 2 not in picks
+    assert set(picks) == {0, 1, 3}
+
+
+def test_picker_least_loaded_prefers_short_queues(node_factory: Callable[..., Node]) -> None:
+    node = node_factory(shards="3")
+    settings = node.settings()
+    conn = redis.Redis.from_url(settings.redis_url)
+    jobs = Jobs(conn, settings.redis_prefix)
+    jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(50)] + [Item(2, f"{i:026X}", "local")
+                                                                       for i in range(100, 150)])
+    picker = Picker(ShardMap(settings), jobs, "leastloaded")
+    picks = [picker.pick() for _ in range(40)]
+    assert picks.count(1) == 40
+
+
+def test_picker_refuses_when_all_shards_drain(node_factory: Callable[..., Node]) -> None:
+    import pytest
+
+    from core.shards import NoShardAvailable
+
+    node = node_factory(shards="2")
+    settings = node.settings()
+    conn = redis.Redis.from_url(settings.redis_url)
+    shard_map = ShardMap(settings)
+    conn.sadd(shard_map.draining_key, 0, 1)
+    with pytest.raises(NoShardAvailable):
+        Picker(shard_map, Jobs(conn, settings.redis_prefix)).pick()

@@ -1,0 +1,101 @@
+"""``shardmail run`` on embedded defaults: its own redis-server, SMTP, supervision, clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, wait_until
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class RunningNode:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.log = workdir / "run.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
+        self.env.update({"SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{self.port}", "SHARDMAIL_INGRESS_PROCESSES": "2"})
+        with open(self.log, "wb") as out:
+            # no config file and no redis_url: everything on embedded defaults, under ./var
+            self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=workdir, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pids(self, name: str) -> list[int]:
+        return [int(p) for p in re.findall(rf"started {name}\S* \(pid (\d+)\)", self.text())]
+
+    def status(self) -> str:
+        result = subprocess.run([sys.executable, "-m", "ops.cli", "status"], cwd=self.workdir, env=self.env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[RunningNode]:
+    node = RunningNode(tmp_path)
+    wait_until(lambda: "shardmail is running" in node.text() or node.proc.poll() is not None, timeout=30)
+    assert node.proc.poll() is None, node.text()
+    yield node
+    if node.proc.poll() is None:
+        node.proc.kill()
+        node.proc.wait()
+    for pid in node.pids("redis") + node.pids("smtpd"):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def send(port: int) -> None:
+    def attempt() -> bool:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("a@example.net", ["postmaster@localhost"], b"Subject: hi\r\n\r\nhello\r\n")
+            return True
+        except (OSError, smtplib.SMTPException):
+            return False
+
+    wait_until(attempt, timeout=20, interval=0.1)
+
+
+def test_run_on_embedded_defaults_accepts_mail_and_shows_depth(running: RunningNode) -> None:
+    assert (running.workdir / "var" / "redis" / "redis.sock").exists()
+    send(running.port)
+    lines = running.status().splitlines()
+    assert lines[0].split()[:3] == ["shard", "state", "spooled"]
+    assert lines[-1].split() == ["all", "1"]
+
+
+def test_run_restarts_a_killed_child(running: RunningNode) -> None:
+    wait_until(lambda: len(running.pids("smtpd")) == 2)
+    first = running.pids("smtpd")[0]
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: "died: killed by signal 9" in running.text())
+    wait_until(lambda: len(running.pids("smtpd")) == 3, timeout=15)
+    send(running.port)
+
+
+def test_run_stops_everything_on_sigterm(running: RunningNode) -> None:
+    wait_until(lambda: len(running.pids("smtpd")) == 2)
+    children = running.pids("redis") + running.pids("smtpd")
+    running.proc.send_signal(signal.SIGTERM)
+    assert running.proc.wait(30) == 0
+    for pid in children:
+        wait_until(lambda pid=pid: not alive(pid), timeout=10)
