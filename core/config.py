@@ -187,7 +187,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     if not checked.get("me"):
         checked["me"] = socket.getfqdn() or "localhost"
     if "locals" not in checked:
-        checked["locals"] = ["localhost", checked["me"]]  # qmail: locals defaults to me
+        checked["locals"] = list(dict.fromkeys(["localhost", checked["me"]]))  # qmail: locals defaults to me
     return Settings(**checked)
 
 

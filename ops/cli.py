@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from core.config import ConfigError, Settings, describe, load
@@ -102,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `shardmail status | head` ends quietly
     if os.path.basename(sys.argv[0]) == "sendmail":
         sys.exit(cmd_sendmail(argv))
     if argv and argv[0] == "sendmail":

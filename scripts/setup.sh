@@ -1,0 +1,39 @@
+#!/bin/sh
+# shardmail's one set-up script for a Debian machine (root, apt and pip reachable).
+#   scripts/setup.sh run  [shardmail run options]   install what is needed, then run a node
+#   scripts/setup.sh test [pytest options]          install what is needed, then run the test suite
+# Idempotent: a second call installs nothing new and starts at once.
+set -eu
+cd "$(dirname "$0")/.."
+mode="${1:-run}"
+[ $# -gt 0 ] && shift
+
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks"
+missing=""
+for pkg in $SYSTEM_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing Debian packages:$missing" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq $missing >/dev/null
+fi
+
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.shardmail-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+
+case "$mode" in
+    run)  exec .venv/bin/shardmail run "$@" ;;
+    test) exec .venv/bin/python -m pytest -q "$@" ;;
+    *)    echo "usage: scripts/setup.sh run|test [options]" >&2; exit 64 ;;
+esac

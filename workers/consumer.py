@@ -1,0 +1,92 @@
+"""The job consumer every delivery pool runs: claim jobs in batches, hand them over, finish them.
+
+Interface: ``Consumer(jobs, queues, handle, batch=100, name=...)`` with ``run(stop)`` (until the
+event is set) and ``drain() -> int`` (until the queues are empty; for tests and benchmarks).
+``queues`` is a list of (shard, channel); ``handle(claims)`` does the work for a batch and returns
+the claims it is done with (the rest stay started, e.g. while an asynchronous delivery is in
+flight, and are finished later through ``Jobs.finish``).
+
+Why not rq's stock worker: it runs one job at a time with several Redis round trips and its own
+bookkeeping per job (about 250 jobs/s per process, measured). Claiming N jobs per round trip with
+``Jobs.claim`` keeps rq's registries truthful and costs two round trips per *batch*
+(``bench/drain.py`` measures both).
+
+Failures: a handler that raises (a bug) puts the batch's unfinished claims into rq's failed
+registry with the traceback, and the consumer goes on; Redis errors make it back off and retry
+(the spool still holds every message, so nothing is lost while Redis is away).
+
+Settings: none directly; pools pass their batch size and queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+
+import redis
+
+from core.envelope import Channel
+from core.jobs import Claim, Jobs
+
+log = logging.getLogger("shardmail.consumer")
+IDLE_WAIT = 0.05
+MAX_BACKOFF = 5.0
+
+Handler = Callable[[list[Claim]], Sequence[Claim]]
+
+
+class Consumer:
+    def __init__(self, jobs: Jobs, queues: Sequence[tuple[int, Channel]], handle: Handler, batch: int = 100,
+                 name: str | None = None) -> None:
+        self.jobs = jobs
+        self.queues = list(queues)
+        self.handle = handle
+        self.batch = batch
+        self.name = name or f"{socket.gethostname()}.{os.getpid()}"
+
+    def _round(self) -> int:
+        """One pass over every queue; returns how many jobs it took."""
+        taken = 0
+        for shard, channel in self.queues:
+            claims = self.jobs.claim(shard, channel, self.batch, self.name)
+            if not claims:
+                continue
+            taken += len(claims)
+            try:
+                done = self.handle(claims)
+            except Exception:
+                why = traceback.format_exc()
+                log.error("handler failed for %d jobs: %s", len(claims), why)
+                for claim in claims:
+                    self.jobs.fail(claim, why)
+                continue
+            if done:
+                self.jobs.finish(done)
+        return taken
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = IDLE_WAIT
+        while not stop.is_set():
+            try:
+                taken = self._round()
+                backoff = IDLE_WAIT
+            except redis.RedisError as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            if not taken:
+                stop.wait(IDLE_WAIT)
+
+    def drain(self) -> int:
+        total = 0
+        while True:
+            taken = self._round()
+            if not taken:
+                return total
+            total += taken
+
