@@ -26,8 +26,8 @@ from rq.serializers import JSONSerializer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.jobs import Item, Jobs  # noqa: E402
-from workers.consumer import Consumer  # noqa: E402
+from core.jobs import Item, Jobs
+from workers.consumer import Consumer
 
 
 def noop(shard: int, message_id: str, channel: str) -> None:

@@ -383,9 +383,9 @@ class PostfixInstance:
         return ""
 
 
-def _check_loopback(address: str) -> None:
+def _check_loopback(address: str, what: str = "listen on") -> None:
     if not ipaddress.ip_address(address).is_loopback:
-        raise ValueError(f"refusing to listen on non-loopback address {address!r}")
+        raise ValueError(f"refusing to {what} non-loopback address {address!r}")
 
 
 def _check_traversable(path: Path) -> None:
@@ -528,7 +528,7 @@ def run_smtp_source(
     ``sequence_recipients`` (``-N``) numbers each recipient so servers can't benefit
     from a 100% address-cache hit rate. Wall time covers the whole smtp-source run.
     """
-    _check_loopback(host)
+    _check_loopback(host, "connect to")
     target = f"[{host}]:{port}" if ipaddress.ip_address(host).version == 6 else f"{host}:{port}"
     cmd = [
         str(ensure_postfix_tools() / "smtp-source"),

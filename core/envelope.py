@@ -13,8 +13,8 @@ Settings: none.
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
 import os
 import threading
 import time
@@ -98,8 +98,8 @@ class Envelope:
         return replace(self, marks=tuple(marks))
 
 
-_counter = itertools.count()
 _lock = threading.Lock()
+_last = [0, 0]  # (microseconds, counter) of the last id made in this process
 
 
 def node_tag(me: str) -> int:
@@ -114,8 +114,15 @@ def new_id(node: int) -> str:
     width and upper case, so ids sort by arrival time as plain strings.
     """
     with _lock:
-        count = next(_counter) & 0xFFF
-    return f"{time.time_ns() // 1000:014X}{node:04X}{os.getpid() & 0xFFFFF:05X}{count:03X}"
+        micros = time.time_ns() // 1000
+        if micros > _last[0]:
+            _last[0], _last[1] = micros, 0
+        else:  # same microsecond (or the clock stepped back): count on, carrying into the time
+            _last[1] += 1
+            if _last[1] > 0xFFF:
+                _last[0], _last[1] = _last[0] + 1, 0
+        micros, count = _last
+    return f"{micros:014X}{node:04X}{os.getpid() & 0xFFFFF:05X}{count:03X}"
 
 
 def id_time(message_id: str) -> float:
@@ -145,7 +152,9 @@ def encode(envelope: Envelope) -> bytes:
 
 def decode(line: bytes) -> Envelope:
     try:
-        doc = json.loads(line)
+        doc = json.loads(line, parse_constant=_no_constant)
+        if not isinstance(doc, dict):
+            raise EnvelopeError("envelope is not a JSON object")
         if doc.get("v") != FORMAT_VERSION:
             raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}")
         recipients = tuple(Recipient(str(a), _channel(c)) for a, c in doc["rcpt"])
@@ -164,8 +173,12 @@ def decode(line: bytes) -> Envelope:
         )
     except EnvelopeError:
         raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise EnvelopeError(f"bad envelope: {exc}") from None
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
 
 
 def _channel(value: object) -> Channel:
@@ -189,10 +202,10 @@ def decode_marks(blob: bytes) -> list[Mark]:
         if not line:
             continue
         try:
-            index, state, status, text, at = json.loads(line)
-            if state not in _STATES:
+            index, state, status, text, at = json.loads(line, parse_constant=_no_constant)
+            if state not in _STATES or not math.isfinite(float(at)):
                 continue
             marks.append(Mark(int(index), state, str(status), str(text), float(at)))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError, RecursionError):
             continue
     return marks

@@ -30,6 +30,7 @@ from core.outcome import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_TEMPFAIL, EX
 
 _IGNORED_WITH_ARG = {"N", "B", "R", "V", "L", "O", "p", "X", "h"}
 _IGNORED_FLAGS = {"v", "m", "n", "U", "G", "bm"}
+_BUNDLED = set("tivmnUG")  # flags without an argument, which getopt lets one write together
 
 
 class UsageError(Exception):
@@ -59,6 +60,9 @@ def parse_args(argv: list[str]) -> Options:
             opts.recipients.append(arg)
             continue
         flag, rest = arg[1:2], arg[2:]
+        if rest and flag in _BUNDLED and all(c in _BUNDLED for c in rest):
+            args[:0] = [f"-{c}" for c in rest]  # getopt-style bundles: -ti = -t -i
+            rest = ""
 
         def value(flag: str = flag, rest: str = rest) -> str:
             if rest:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Node
 
 from core.config import SHARD_POLICIES, ConfigError, Settings, describe, load
+
+if TYPE_CHECKING:
+    from conftest import Node
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +38,12 @@ def test_defaults_locals_are_localhost_and_me_and_spool_under_var_dir() -> None:
 def test_defaults_without_any_source_use_the_fqdn_and_relative_var_dir() -> None:
     settings = load(env={})
     assert settings.me
-    assert settings.locals == ["localhost", settings.me]
+    assert settings.locals == list(dict.fromkeys(["localhost", settings.me]))
     assert settings.spool_root == Path("./var") / "spool"
+
+
+def test_default_locals_have_no_duplicate_when_me_is_localhost() -> None:
+    assert load(env={"SHARDMAIL_ME": "localhost"}).locals == ["localhost"]
 
 
 def test_explicit_spool_dir_overrides_the_var_dir_default() -> None:
@@ -104,7 +111,7 @@ def test_bad_file_value_names_key_and_file(tmp_path: Path) -> None:
 )
 def test_out_of_range_numbers_are_refused(key: str, value: str) -> None:
     name = f"SHARDMAIL_{key.upper()}"
-    with pytest.raises(ConfigError, match=f"{key}.*{name}"):
+    with pytest.raises(ConfigError, match=rf"{key}.*{name}"):
         load(env={name: value})
 
 
@@ -115,14 +122,14 @@ def test_bool_in_file_is_not_an_integer(tmp_path: Path) -> None:
 
 def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
     path = write_toml(tmp_path, "databytez = 10\n")
-    with pytest.raises(ConfigError, match="databytez.*unknown"):
+    with pytest.raises(ConfigError, match=r"databytez.*unknown"):
         load(path, env={})
 
 
 def test_unreadable_or_malformed_file_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing.toml"):
         load(tmp_path / "missing.toml", env={})
-    with pytest.raises(ConfigError, match="shardmail.toml"):
+    with pytest.raises(ConfigError, match=r"shardmail.toml"):
         load(write_toml(tmp_path, "me = \n"), env={})
 
 
@@ -132,7 +139,7 @@ def test_shard_policy_choices_are_accepted(policy: str) -> None:
 
 
 def test_unknown_shard_policy_is_refused() -> None:
-    with pytest.raises(ConfigError, match="shard_policy.*SHARDMAIL_SHARD_POLICY"):
+    with pytest.raises(ConfigError, match=r"shard_policy.*SHARDMAIL_SHARD_POLICY"):
         load(env={"SHARDMAIL_SHARD_POLICY": "fastest"})
 
 
@@ -149,7 +156,7 @@ def test_smtp_listen_accepts_host_port(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["127.0.0.1", ":25", "127.0.0.1:0", "127.0.0.1:65536", "host:port", "h:25,nope"])
 def test_smtp_listen_refuses_bad_entries(value: str) -> None:
-    with pytest.raises(ConfigError, match="smtp_listen.*SHARDMAIL_SMTP_LISTEN"):
+    with pytest.raises(ConfigError, match=r"smtp_listen.*SHARDMAIL_SMTP_LISTEN"):
         load(env={"SHARDMAIL_SMTP_LISTEN": value})
 
 

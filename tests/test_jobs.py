@@ -26,7 +26,7 @@ def test_enqueue_creates_readable_rq_jobs(redis_url: str) -> None:
     assert job.args == [0, "A" * 26, "local"]
     assert job.description == f"deliver {'A' * 26} (3 rcpt) via local"
     assert job.result_ttl == 0
-    assert "rq:queue:t.s1.remote".encode() in conn.smembers("rq:queues")
+    assert b"rq:queue:t.s1.remote" in conn.smembers("rq:queues")
 
 
 def test_claim_records_started_and_finish_forgets(redis_url: str) -> None:

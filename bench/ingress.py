@@ -1,0 +1,120 @@
+"""Accept-rate benchmark: shardmail's SMTP ingress against a loopback Postfix, in one run.
+
+Both receive the same load from Postfix's ``smtp-source`` (default: 20 sessions, 20,000 messages of
+5 KB in total) with full durability: Postfix at its default fsync behaviour, delivering to
+``discard:``; shardmail answering 250 only after spool fsync + directory fsync + Redis enqueue.
+Prints msg/s for each, the ratio, and the peak memory (sum of PSS over each side's processes,
+shardmail's embedded redis-server included).
+
+    python -m bench.ingress [--messages 20000] [--sessions 20] [--size 5120] [--reuse] [--processes N]
+
+Everything listens on 127.0.0.1 only; the runs are bounded by smtp-source's own count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.postfix_peer import (
+    PeakMemorySampler,
+    ensure_postfix_tools,
+    peak_memory_sampler,
+    postfix_instance,
+    run_smtp_source,
+    with_descendants,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                if sock.recv(512).startswith(b"220"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing answered on 127.0.0.1:{port}")
+
+
+def run_shardmail(workdir: Path, port: int, args: argparse.Namespace) -> tuple[float, float, int]:
+    """msg/s, peak MiB, and the number of messages found in the spool afterwards."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
+    env.update({
+        "SHARDMAIL_VAR_DIR": str(workdir / "var"),
+        "SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{port}",
+        "SHARDMAIL_INGRESS_PROCESSES": str(args.processes),
+        "SHARDMAIL_SHARDS": "4",
+        "SHARDMAIL_ME": "bench.shardmail.test",
+    })
+    with open(workdir / "shardmail.log", "wb") as log:
+        supervisor = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=ROOT, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port)
+        sampler: PeakMemorySampler
+        with peak_memory_sampler(lambda: with_descendants([supervisor.pid])) as sampler:
+            result = run_smtp_source("127.0.0.1", port, sessions=args.sessions, messages=args.messages,
+                                     size=args.size, reuse_connections=args.reuse)
+        status = subprocess.run([sys.executable, "-m", "ops.cli", "status", "--json"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        spooled = sum(row["spooled"] for row in json.loads(status.stdout))
+        if result.errors or result.completed != args.messages:
+            print(f"shardmail: smtp-source reported problems: {result.stderr[-500:]}", file=sys.stderr)
+        return result.msg_per_s, sampler.peak_mib, spooled
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(60)
+
+
+def run_postfix(workdir: Path, port: int, args: argparse.Namespace) -> tuple[float, float]:
+    with postfix_instance(workdir / "postfix", port) as instance:
+        with peak_memory_sampler(instance.pids) as sampler:
+            result = run_smtp_source("127.0.0.1", port, sessions=args.sessions, messages=args.messages,
+                                     size=args.size, reuse_connections=args.reuse)
+            instance.wait_queue_empty(timeout=300)
+        if result.errors or result.completed != args.messages:
+            print(f"postfix: smtp-source reported problems: {result.stderr[-500:]}", file=sys.stderr)
+        return result.msg_per_s, sampler.peak_mib
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=5120)
+    parser.add_argument("--reuse", action="store_true", help="several messages per connection (smtp-source -d)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="shardmail SMTP processes")
+    parser.add_argument("--skip-postfix", action="store_true")
+    args = parser.parse_args()
+    ensure_postfix_tools()
+    with tempfile.TemporaryDirectory(prefix="shardmail-bench-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # Postfix's daemons run as the postfix user and must traverse it
+        mode = "connection reuse" if args.reuse else "one connection per message"
+        print(f"load: smtp-source, {args.sessions} sessions, {args.messages} messages of {args.size} bytes, {mode}")
+        ours, our_mem, spooled = run_shardmail(workdir, 2527, args)
+        print(f"shardmail ({args.processes} SMTP processes): {ours:8.0f} msg/s   peak PSS {our_mem:6.1f} MiB"
+              f"   spooled {spooled}")
+        if args.skip_postfix:
+            return 0
+        theirs, their_mem = run_postfix(workdir, 2526, args)
+        print(f"postfix                        : {theirs:8.0f} msg/s   peak PSS {their_mem:6.1f} MiB")
+        print(f"ratio shardmail / postfix      : {ours / theirs:8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
