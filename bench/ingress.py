@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,8 +51,15 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing answered on 127.0.0.1:{port}")
 
 
+def settle(seconds: float = 5.0) -> None:
+    """Flush and pause, so one side's writeback and discards do not land on the other's run."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def run_shardmail(workdir: Path, port: int, args: argparse.Namespace) -> tuple[float, float, int]:
     """msg/s, peak MiB, and the number of messages found in the spool afterwards."""
+    workdir.mkdir(mode=0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
     env.update({
         "SHARDMAIL_VAR_DIR": str(workdir / "var"),
@@ -80,6 +89,7 @@ def run_shardmail(workdir: Path, port: int, args: argparse.Namespace) -> tuple[f
 
 
 def run_postfix(workdir: Path, port: int, args: argparse.Namespace) -> tuple[float, float]:
+    workdir.mkdir(mode=0o755)
     with postfix_instance(workdir / "postfix", port) as instance:
         with peak_memory_sampler(instance.pids) as sampler:
             result = run_smtp_source("127.0.0.1", port, sessions=args.sessions, messages=args.messages,
@@ -98,6 +108,7 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="several messages per connection (smtp-source -d)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="shardmail SMTP processes")
     parser.add_argument("--skip-postfix", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate the two sides this many times; medians")
     args = parser.parse_args()
     ensure_postfix_tools()
     with tempfile.TemporaryDirectory(prefix="shardmail-bench-") as tmp:
@@ -105,14 +116,29 @@ def main() -> int:
         workdir.chmod(0o755)  # Postfix's daemons run as the postfix user and must traverse it
         mode = "connection reuse" if args.reuse else "one connection per message"
         print(f"load: smtp-source, {args.sessions} sessions, {args.messages} messages of {args.size} bytes, {mode}")
-        ours, our_mem, spooled = run_shardmail(workdir, 2527, args)
-        print(f"shardmail ({args.processes} SMTP processes): {ours:8.0f} msg/s   peak PSS {our_mem:6.1f} MiB"
-              f"   spooled {spooled}")
-        if args.skip_postfix:
-            return 0
-        theirs, their_mem = run_postfix(workdir, 2526, args)
-        print(f"postfix                        : {theirs:8.0f} msg/s   peak PSS {their_mem:6.1f} MiB")
-        print(f"ratio shardmail / postfix      : {ours / theirs:8.2f}x")
+        ours: list[float] = []
+        theirs: list[float] = []
+        for round_no in range(1, args.rounds + 1):
+            settle()
+            rate, mem, spooled = run_shardmail(workdir / f"s{round_no}", 2527, args)
+            ours.append(rate)
+            print(f"round {round_no} shardmail ({args.processes} SMTP processes): {rate:7.0f} msg/s"
+                  f"   peak PSS {mem:6.1f} MiB   spooled {spooled}", flush=True)
+            shutil.rmtree(workdir / f"s{round_no}", ignore_errors=True)
+            if args.skip_postfix:
+                continue
+            settle()
+            rate, mem = run_postfix(workdir / f"p{round_no}", 2526, args)
+            theirs.append(rate)
+            print(f"round {round_no} postfix                       : {rate:7.0f} msg/s   peak PSS {mem:6.1f} MiB",
+                  flush=True)
+            shutil.rmtree(workdir / f"p{round_no}", ignore_errors=True)
+        print(f"median shardmail {statistics.median(ours):.0f} msg/s", end="")
+        if theirs:
+            ratio = statistics.median(ours) / statistics.median(theirs)
+            print(f", postfix {statistics.median(theirs):.0f} msg/s, ratio {ratio:.2f}x")
+        else:
+            print()
     return 0
 
 

@@ -61,7 +61,8 @@ from core import faults
 from core.envelope import Envelope, EnvelopeError, Mark, decode, decode_marks, encode, encode_mark
 
 log = logging.getLogger("shardmail.spool")
-LEFTOVER_AGE = 36 * 3600  # qmail's rule: a tmp file this old belongs to no living writer
+LEFTOVER_AGE = 36 * 3600
+SPLIT_STEP_US = 100_000  # qmail's rule: a tmp file this old belongs to no living writer
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +143,16 @@ class Spool:
             self._syncers[i] = _DirSync(self.queue / str(i))
 
     def _bucket(self, message_id: str) -> int:
-        return zlib.crc32(message_id.encode()) % self.split
+        """The split directory: from the id's arrival time in 0.1 s steps, turning over all of them.
+
+        Messages committed together arrived together, so a batch touches one or two directories
+        and pays one or two directory fsyncs instead of one per message (a hash of the id spread
+        each batch of ten over nine directories); over any queue that lives longer than a few
+        seconds the directories still fill evenly."""
+        try:
+            return (int(message_id[:14], 16) // SPLIT_STEP_US) % self.split
+        except ValueError:
+            return zlib.crc32(message_id.encode()) % self.split
 
     def path(self, message_id: str) -> Path:
         return self.queue / str(self._bucket(message_id)) / message_id
