@@ -304,3 +304,32 @@ def test_smtputf8_address_needs_the_parameter(smtp: Callable[[], Conversation]) 
     assert c.cmd("MAIL FROM:<jöran@example.net>").startswith("501 5.1.7")
     assert c.cmd("MAIL FROM:<jöran@example.net> SMTPUTF8").startswith("250")
     assert c.cmd("RCPT TO:<øyvind@test.example>").startswith("250")
+
+
+def test_data_transparency_and_content_are_exact(smtpd: Node, smtp: Callable[[], Conversation]) -> None:
+    c = smtp()
+    c.cmd("EHLO client.example")
+    lines = ["Subject: dots", "", ".. leading dot", "...", "a line ending in a dot.", ".", "x" * 998, "last"]
+    wire = "".join(("." + line if line.startswith(".") else line) + "\r\n" for line in lines)
+    message_id = queued_id(transaction(c, ["x@test.example"], data=wire)[-1])
+    _, body = stored(smtpd, message_id)
+    assert body.split(b"\r\n", 3)[-1] == "".join(line + "\r\n" for line in lines).encode()
+
+
+def test_large_message_and_empty_message(smtpd: Node, smtp: Callable[[], Conversation]) -> None:
+    c = smtp()
+    c.cmd("EHLO client.example")
+    big = "Subject: big\r\n\r\n" + "".join(f"line {i} " + "y" * 70 + ".\r\n" for i in range(8000))
+    _, body = stored(smtpd, queued_id(transaction(c, ["x@test.example"], data=big)[-1]))
+    assert body.endswith(big.encode()) and len(body) > 600_000
+    _, body = stored(smtpd, queued_id(transaction(c, ["x@test.example"], data="")[-1]))
+    assert body.startswith(b"Received: ") and body.endswith(b"\r\n")
+
+
+def test_overlong_line_is_refused_after_the_data(smtp: Callable[[], Conversation], smtpd: Node) -> None:
+    c = smtp()
+    c.cmd("EHLO client.example")
+    reply = transaction(c, ["x@test.example"], data="Subject: long\r\n\r\n" + "z" * 1200 + "\r\n")[-1]
+    assert reply.startswith("500 5.5.2")
+    assert smtpd.spooled() == []
+    assert c.cmd("NOOP").startswith("250")
