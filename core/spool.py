@@ -36,7 +36,12 @@ a tmp/ file never becomes a delivery (so an interrupted write is simply lost, as
 it was never acknowledged). Duplicates come only from state 6: a local delivery names its Maildir
 file after id + recipient and finds it there (0 duplicates); a remote one whose reply to "." was
 lost is sent again (at most one duplicate per crash). A tmp/<id> beside a committed queue/<s>/<id>
-(rename replayed after a crash) is removed at once.
+(rename replayed after a crash) is removed at once. When the 250 cannot be given after state 3
+or 4 (Redis down), ``withdraw`` takes the message back to state 9 (unlink + directory fsync).
+
+Writes come in batches (``write_batch``, used by ingress's group commit): every file of a batch is
+fsync'd before its rename, and each split directory touched is fsync'd once afterwards; the split
+directory follows the id's arrival time, so a batch touches one or two of them.
 
 Failures: every ``OSError`` (ENOSPC, EIO, EROFS...) propagates to the caller, which treats it as a
 temporary failure; ``write`` removes its own partial file first. ``scan`` never raises for a bad
