@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import aiosmtpd.smtp
@@ -117,12 +118,16 @@ class Server(SMTP):
             status = _enhance(status)
         await super().push(status)
 
-    async def smtp_EHLO(self, hostname: str) -> None:
+    async def _verbatim(self, command: Awaitable[None]) -> None:
+        """Run a command whose replies go out as they are (EHLO/HELO carry no enhanced codes)."""
         self._raw_replies = True
         try:
-            await super().smtp_EHLO(hostname)
+            await command
         finally:
             self._raw_replies = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._verbatim(super().smtp_EHLO(hostname))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """``<local@domain> params`` the quick way; anything unusual (quotes, routes, comments,
@@ -192,11 +197,7 @@ class Server(SMTP):
         faults.crash_point("after_250")
 
     async def smtp_HELO(self, hostname: str) -> None:
-        self._raw_replies = True
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._raw_replies = False
+        await self._verbatim(super().smtp_HELO(hostname))
 
 
 def _enhance(status: str) -> str:
