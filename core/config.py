@@ -85,8 +85,9 @@ class Settings:
     ingress_processes: int = _setting(0, "SMTP processes sharing the port (0 = one per core)", NONNEGATIVE)
     ingress_threads: int = _setting(2, "group-commit threads per SMTP process", POSITIVE)
     queuelifetime: int = _setting(604800, "seconds a message may stay queued", POSITIVE)
-    concurrencylocal: int = _setting(10, "local deliveries in flight per node", POSITIVE)
+    concurrencylocal: int = _setting(10, "local deliveries in flight per local delivery process", POSITIVE)
     concurrencyremote: int = _setting(200, "remote deliveries in flight per node", POSITIVE)
+    localprocesses: int = _setting(1, "local delivery processes started by `shardmail run`", POSITIVE)
     shards: int = _setting(4, "queue shards on this node", _check(lambda v: 1 <= v <= 1024, "1..1024"))
     shard_policy: str = _setting(
         "roundrobin", "how ingress picks a shard", _check(lambda v: v in SHARD_POLICIES, " | ".join(SHARD_POLICIES))
@@ -96,10 +97,34 @@ class Settings:
     spool_dir: str = _setting("", "spool root; default: <var_dir>/spool")
     redis_url: str = _setting("", "Redis for the queues; empty = start an embedded redis-server")
     redis_prefix: str = _setting("shardmail", "prefix of shardmail's own Redis keys")
+    ldapserver: list[str] = _setting([], "LDAP servers (ldap://host:port), tried in order; empty = users_ldif")
+    ldapbasedn: str = _setting("", "search base for users")
+    ldaplogin: str = _setting("", "bind DN (empty = anonymous)")
+    ldappassword: str = _setting("", "bind password")
+    ldaptimeout: int = _setting(5, "seconds an LDAP connect or search may take before it counts as down", POSITIVE)
+    ldapobjectclass: str = _setting("", "only entries of this objectClass are users (e.g. qmailUser)")
+    ldapcachettl: int = _setting(30, "seconds a found user is cached", NONNEGATIVE)
+    ldapnegcachettl: int = _setting(10, "seconds an unknown address is cached", NONNEGATIVE)
+    users_ldif: str = _setting("", "embedded directory when no ldapserver: default <var_dir>/users.ldif")
+    ldapmessagestore: str = _setting("", "root of the Maildirs (mailMessageStore is relative); default <var_dir>/mail")
+    ldapdefaultquotasize: int = _setting(0, "quota in bytes for users without mailQuotaSize (0 = none)", NONNEGATIVE)
+    ldapdefaultquotacount: int = _setting(
+        0, "quota in messages for users without mailQuotaCount (0 = none)", NONNEGATIVE
+    )
+    clusterhosts: list[str] = _setting([], "other names of this node: mailHost values delivered here")
+    autoreplyinterval: int = _setting(86400, "seconds between two auto-replies to the same sender", POSITIVE)
 
     @property
     def spool_root(self) -> Path:
         return Path(self.spool_dir) if self.spool_dir else Path(self.var_dir) / "spool"
+
+    @property
+    def users_file(self) -> str:
+        return self.users_ldif or str(Path(self.var_dir) / "users.ldif")
+
+    @property
+    def message_store_root(self) -> Path:
+        return Path(self.ldapmessagestore) if self.ldapmessagestore else Path(self.var_dir) / "mail"
 
     @property
     def greeting(self) -> str:

@@ -20,6 +20,7 @@ import signal
 import socket
 
 from core.config import Settings
+from core.directory import open_directory
 from core.redis_conn import connect
 from core.submit import Submitter
 from ingress.committer import Committer
@@ -49,7 +50,7 @@ async def serve(settings: Settings) -> None:
     conn = connect(settings, max_connections=settings.ingress_threads + 4)
     submitter = Submitter(settings, conn)
     committer = Committer(submitter, settings.ingress_threads)
-    handler = Handler(settings, submitter, committer)
+    handler = Handler(settings, submitter, committer, open_directory(settings))
 
     def factory() -> Server:
         return Server(

@@ -6,7 +6,9 @@ aiosmtpd ``SMTP`` subclass that gives every reply an enhanced status code).
 Policy, in the order a transaction meets it:
 - MAIL: sender syntax (501 5.1.7), SIZE over ``databytes`` (552 5.3.4), 8-bit without SMTPUTF8.
 - RCPT: syntax (501 5.1.3); more than ``maxrcptcount`` (452 4.5.3, the client sends the rest
-  later); a domain outside ``rcpthosts``/``locals`` from a client outside ``relaynets`` (554 5.7.1).
+  later); a domain outside ``rcpthosts``/``locals`` from a client outside ``relaynets`` (554 5.7.1);
+  for ``locals``, the directory: unknown or deleted 550 5.1.1, disabled 550 5.2.1, directory down
+  or slow 451 4.4.3 (never 5xx, never accept-then-bounce).
 - DATA: only CRLF.CRLF ends it; a message holding a bare CR or LF is refused (554 5.5.2), so
   an SMTP-smuggling attempt never becomes a second message; over ``databytes`` 552 5.3.4. A
   Received header is prepended, then the message goes through ``core.submit`` and only then
@@ -37,8 +39,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from core import faults
 from core.address import check_mailbox, clean_for_header, domain_matches, domain_of
 from core.config import Settings
+from core.directory import Directory, account_verdict, lookup_outcome
 from core.envelope import Client
-from core.outcome import QueueUnavailable
+from core.outcome import Deferred, QueueUnavailable
 from core.submit import Draft, Submitter
 from ingress.committer import Committer
 
@@ -213,12 +216,28 @@ def _enhance(status: str) -> str:
 class Handler:
     """aiosmtpd hooks implementing shardmail's acceptance policy."""
 
-    def __init__(self, settings: Settings, submitter: Submitter, committer: Committer) -> None:
+    def __init__(self, settings: Settings, submitter: Submitter, committer: Committer, directory: Directory) -> None:
         self.settings = settings
         self.submitter = submitter
         self.committer = committer
-        self.accepted = list(settings.rcpthosts) + list(settings.locals)
+        self.directory = directory
+        self.locals = list(settings.locals)
+        self.accepted = list(settings.rcpthosts) + self.locals
         self.relaynets = [ipaddress.ip_network(n, strict=False) for n in settings.relaynets]
+
+    async def check_local(self, address: str) -> str | None:
+        """The refusal for a local recipient the directory does not take, or None (RCPT time: never
+        accept and bounce later). A lookup the cache can answer costs no thread hop."""
+        known, user = self.directory.cached(address)
+        if known:
+            verdict = account_verdict(user)
+        else:
+            loop = asyncio.get_running_loop()
+            _, verdict = await loop.run_in_executor(None, lookup_outcome, self.directory, address)
+        if verdict is None:
+            return None
+        basic = "451" if isinstance(verdict, Deferred) else "550"
+        return f"{basic} {verdict.status} <{clean_for_header(address)}>: {verdict.text}"
 
     def may_relay(self, session: Session) -> bool:
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
@@ -258,7 +277,12 @@ class Handler:
         problem = check_mailbox(address, smtputf8)
         if problem:
             return f"501 5.1.3 Bad recipient address syntax: {problem}"
-        if not domain_matches(domain_of(address), self.accepted) and not self.may_relay(session):
+        domain = domain_of(address)
+        if domain_matches(domain, self.locals):
+            refusal = await self.check_local(address)
+            if refusal:
+                return refusal
+        elif not domain_matches(domain, self.accepted) and not self.may_relay(session):
             return "554 5.7.1 Relaying denied"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)

@@ -1,7 +1,8 @@
 """The ``shardmail`` command: one entry point for every role and every admin task.
 
 Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands:
-``run`` (supervisor), ``smtpd`` (one ingress process), ``sendmail`` (inject; also used when the
+``run`` (supervisor), ``smtpd`` (one ingress process), ``worker local`` (a delivery pool),
+``sendmail`` (inject; also used when the
 program is invoked under the name ``sendmail``), ``status`` (depth per shard), ``config``
 (validate and print the effective settings).
 
@@ -74,6 +75,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if conn is not None else EX_TEMPFAIL
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.pool import parse_shards, run_local
+
+    _logging(args.verbose)
+    settings = _settings(args.config)
+    try:
+        shards = parse_shards(args.shards, settings.shards)
+    except ValueError as exc:
+        print(f"shardmail: --shards: {exc}", file=sys.stderr)
+        return 64
+    if args.processes > 1:
+        import subprocess
+
+        argv = [sys.executable, "-m", "ops.cli", "worker", args.channel, "--shards", args.shards]
+        children = [subprocess.Popen(argv) for _ in range(args.processes)]
+        return max(child.wait() for child in children)
+    run_local(settings, shards)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     for key, _default, doc in describe():
@@ -94,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a whole node: embedded Redis if none configured, SMTP, workers")
     sub.add_parser("smtpd", help="run one SMTP ingress process")
+    worker = sub.add_parser("worker", help="run a delivery pool")
+    worker.add_argument("channel", choices=["local"])
+    worker.add_argument("--shards", default="all", help="e.g. 0-3,5 (default: all)")
+    worker.add_argument("--processes", type=int, default=1)
     status = sub.add_parser("status", help="queue depth per shard and channel")
     status.add_argument("--json", action="store_true")
     sub.add_parser("config", help="check the configuration and print the effective settings")
@@ -109,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "sendmail":
         sys.exit(cmd_sendmail(argv[1:]))
     args = parser().parse_args(argv)
-    commands = {"run": cmd_run, "smtpd": cmd_smtpd, "status": cmd_status, "config": cmd_config}
+    commands = {"run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "status": cmd_status, "config": cmd_config}
     sys.exit(commands[args.command](args))
 
 

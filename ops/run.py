@@ -3,8 +3,9 @@
 Interface: ``Supervisor(settings, config_path).run() -> int``. It starts an embedded
 ``redis-server`` when no ``redis_url`` is configured (unix socket under ``var_dir``, persistence
 off: the spool is the ledger, so Redis may forget everything), then ``ingress_processes`` SMTP
-processes (later: worker pools and the scheduler), restarts any child that dies (with a growing
-delay, logging why), and on SIGTERM or Ctrl-C stops the children, Redis last.
+processes and ``localprocesses`` local delivery pools (later: remote pools and the scheduler),
+restarts any child that dies (with a growing delay, logging why), and on SIGTERM or Ctrl-C stops
+the children, Redis last. Without LDAP it creates ``users_ldif`` with a postmaster entry.
 
 Failures: a missing ``redis-server`` binary or a Redis that does not come up is fatal at start
 (exit 69, a clear message). A child that keeps crashing is restarted every 30 s at most.
@@ -93,10 +94,33 @@ class Supervisor:
                     raise RuntimeError(f"Redis at {url(self.settings)} did not answer: {exc}") from None
                 time.sleep(0.05)
 
+    def ensure_users_file(self) -> None:
+        """With no LDAP and no users file yet, start one holding the postmaster (RFC 5321 4.5.1:
+        every domain we deliver for must take mail for postmaster)."""
+        if self.settings.ldapserver:
+            return
+        path = Path(self.settings.users_file)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        domains = list(dict.fromkeys(d.lower() for d in self.settings.locals))
+        lines = [
+            "# shardmail's embedded directory: qmailUser entries, as for an LDAP server (ldapadd -f works).",
+            f"dn: uid=postmaster,ou=people,dc={domains[0].replace('.', ',dc=')}",
+            "objectClass: inetOrgPerson", "objectClass: qmailUser",
+            "cn: postmaster", "sn: postmaster", "uid: postmaster",
+            f"mail: postmaster@{domains[0]}",
+            *(f"mailAlternateAddress: postmaster@{d}" for d in domains[1:]),
+            "mailMessageStore: postmaster/",
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        log.info("created %s with a postmaster entry", path)
+
     def plan(self) -> list[Child]:
         env = self._env()
         base = [sys.executable, "-m", "ops.cli"]
         children = [Child(f"smtpd-{i}", [*base, "smtpd"], env) for i in range(self.settings.processes)]
+        children += [Child(f"local-{i}", [*base, "worker", "local"], env) for i in range(self.settings.localprocesses)]
         return children
 
     def run(self) -> int:
@@ -112,6 +136,7 @@ class Supervisor:
             log.error("%s", exc)
             self.shutdown()
             return EX_UNAVAILABLE
+        self.ensure_users_file()
         for child in self.plan():
             child.start()
             self.children.append(child)

@@ -160,8 +160,23 @@ def _connectable(port: int) -> bool:
         return False
 
 
+CATCHALL_LDIF = """dn: mail=catchall@test.example,dc=test
+objectClass: inetOrgPerson
+objectClass: qmailUser
+cn: catchall
+sn: catchall
+mail: catchall@test.example
+mailAlternateAddress: catchall@localhost
+mailMessageStore: catchall/
+"""
+
+
 def make_node(tmp_path: Path, redis_url: str, **overrides: str) -> Node:
+    """A node whose local domains take any address (one catchall entry in its users.ldif)."""
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    users = tmp_path / "users.ldif"
+    users.write_text(CATCHALL_LDIF)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
     env.update({
         "SHARDMAIL_VAR_DIR": str(tmp_path / "var"),
@@ -172,6 +187,7 @@ def make_node(tmp_path: Path, redis_url: str, **overrides: str) -> Node:
         "SHARDMAIL_RCPTHOSTS": "hosted.example,.sub.example",
         "SHARDMAIL_SHARDS": "2",
         "SHARDMAIL_INGRESS_THREADS": "4",
+        "SHARDMAIL_USERS_LDIF": str(users),
     })
     env.update({f"SHARDMAIL_{k.upper()}": v for k, v in overrides.items()})
     return Node(tmp_path / "var", env, port)

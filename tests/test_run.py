@@ -40,7 +40,7 @@ class RunningNode:
         return self.log.read_text(errors="replace")
 
     def pids(self, name: str) -> list[int]:
-        return [int(p) for p in re.findall(rf"started {name}\S* \(pid (\d+)\)", self.text())]
+        return [int(p) for p in re.findall(rf"started {name}(?:-\d+)? \(pid (\d+)\)", self.text())]
 
     def status(self) -> str:
         result = subprocess.run([sys.executable, "-m", "ops.cli", "status"], cwd=self.workdir, env=self.env,
@@ -75,12 +75,18 @@ def send(port: int) -> None:
     wait_until(attempt, timeout=20, interval=0.1)
 
 
-def test_run_on_embedded_defaults_accepts_mail_and_shows_depth(running: RunningNode) -> None:
+def test_run_on_embedded_defaults_delivers_to_the_postmaster(running: RunningNode) -> None:
     assert (running.workdir / "var" / "redis" / "redis.sock").exists()
+    assert "mail: postmaster@localhost" in (running.workdir / "var" / "users.ldif").read_text()
     send(running.port)
+    inbox = running.workdir / "var" / "mail" / "postmaster" / "new"
+    wait_until(lambda: inbox.exists() and len(list(inbox.iterdir())) == 1)
+    message = next(inbox.iterdir()).read_bytes()
+    assert message.startswith(b"Return-Path: <a@example.net>\nDelivered-To: postmaster@localhost\nReceived: ")
+    assert b"\r\n" not in message
     lines = running.status().splitlines()
     assert lines[0].split()[:3] == ["shard", "state", "spooled"]
-    assert lines[-1].split() == ["all", "1"]
+    wait_until(lambda: running.status().splitlines()[-1].split() == ["all", "0"])
 
 
 def test_run_restarts_a_killed_child(running: RunningNode) -> None:

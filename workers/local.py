@@ -1,0 +1,167 @@
+"""Local delivery of one recipient, with qmail-ldap's semantics.
+
+Interface: ``LocalDelivery(settings, directory, submitter, conn)`` with
+``deliver(envelope, index, body) -> Outcome`` and ``plan(address) -> str`` (what would happen, for
+``shardmail ldaplookup``).
+
+For the recipient's entry, in this order: ``accountStatus`` (deleted → 5.1.1, disabled → 5.2.1,
+noaccess delivers); ``mailHost`` that is not this node → cluster forwarding (not in this module
+yet: deferred); ``mailSizeMax`` → 5.2.3; a ``Delivered-To`` for this address already in the
+header → 5.4.6 (a loop); the Maildir under ``ldapmessagestore`` unless ``deliveryMode: nolocal``,
+with quotas (``mailQuotaSize``/``mailQuotaCount`` or the defaults: over quota → 4.2.2, retried;
+larger than the whole quota → 5.2.2); ``mailForwardingAddress`` unless ``noforward`` (a new
+message through core.submit, same envelope sender, Delivered-To added); the autoresponder for
+``deliveryMode: reply`` (RFC 3834, at most one reply per sender per ``autoreplyinterval``).
+
+Failures: directory down → 4.4.3; a disk error → 4.3.0; an unsafe mailMessageStore → 4.3.5
+(a configuration error: kept queued and logged until an admin fixes the entry). Never raises for
+a delivery problem: outcomes are values.
+
+Settings: ``me``, ``clusterhosts``, ``ldapmessagestore``, ``ldapdefaultquotasize``,
+``ldapdefaultquotacount``, ``autoreplyinterval``, ``redis_prefix``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import logging
+import re
+
+import redis
+
+from core.address import clean_for_header
+from core.config import Settings
+from core.directory import Directory, User, lookup_outcome
+from core.envelope import Envelope
+from core.outcome import Deferred, Delivered, Failed, Outcome, QueueUnavailable
+from core.submit import Draft, Submitter
+from workers.maildir import Maildir, UnsafeStore, file_name, resolve_store
+
+log = logging.getLogger("shardmail.local")
+
+_LIST_HEADERS = re.compile(rb"^(list-id|list-unsubscribe|list-post|mailing-list|x-mailing-list):", re.I | re.M)
+_BULK = re.compile(rb"^precedence:[ \t]*(bulk|list|junk)", re.I | re.M)
+_AUTO = re.compile(rb"^auto-submitted:[ \t]*(?!no\b)", re.I | re.M)
+_NO_REPLY_SENDERS = re.compile(r"^(mailer-daemon|postmaster|listserv|majordomo|owner-.*|.*-request|.*-owner)@", re.I)
+
+
+def header_block(body: bytes) -> bytes:
+    end = body.find(b"\r\n\r\n")
+    return body if end < 0 else body[: end + 2]
+
+
+class LocalDelivery:
+    def __init__(self, settings: Settings, directory: Directory, submitter: Submitter, conn: redis.Redis) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.submitter = submitter
+        self.conn = conn
+        self.own_names = {settings.me.lower(), *(h.lower() for h in settings.clusterhosts)}
+
+    def deliver(self, envelope: Envelope, index: int, body: bytes) -> Outcome:
+        address = envelope.recipients[index].address
+        user, verdict = lookup_outcome(self.directory, address)
+        if verdict is not None:
+            return verdict
+        assert user is not None
+        if user.host and user.host not in self.own_names:
+            return Deferred("4.4.0", f"mailHost {user.host}: cluster forwarding is not available yet")
+        if user.size_max and envelope.size > user.size_max:
+            return Failed("5.2.3", f"Message larger than the recipient accepts ({user.size_max} bytes)")
+        headers = header_block(body)
+        if re.search(rb"^delivered-to:[ \t]*" + re.escape(address.encode()) + rb"[ \t]*\r?$", headers, re.I | re.M):
+            return Failed("5.4.6", "Mail loop: message already delivered to this address")
+        outcome: Outcome = Delivered("delivered")
+        acted = False
+        if "nolocal" not in user.modes:
+            outcome = self.to_maildir(envelope, index, user, address, body)
+            if not isinstance(outcome, Delivered):
+                return outcome
+            acted = True
+        if user.forwards and "noforward" not in user.modes:
+            forwarded = self.forward(envelope, user, address, body)
+            if not isinstance(forwarded, Delivered):
+                return forwarded
+            outcome, acted = forwarded, True
+        if not acted:
+            return Failed("5.7.1", "Recipient takes no local delivery and has no forwarding address")
+        if "reply" in user.modes and user.reply_text:
+            self.autoreply(envelope, user, address, headers)
+        return outcome
+
+    def to_maildir(self, envelope: Envelope, index: int, user: User, address: str, body: bytes) -> Outcome:
+        try:
+            path = resolve_store(self.settings.message_store_root, user.message_store)
+        except UnsafeStore as exc:
+            log.error("refusing to deliver to %s (%s): %s", address, user.dn, exc)
+            return Deferred("4.3.5", "Mailbox location misconfigured; postmaster notified")
+        prefix = f"Return-Path: <{clean_for_header(envelope.sender, 998)}>\r\nDelivered-To: {address}\r\n".encode()
+        data = (prefix + body).replace(b"\r\n", b"\n")
+        maildir = Maildir(path)
+        name = file_name(envelope.birth, envelope.id, index, len(data))
+        try:
+            quota_size = user.quota_size if user.quota_size is not None else self.settings.ldapdefaultquotasize
+            quota_count = user.quota_count if user.quota_count is not None else self.settings.ldapdefaultquotacount
+            if quota_size and len(data) > quota_size:
+                return Failed("5.2.2", "Message larger than the recipient's whole mailbox quota")
+            if (quota_size or quota_count) and not maildir.has(name):
+                used, count = maildir.usage()
+                if (quota_size and used + len(data) > quota_size) or (quota_count and count + 1 > quota_count):
+                    return Deferred("4.2.2", "Mailbox over quota")
+            fresh = maildir.deliver(name, data)
+        except OSError as exc:
+            log.error("maildir delivery to %s failed: %s", path, exc)
+            return Deferred("4.3.0", f"Mailbox write failed: {exc.strerror}")
+        return Delivered("delivered to maildir" if fresh else "already in the maildir (earlier attempt)")
+
+    def forward(self, envelope: Envelope, user: User, address: str, body: bytes) -> Outcome:
+        targets = [a for a in user.forwards if "@" in a]
+        if not targets:
+            return Delivered("no forwarding address")
+        draft = Draft(self.submitter.new_id(), envelope.sender, targets,
+                      f"Delivered-To: {address}\r\n".encode() + body, smtputf8=envelope.smtputf8)
+        try:
+            forwarded = self.submitter.accept(draft)
+        except QueueUnavailable as exc:
+            return exc.outcome
+        return Delivered(f"forwarded as {forwarded.id}")
+
+    def autoreply(self, envelope: Envelope, user: User, address: str, headers: bytes) -> None:
+        """RFC 3834: never to <>, lists, bulk or automatic mail; once per sender per interval."""
+        sender = envelope.sender
+        if not sender or _NO_REPLY_SENDERS.match(sender) or sender.lower() == address.lower():
+            return
+        if _AUTO.search(headers) or _BULK.search(headers) or _LIST_HEADERS.search(headers):
+            return
+        pair = hashlib.sha1(f"{address}\0{sender}".lower().encode()).hexdigest()
+        key = f"{self.settings.redis_prefix}:replied:{pair}"
+        try:
+            if not self.conn.set(key, "1", nx=True, ex=self.settings.autoreplyinterval):
+                return
+        except redis.RedisError as exc:
+            log.warning("autoreply for %s skipped: Redis unavailable (%s)", address, exc)
+            return
+        subject = re.search(rb"^subject:[ \t]*(.*(?:\r\n[ \t].*)*)", headers, re.I | re.M)
+        original = subject.group(1).decode("utf-8", "replace").replace("\r\n", "") if subject else ""
+        message_id = re.search(rb"^message-id:[ \t]*(<[^>\r\n]*>)", headers, re.I | re.M)
+        lines = [
+            f"From: <{address}>",
+            f"To: <{sender}>",
+            f"Subject: Auto: {original[:200]}".rstrip(),
+            f"Date: {email.utils.formatdate(localtime=True)}",
+            f"Message-ID: {email.utils.make_msgid(domain=self.settings.me)}",
+            "Auto-Submitted: auto-replied",
+            "MIME-Version: 1.0",
+            "Content-Type: text/plain; charset=utf-8",
+            "Content-Transfer-Encoding: 8bit",
+        ]
+        if message_id:
+            ref = message_id.group(1).decode("ascii", "replace")
+            lines += [f"In-Reply-To: {ref}", f"References: {ref}"]
+        text = user.reply_text.replace("\r\n", "\n").replace("\n", "\r\n")
+        reply = ("\r\n".join(lines) + "\r\n\r\n" + text + "\r\n").encode("utf-8")
+        try:
+            self.submitter.accept(Draft(self.submitter.new_id(), "", [sender], reply))
+        except QueueUnavailable as exc:
+            log.warning("autoreply from %s to %s not queued: %s", address, sender, exc)

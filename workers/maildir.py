@@ -1,0 +1,130 @@
+"""Maildir delivery, and where a user's Maildir may be.
+
+Interface: ``resolve_store(root, store) -> Path`` (raises ``UnsafeStore``), ``Maildir(path)`` with
+``deliver(name, data) -> bool`` (False: that copy was already there), ``usage() -> (bytes, count)``;
+``file_name(birth, message_id, index, host, size)``.
+
+A delivery is tmp/ → fsync → link into new/ → fsync of new/: the message is in the mailbox once
+the link is durable, and never half-written. The file name is fixed by queue id + recipient
+index (not by the time of the attempt), so an attempt repeated after a crash between the link and
+the spool's mark finds its own earlier copy in new/ or cur/ and does not deliver a second one.
+Names carry ``,S=<size>`` (the Maildir++ convention IMAP servers read for quotas).
+
+Failures: ``UnsafeStore`` (a mailMessageStore that is absolute, climbs with "..", or passes through
+a symbolic link: refused, logged, never written); ``OSError`` from the disk is for the caller to
+treat as temporary.
+
+Settings: ``ldapmessagestore`` (the root passed in).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+from core import faults
+
+
+class UnsafeStore(ValueError):
+    """A mailMessageStore that would lead outside the message store root."""
+
+
+def resolve_store(root: Path, store: str) -> Path:
+    """``root/store``, refusing anything that could resolve outside ``root``."""
+    if not store or store.startswith("/") or "\x00" in store:
+        raise UnsafeStore(f"mailMessageStore {store!r} must be a relative path")
+    parts = [p for p in store.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise UnsafeStore(f"mailMessageStore {store!r} climbs out of the store")
+    path = root
+    for part in parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            break  # created on first delivery, by us
+        if stat.S_ISLNK(mode):
+            raise UnsafeStore(f"mailMessageStore {store!r} passes through a symbolic link at {path}")
+    return path
+
+
+def _host_part() -> str:
+    return socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+
+HOST = _host_part()
+
+
+def file_name(birth: float, message_id: str, index: int, size: int, host: str = HOST) -> str:
+    return f"{int(birth)}.Q{message_id}R{index}.{host},S={size}"
+
+
+class Maildir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _ensure(self) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def has(self, name: str) -> bool:
+        """An earlier attempt's copy, in new/ or already seen by a reader (cur/, with flags)."""
+        if (self.path / "new" / name).exists():
+            return True
+        try:
+            return any(entry == name or entry.startswith(name + ":") for entry in os.listdir(self.path / "cur"))
+        except FileNotFoundError:
+            return False
+
+    def deliver(self, name: str, data: bytes) -> bool:
+        """Write one message durably; False if this very copy was delivered before."""
+        self._ensure()
+        if self.has(name):
+            return False
+        tmp = self.path / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, self.path / "new" / name)
+        except FileExistsError:
+            os.unlink(tmp)
+            return False
+        os.unlink(tmp)
+        directory = os.open(self.path / "new", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        faults.crash_point("after_maildir_link")
+        return True
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, messages) in new/ and cur/, from the ,S= of names where present."""
+        total = count = 0
+        for sub in ("new", "cur"):
+            try:
+                entries = os.scandir(self.path / sub)
+            except FileNotFoundError:
+                continue
+            with entries:
+                for entry in entries:
+                    count += 1
+                    size = _size_from_name(entry.name)
+                    total += size if size is not None else entry.stat().st_size
+        return total, count
+
+
+def _size_from_name(name: str) -> int | None:
+    marker = name.find(",S=")
+    if marker < 0:
+        return None
+    digits = name[marker + 3 :].split(":", 1)[0].split(",", 1)[0]
+    return int(digits) if digits.isdigit() else None
