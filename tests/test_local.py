@@ -246,3 +246,20 @@ def test_autoreply_once_per_sender_and_never_to_lists_or_null(rig: Rig) -> None:
     rig.send(["away@test.example"], body=b"Auto-Submitted: auto-generated\r\n\r\nx\r\n", sender="bot@example.net")
     rig.send(["away@test.example"], body=b"Precedence: bulk\r\n\r\nx\r\n", sender="news@example.net")
     assert [rig.queued_to(s) for s in ("list@example.net", "bot@example.net", "news@example.net")] == [[], [], []]
+
+
+def test_racing_attempts_of_one_copy_end_with_one_file(rig: Rig) -> None:
+    import threading
+
+    envelope = rig.submitter.accept(Draft(rig.submitter.new_id(), "a@example.net", ["alice@test.example"], b"x\r\n"))
+    body = rig.submitter.map.spool(envelope.shard).body(envelope.id)
+    outcomes: list[object] = []
+    threads = [threading.Thread(target=lambda: outcomes.append(rig.jobs.delivery.deliver(envelope, 0, body)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [type(o).__name__ for o in outcomes] == ["Delivered"] * 8
+    assert len(rig.inbox("alice")) == 1
+    assert list((rig.store / "alice" / "tmp").iterdir()) == []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 from core import faults
@@ -83,7 +84,9 @@ class Maildir:
         self._ensure()
         if self.has(name):
             return False
-        tmp = self.path / "tmp" / name
+        # Each attempt writes its own tmp file; the fixed name only appears with the link, so two
+        # attempts of the same copy racing each other end with one file, never a torn one.
+        tmp = self.path / "tmp" / f"{name}.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
