@@ -112,6 +112,10 @@ class Settings:
         0, "quota in messages for users without mailQuotaCount (0 = none)", NONNEGATIVE
     )
     clusterhosts: list[str] = _setting([], "other names of this node: mailHost values delivered here")
+    smtproutes: list[str] = _setting([], "static routes, qmail's format host:relay:port (cluster peers too)")
+    deliveryprograms: bool = _setting(False, "run deliveryProgramPath programs at all")
+    deliveryprogramuser: str = _setting("nobody", "user the delivery programs run as")
+    deliveryprogramtimeout: int = _setting(60, "seconds a delivery program may run", POSITIVE)
     autoreplyinterval: int = _setting(86400, "seconds between two auto-replies to the same sender", POSITIVE)
 
     @property

@@ -1,7 +1,8 @@
 """Delivery outcomes as values, and their one mapping to SMTP replies and exit codes.
 
 Interface: ``Delivered``, ``Deferred``, ``Failed`` (frozen dataclasses; ``Outcome`` is their union),
-``smtp_reply(outcome) -> str``, ``exit_code(outcome) -> int``, ``QueueUnavailable`` (raised by the
+``smtp_reply(outcome) -> str``, ``from_reply(code, text) -> Outcome`` (a peer's reply),
+``exit_code(outcome) -> int``, ``QueueUnavailable`` (raised by the
 front door when a message cannot be made durable or enqueued), ``is_temporary(status)``.
 
 Outcomes are values, never exceptions: rq treats an exception as a bug in the job, and a mail
@@ -58,6 +59,24 @@ def smtp_reply(outcome: Outcome) -> str:
         return f"250 {outcome.status} {outcome.text or 'Ok'}"
     basic = "451" if isinstance(outcome, Deferred) else "554"
     return f"{basic} {outcome.status} {outcome.text}"
+
+
+def from_reply(code: int, text: str) -> Outcome:
+    """A peer's SMTP reply as an outcome: 2xx delivered, 4xx (and anything odd) deferred, 5xx failed.
+    The enhanced code is taken from the text when the peer gave one."""
+    words = text.split(None, 1)
+    enhanced = words[0] if words and _looks_enhanced(words[0]) else ""
+    detail = f"{code} {text}".strip()
+    if 200 <= code < 300:
+        return Delivered(detail, enhanced or "2.0.0")
+    if 500 <= code < 600:
+        return Failed(enhanced if enhanced.startswith("5") else "5.0.0", detail)
+    return Deferred(enhanced if enhanced.startswith("4") else "4.0.0", detail)
+
+
+def _looks_enhanced(word: str) -> bool:
+    parts = word.split(".")
+    return len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in ("2", "4", "5")
 
 
 def exit_code(outcome: Outcome) -> int:

@@ -46,12 +46,19 @@ PEOPLE = {
     "sales-catchall": ["mailMessageStore: sales/"],
     "dup1": ["mailMessageStore: dup1/", "mailAlternateAddress: dup@test.example"],
     "dup": ["mailMessageStore: dup2/"],
+    "prog": ["mailMessageStore: prog/", "deliveryProgramPath: /usr/bin/tee {out}"],
+    "prog99": ["mailMessageStore: prog99/", "deliveryProgramPath: /bin/sh -c 'exit 99'"],
+    "prog100": ["mailMessageStore: prog100/", "deliveryProgramPath: /bin/sh -c 'echo no such list; exit 100'"],
+    "prog111": ["mailMessageStore: prog111/", "deliveryProgramPath: /bin/sh -c 'exit 111'"],
+    "progslow": ["mailMessageStore: progslow/", "deliveryProgramPath: /bin/sleep 30"],
+    "progoff": ["mailMessageStore: progoff/", "deliveryMode: noprogram", "deliveryProgramPath: /usr/bin/tee {out}"],
 }
 
 
-def ldif() -> str:
+def ldif(out: str = "/nonexistent") -> str:
     entries = []
-    for name, lines in PEOPLE.items():
+    for name, template in PEOPLE.items():
+        lines = [line.replace("{out}", out) for line in template]
         entries.append("\n".join([f"dn: uid={name},ou=people,dc=example,dc=test", "objectClass: inetOrgPerson",
                                   "objectClass: qmailUser", f"uid: {name}", f"cn: {name}", f"sn: {name}",
                                   f"mail: {name}@test.example", *lines]))
@@ -97,17 +104,21 @@ class Rig:
         return found
 
 
-@pytest.fixture
-def rig(node_factory: Callable[..., Node], tmp_path: Path) -> Rig:
+def make_rig(node_factory: Callable[..., Node], tmp_path: Path, **overrides: str) -> Rig:
     users = tmp_path / "people.ldif"
-    users.write_text(ldif())
+    users.write_text(ldif(str(tmp_path / "program.out")))
     node = node_factory(users_ldif=str(users), ldapmessagestore=str(tmp_path / "mail"), ldapnegcachettl="0",
-                        ldapcachettl="0")
+                        smtproutes="mx2.test.example:127.0.0.1:1", ldapcachettl="0", **overrides)
     settings = node.settings()
     conn = connect(settings)
     submitter = Submitter(settings, conn)
     delivery = LocalDelivery(settings, open_directory(settings), submitter, conn)
     return Rig(settings, submitter, LocalJobs(settings, delivery, submitter, 2), tmp_path / "mail", conn)
+
+
+@pytest.fixture
+def rig(node_factory: Callable[..., Node], tmp_path: Path) -> Rig:
+    return make_rig(node_factory, tmp_path)
 
 
 def test_delivers_to_maildir_with_headers_and_lf_lines(rig: Rig) -> None:
@@ -263,3 +274,29 @@ def test_racing_attempts_of_one_copy_end_with_one_file(rig: Rig) -> None:
     assert [type(o).__name__ for o in outcomes] == ["Delivered"] * 8
     assert len(rig.inbox("alice")) == 1
     assert list((rig.store / "alice" / "tmp").iterdir()) == []
+
+
+def test_delivery_programs_run_without_shell_with_qmail_exit_codes(node_factory: Callable[..., Node],
+                                                                    tmp_path: Path) -> None:
+    rig = make_rig(node_factory, tmp_path, deliveryprograms="true", deliveryprogramuser="root",
+                   deliveryprogramtimeout="1")
+    rig.send(["prog@test.example"])
+    assert (tmp_path / "program.out").read_bytes().startswith(b"Return-Path: <a@example.net>\nDelivered-To: prog@")
+    assert len(rig.inbox("prog")) == 1  # a program does not replace the Maildir
+    rcpts = ["prog99@test.example", "prog100@test.example", "prog111@test.example", "progslow@test.example",
+             "progoff@test.example"]
+    envelope = rig.submitter.accept(Draft(rig.submitter.new_id(), "a@example.net", rcpts, b"x\r\n"))
+    body = rig.submitter.map.spool(envelope.shard).body(envelope.id)
+    outcomes = [rig.jobs.delivery.deliver(envelope, i, body) for i in range(len(rcpts))]
+    assert [(type(o).__name__, getattr(o, "status", "")) for o in outcomes] == [
+        ("Delivered", "2.0.0"), ("Failed", "5.3.0"), ("Deferred", "4.3.0"), ("Deferred", "4.3.0"),
+        ("Delivered", "2.0.0")]
+    assert "no such list" in outcomes[1].text and "no answer within 1 s" in outcomes[3].text
+    assert rig.inbox("prog99") == []  # 99: delivered, and no further delivery
+    assert len(rig.inbox("progoff")) == 1
+
+
+def test_delivery_programs_are_off_by_default(rig: Rig, tmp_path: Path) -> None:
+    rig.send(["prog@test.example"])
+    assert not (tmp_path / "program.out").exists()
+    assert len(rig.inbox("prog")) == 1

@@ -1,24 +1,27 @@
 """Local delivery of one recipient, with qmail-ldap's semantics.
 
 Interface: ``LocalDelivery(settings, directory, submitter, conn)`` with
-``deliver(envelope, index, body) -> Outcome`` and ``plan(address) -> str`` (what would happen, for
-``shardmail ldaplookup``).
+``deliver(envelope, index, body) -> Outcome``.
 
-For the recipient's entry, in this order: ``accountStatus`` (deleted → 5.1.1, disabled → 5.2.1,
-noaccess delivers); ``mailHost`` that is not this node → cluster forwarding (not in this module
-yet: deferred); ``mailSizeMax`` → 5.2.3; a ``Delivered-To`` for this address already in the
-header → 5.4.6 (a loop); the Maildir under ``ldapmessagestore`` unless ``deliveryMode: nolocal``,
-with quotas (``mailQuotaSize``/``mailQuotaCount`` or the defaults: over quota → 4.2.2, retried;
-larger than the whole quota → 5.2.2); ``mailForwardingAddress`` unless ``noforward`` (a new
-message through core.submit, same envelope sender, Delivered-To added); the autoresponder for
-``deliveryMode: reply`` (RFC 3834, at most one reply per sender per ``autoreplyinterval``).
+For the recipient's entry, in this order:
+- ``accountStatus``: deleted → 5.1.1, disabled → 5.2.1, noaccess delivers;
+- ``mailHost`` that is not this node (``me``, ``clusterhosts``): handed to that node over SMTP
+  (workers.cluster), or 5.4.6 if a peer sent it here already;
+- ``mailSizeMax`` → 5.2.3; a ``Delivered-To`` for this address already in the header → 5.4.6;
+- ``deliveryProgramPath`` unless ``noprogram``, only with ``deliveryprograms = true`` (workers.program);
+- the Maildir under ``ldapmessagestore`` unless ``deliveryMode: nolocal``, with quotas
+  (``mailQuotaSize``/``mailQuotaCount`` or the defaults): over quota → 4.2.2 (retried until the
+  lifetime), larger than the whole quota → 5.2.2;
+- ``mailForwardingAddress`` unless ``noforward``: a new message through core.submit with the
+  same envelope sender and a Delivered-To line;
+- the autoresponder for ``deliveryMode: reply`` (RFC 3834; once per sender per ``autoreplyinterval``).
 
 Failures: directory down → 4.4.3; a disk error → 4.3.0; an unsafe mailMessageStore → 4.3.5
 (a configuration error: kept queued and logged until an admin fixes the entry). Never raises for
 a delivery problem: outcomes are values.
 
 Settings: ``me``, ``clusterhosts``, ``ldapmessagestore``, ``ldapdefaultquotasize``,
-``ldapdefaultquotacount``, ``autoreplyinterval``, ``redis_prefix``.
+``ldapdefaultquotacount``, ``autoreplyinterval``, ``redis_prefix``, ``deliveryprograms``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from core.directory import Directory, User, lookup_outcome
 from core.envelope import Envelope
 from core.outcome import Deferred, Delivered, Failed, Outcome, QueueUnavailable
 from core.submit import Draft, Submitter
+from workers.cluster import ClusterForwarder, is_hop
 from workers.maildir import Maildir, UnsafeStore, file_name, resolve_store
+from workers.program import run_program
 
 log = logging.getLogger("shardmail.local")
 
@@ -58,6 +63,7 @@ class LocalDelivery:
         self.submitter = submitter
         self.conn = conn
         self.own_names = {settings.me.lower(), *(h.lower() for h in settings.clusterhosts)}
+        self.cluster = ClusterForwarder(settings)
 
     def deliver(self, envelope: Envelope, index: int, body: bytes) -> Outcome:
         address = envelope.recipients[index].address
@@ -65,15 +71,26 @@ class LocalDelivery:
         if verdict is not None:
             return verdict
         assert user is not None
+        headers = header_block(body)
         if user.host and user.host not in self.own_names:
-            return Deferred("4.4.0", f"mailHost {user.host}: cluster forwarding is not available yet")
+            if is_hop(headers):
+                return Failed("5.4.6", f"Cluster loop: mailHost {user.host} sent it back")
+            return self.cluster.forward(envelope, address, body, user.host)
         if user.size_max and envelope.size > user.size_max:
             return Failed("5.2.3", f"Message larger than the recipient accepts ({user.size_max} bytes)")
-        headers = header_block(body)
         if re.search(rb"^delivered-to:[ \t]*" + re.escape(address.encode()) + rb"[ \t]*\r?$", headers, re.I | re.M):
             return Failed("5.4.6", "Mail loop: message already delivered to this address")
         outcome: Outcome = Delivered("delivered")
         acted = False
+        if user.programs and "noprogram" not in user.modes and self.settings.deliveryprograms:
+            message = self.local_copy(envelope, address, body)
+            for command in user.programs:
+                outcome, stop = run_program(command, message, envelope, address, self.settings)
+                if not isinstance(outcome, Delivered) or stop:
+                    return outcome
+            acted = True
+        elif user.programs and "noprogram" not in user.modes:
+            log.warning("deliveryProgramPath of %s ignored: deliveryprograms is off", user.dn)
         if "nolocal" not in user.modes:
             outcome = self.to_maildir(envelope, index, user, address, body)
             if not isinstance(outcome, Delivered):
@@ -96,8 +113,7 @@ class LocalDelivery:
         except UnsafeStore as exc:
             log.error("refusing to deliver to %s (%s): %s", address, user.dn, exc)
             return Deferred("4.3.5", "Mailbox location misconfigured; postmaster notified")
-        prefix = f"Return-Path: <{clean_for_header(envelope.sender, 998)}>\r\nDelivered-To: {address}\r\n".encode()
-        data = (prefix + body).replace(b"\r\n", b"\n")
+        data = self.local_copy(envelope, address, body)
         maildir = Maildir(path)
         name = file_name(envelope.birth, envelope.id, index, len(data))
         try:
@@ -114,6 +130,12 @@ class LocalDelivery:
             log.error("maildir delivery to %s failed: %s", path, exc)
             return Deferred("4.3.0", f"Mailbox write failed: {exc.strerror}")
         return Delivered("delivered to maildir" if fresh else "already in the maildir (earlier attempt)")
+
+    @staticmethod
+    def local_copy(envelope: Envelope, address: str, body: bytes) -> bytes:
+        """The message as a local mailbox or program sees it: Return-Path, Delivered-To, LF lines."""
+        prefix = f"Return-Path: <{clean_for_header(envelope.sender, 998)}>\r\nDelivered-To: {address}\r\n".encode()
+        return (prefix + body).replace(b"\r\n", b"\n")
 
     def forward(self, envelope: Envelope, user: User, address: str, body: bytes) -> Outcome:
         targets = [a for a in user.forwards if "@" in a]

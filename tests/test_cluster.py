@@ -1,0 +1,71 @@
+"""Two shardmail nodes on loopback: mail for a user whose mailHost is the other node is handed over
+SMTP and delivered there; a message a peer already handed over is never sent round again."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Node, free_port, wait_until
+
+USERS = """dn: uid=remote,ou=people,dc=example,dc=test
+objectClass: inetOrgPerson
+objectClass: qmailUser
+uid: remote
+cn: remote
+sn: remote
+mail: remote@test.example
+mailHost: mx2.test.example
+mailMessageStore: remote/
+
+dn: uid=pingpong,ou=people,dc=example,dc=test
+objectClass: inetOrgPerson
+objectClass: qmailUser
+uid: pingpong
+cn: pingpong
+sn: pingpong
+mail: pingpong@test.example
+mailHost: mx3.test.example
+mailMessageStore: pingpong/
+"""
+
+
+def start(node: Node) -> Path:
+    """smtpd and a local pool; returns the pool's log."""
+    node.start_smtpd()
+    log = node.var_dir.parent / "worker.log"
+    with open(log, "wb") as out:
+        node.procs.append(subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "local"], env=node.env,
+                                           stdout=out, stderr=subprocess.STDOUT))
+    return log
+
+
+def test_mailhost_routes_to_the_peer_and_loops_are_refused(node_factory: Callable[..., Node], tmp_path: Path) -> None:
+    users = tmp_path / "cluster.ldif"
+    users.write_text(USERS)
+    port_b = free_port()
+    node_a = node_factory(me="mx.test.example", users_ldif=str(users), redis_prefix="a",
+                          ldapmessagestore=str(tmp_path / "mail-a"),
+                          smtproutes=f"mx2.test.example:127.0.0.1:{port_b},mx3.test.example:127.0.0.1:{port_b}")
+    node_b = node_factory(me="mx2.test.example", users_ldif=str(users), redis_prefix="b",
+                          ldapmessagestore=str(tmp_path / "mail-b"), smtp_listen=f"127.0.0.1:{port_b}",
+                          smtproutes=f"mx3.test.example:127.0.0.1:{node_a.port}")
+    node_b.port = port_b
+    start(node_a)
+    log_b = start(node_b)
+    with smtplib.SMTP("127.0.0.1", node_a.port, timeout=10) as client:
+        client.sendmail("a@example.net", ["remote@test.example"], b"Subject: to the other node\r\n\r\nhi\r\n")
+        client.sendmail("a@example.net", ["pingpong@test.example"], b"Subject: round and round\r\n\r\nhi\r\n")
+    inbox = tmp_path / "mail-b" / "remote" / "new"
+    wait_until(lambda: inbox.exists() and len(list(inbox.iterdir())) == 1, timeout=30)
+    message = next(inbox.iterdir()).read_bytes()
+    assert b"X-Shardmail-Cluster: mx.test.example\n" in message
+    assert b"Subject: to the other node" in message
+    assert not (tmp_path / "mail-a" / "remote").exists()
+    # pingpong: A hands it to B (mx3 routes there); B must not send it on: it fails 5.4.6 there
+    wait_until(lambda: "to <pingpong@test.example>: failed 5.4.6 Cluster loop" in log_b.read_text(), timeout=30)
+    wait_until(lambda: node_a.spooled() == [] and node_b.spooled() == [], timeout=30)
+    assert not (tmp_path / "mail-a" / "pingpong").exists() and not (tmp_path / "mail-b" / "pingpong").exists()
