@@ -2,7 +2,9 @@
 attributes (so ``ldapadd -f users.ldif`` moves them to a real directory unchanged).
 
 Interface: ``User`` (a qmailUser entry, typed), ``open_directory(settings) -> Directory``,
-``lookup_outcome(directory, address)`` (the entry, and the refusal or deferral to give, if any);
+``lookup_outcome(directory, address)`` (the entry, and the refusal or deferral to give, if any),
+``resolve_store(root, mailMessageStore) -> Path`` (raises ``UnsafeStore`` for an absolute path, a
+".." or a symbolic link on the way: nothing may resolve outside ``ldapmessagestore``);
 ``Directory.lookup(address) -> User | None`` runs qmail-ldap's rounds: the exact address, then the
 dash-extension catchalls (``a-b-c-catchall@d``, ``a-b-catchall@d``, ``a-catchall@d``, at most four
 levels), then ``catchall@d``; each round is one search ``(|(mail=A)(mailAlternateAddress=A))``
@@ -22,10 +24,12 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from core.config import Settings
@@ -124,6 +128,9 @@ def candidates(address: str) -> list[str]:
 class Backend(Protocol):
     def search(self, address: str) -> list[User]:
         """Entries whose mail or mailAlternateAddress is exactly ``address`` (lower-case)."""
+
+    def search_uid(self, uid: str) -> list[User]:
+        """Entries whose uid is exactly ``uid`` (for ``shardmail ldaplookup -u``)."""
 
 
 class Directory:
@@ -233,6 +240,10 @@ class LdifBackend:
         self._load()
         return list(self._index.get(address.lower(), []))
 
+    def search_uid(self, uid: str) -> list[User]:
+        self._load()
+        return list({u.dn: u for users in self._index.values() for u in users if u.uid == uid}.values())
+
 
 class LdapBackend:
     """ldap3 searches over a pool of servers (first that answers), one connection per thread."""
@@ -261,20 +272,23 @@ class LdapBackend:
             self._local.conn = conn
         return conn
 
-    def _filter(self, address: str) -> str:
+    def _filter(self, address: str, by_uid: bool = False) -> str:
         from ldap3.utils.conv import escape_filter_chars
 
         escaped = escape_filter_chars(address)
-        match = f"(|(mail={escaped})(mailAlternateAddress={escaped}))"
+        match = f"(uid={escaped})" if by_uid else f"(|(mail={escaped})(mailAlternateAddress={escaped}))"
         if self.object_class:
             return f"(&(objectClass={escape_filter_chars(self.object_class)}){match})"
         return match
 
-    def search(self, address: str) -> list[User]:
+    def search_uid(self, uid: str) -> list[User]:
+        return self.search(uid, by_uid=True)
+
+    def search(self, address: str, by_uid: bool = False) -> list[User]:
         ldap3 = self._ldap3
         try:
             conn = self._connection()
-            ok = conn.search(self.base, self._filter(address), ldap3.SUBTREE, attributes=list(ATTRIBUTES),
+            ok = conn.search(self.base, self._filter(address, by_uid), ldap3.SUBTREE, attributes=list(ATTRIBUTES),
                              size_limit=2, time_limit=max(1, int(self.timeout)))
         except ldap3.core.exceptions.LDAPException as exc:
             self._local.conn = None
@@ -289,6 +303,29 @@ class LdapBackend:
             raise DirectoryUnavailable(f"LDAP search failed: {why}")
         entries = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
         return [user_from_attributes(e["dn"], e["attributes"]) for e in entries]
+
+
+class UnsafeStore(ValueError):
+    """A mailMessageStore that would lead outside the message store root."""
+
+
+def resolve_store(root: Path, store: str) -> Path:
+    """``root/store``, refusing anything that could resolve outside ``root``."""
+    if not store or store.startswith("/") or "\x00" in store:
+        raise UnsafeStore(f"mailMessageStore {store!r} must be a relative path")
+    parts = [p for p in store.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise UnsafeStore(f"mailMessageStore {store!r} climbs out of the store")
+    path = root
+    for part in parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            break  # created on first delivery, by us
+        if stat.S_ISLNK(mode):
+            raise UnsafeStore(f"mailMessageStore {store!r} passes through a symbolic link at {path}")
+    return path
 
 
 def account_verdict(user: User | None) -> Failed | None:

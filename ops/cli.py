@@ -95,6 +95,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ldaplookup(args: argparse.Namespace) -> int:
+    from ops.ldaplookup import describe
+
+    text, status = describe(_settings(args.config), args.mail, args.uid)
+    print(text)
+    return status
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     for key, _default, doc in describe():
@@ -119,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("channel", choices=["local"])
     worker.add_argument("--shards", default="all", help="e.g. 0-3,5 (default: all)")
     worker.add_argument("--processes", type=int, default=1)
+    lookup = sub.add_parser("ldaplookup", help="show a user's entry and what would happen to mail for it")
+    lookup.add_argument("-m", dest="mail", help="address")
+    lookup.add_argument("-u", dest="uid", help="uid")
     status = sub.add_parser("status", help="queue depth per shard and channel")
     status.add_argument("--json", action="store_true")
     sub.add_parser("config", help="check the configuration and print the effective settings")
@@ -134,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "sendmail":
         sys.exit(cmd_sendmail(argv[1:]))
     args = parser().parse_args(argv)
-    commands = {"run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "status": cmd_status, "config": cmd_config}
+    commands = {
+        "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
+        "status": cmd_status, "config": cmd_config,
+    }
     sys.exit(commands[args.command](args))
 
 

@@ -300,3 +300,23 @@ def test_delivery_programs_are_off_by_default(rig: Rig, tmp_path: Path) -> None:
     rig.send(["prog@test.example"])
     assert not (tmp_path / "program.out").exists()
     assert len(rig.inbox("prog")) == 1
+
+
+def test_ldaplookup_shows_entry_and_plan(node_factory: Callable[..., Node], tmp_path: Path) -> None:
+    rig = make_rig(node_factory, tmp_path)
+    node = node_factory(users_ldif=str(tmp_path / "people.ldif"), ldapmessagestore=str(tmp_path / "mail"),
+                        smtproutes="mx2.test.example:127.0.0.1:1")
+    shown = node.command("ldaplookup", "-m", "robert@test.example")
+    text = shown.stdout.decode()
+    assert shown.returncode == 0, text
+    assert "mail: bob@test.example" in text and f"maildir: {rig.store}/bob/" in text
+    assert node.command("ldaplookup", "-m", "dis@test.example").returncode == 67
+    assert "refuse: 5.2.1" in node.command("ldaplookup", "-m", "dis@test.example").stdout.decode()
+    fwd = node.command("ldaplookup", "-u", "fwd").stdout.decode()
+    assert "forward: one@elsewhere.example, two@elsewhere.example" in fwd and "maildir:" not in fwd
+    assert "cluster: hand over to mx2.test.example" in node.command("ldaplookup", "-m", "remote@test.example").stdout.decode()
+    unsafe = node.command("ldaplookup", "-m", "esc1@test.example")
+    assert unsafe.returncode == 75 and b"refuse to deliver" in unsafe.stdout
+    assert node.command("ldaplookup", "-m", "dup@test.example").returncode == 75
+    nobody = node.command("ldaplookup", "-m", "nobody@elsewhere.example")
+    assert nobody.returncode == 67 and b"no entry" in nobody.stdout

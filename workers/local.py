@@ -35,12 +35,12 @@ import redis
 
 from core.address import clean_for_header
 from core.config import Settings
-from core.directory import Directory, User, lookup_outcome
+from core.directory import Directory, UnsafeStore, User, lookup_outcome, resolve_store
 from core.envelope import Envelope
 from core.outcome import Deferred, Delivered, Failed, Outcome, QueueUnavailable
 from core.submit import Draft, Submitter
 from workers.cluster import ClusterForwarder, is_hop
-from workers.maildir import Maildir, UnsafeStore, file_name, resolve_store
+from workers.maildir import Maildir, file_name
 from workers.program import run_program
 
 log = logging.getLogger("shardmail.local")

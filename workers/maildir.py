@@ -1,6 +1,6 @@
 """Maildir delivery, and where a user's Maildir may be.
 
-Interface: ``resolve_store(root, store) -> Path`` (raises ``UnsafeStore``), ``Maildir(path)`` with
+Interface: ``Maildir(path)`` with
 ``deliver(name, data) -> bool`` (False: that copy was already there), ``usage() -> (bytes, count)``;
 ``file_name(birth, message_id, index, host, size)``.
 
@@ -10,45 +10,20 @@ index (not by the time of the attempt), so an attempt repeated after a crash bet
 the spool's mark finds its own earlier copy in new/ or cur/ and does not deliver a second one.
 Names carry ``,S=<size>`` (the Maildir++ convention IMAP servers read for quotas).
 
-Failures: ``UnsafeStore`` (a mailMessageStore that is absolute, climbs with "..", or passes through
-a symbolic link: refused, logged, never written); ``OSError`` from the disk is for the caller to
-treat as temporary.
+Failures: ``OSError`` from the disk, for the caller to treat as temporary. (Where a Maildir may
+be at all is core.directory's ``resolve_store``.)
 
-Settings: ``ldapmessagestore`` (the root passed in).
+Settings: none.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import stat
 import threading
 from pathlib import Path
 
 from core import faults
-
-
-class UnsafeStore(ValueError):
-    """A mailMessageStore that would lead outside the message store root."""
-
-
-def resolve_store(root: Path, store: str) -> Path:
-    """``root/store``, refusing anything that could resolve outside ``root``."""
-    if not store or store.startswith("/") or "\x00" in store:
-        raise UnsafeStore(f"mailMessageStore {store!r} must be a relative path")
-    parts = [p for p in store.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
-        raise UnsafeStore(f"mailMessageStore {store!r} climbs out of the store")
-    path = root
-    for part in parts:
-        path = path / part
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            break  # created on first delivery, by us
-        if stat.S_ISLNK(mode):
-            raise UnsafeStore(f"mailMessageStore {store!r} passes through a symbolic link at {path}")
-    return path
 
 
 def _host_part() -> str:
