@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -16,8 +16,15 @@ done
 if [ -n "$missing" ]; then
     echo "setup: installing Debian packages:$missing" >&2
     export DEBIAN_FRONTEND=noninteractive
+    case " $missing " in *" slapd "*)
+        # slapd is only a binary for the tests' private servers (tests/slapd.py): no system directory,
+        # and no service on port 389 of every interface, neither now nor at boot.
+        echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+        mkdir -p /etc/ldap && touch /etc/ldap/noslapd ;;
+    esac
     apt-get update -qq
     apt-get install -y -qq $missing >/dev/null
+    case " $missing " in *" slapd "*) invoke-rc.d slapd stop >/dev/null 2>&1 || true ;; esac
 fi
 
 
