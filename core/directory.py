@@ -191,6 +191,8 @@ def parse_ldif(text: str) -> list[tuple[str, dict[str, list[str]]]]:
         name, sep, value = line.partition(":")
         if not sep:
             raise ValueError(f"bad LDIF line: {line[:60]!r}")
+        if name.lower() == "version" and not dn:
+            continue
         value = base64.b64decode(value[1:].strip()).decode("utf-8") if value.startswith(":") else value.strip()
         if name.lower() == "dn":
             dn = value
@@ -246,14 +248,15 @@ class LdifBackend:
 
 
 class LdapBackend:
-    """ldap3 searches over a pool of servers (first that answers), one connection per thread."""
+    """ldap3 searches on the first of ``ldapserver`` that answers, one connection per thread."""
 
     def __init__(self, settings: Settings) -> None:
         import ldap3
 
         self._ldap3 = ldap3
-        servers = [ldap3.Server(url, connect_timeout=settings.ldaptimeout) for url in settings.ldapserver]
-        self.pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=30)
+        # Failover by hand: ldap3's active ServerPool sleeps between rounds when all servers are
+        # down (10 s), far beyond ldaptimeout; here each server costs at most one connect timeout.
+        self.servers = [ldap3.Server(url, connect_timeout=settings.ldaptimeout) for url in settings.ldapserver]
         self.base = settings.ldapbasedn
         self.login = settings.ldaplogin or None
         self.password = settings.ldappassword or None
@@ -263,14 +266,22 @@ class LdapBackend:
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = self._ldap3.Connection(
-                self.pool, user=self.login, password=self.password, receive_timeout=self.timeout,
-                auto_bind=self._ldap3.AUTO_BIND_NO_TLS if self.login else True, read_only=True,
-                client_strategy=self._ldap3.SYNC, raise_exceptions=False,
-            )
+        if conn is not None and not conn.closed:
+            return conn
+        problems = []
+        for server in self.servers:
+            try:
+                conn = self._ldap3.Connection(
+                    server, user=self.login, password=self.password, receive_timeout=self.timeout,
+                    auto_bind=self._ldap3.AUTO_BIND_NO_TLS if self.login else True, read_only=True,
+                    client_strategy=self._ldap3.SYNC, raise_exceptions=False,
+                )
+            except self._ldap3.core.exceptions.LDAPException as exc:
+                problems.append(f"{server.host}: {exc}")
+                continue
             self._local.conn = conn
-        return conn
+            return conn
+        raise DirectoryUnavailable("no LDAP server answered: " + "; ".join(problems))
 
     def _filter(self, address: str, by_uid: bool = False) -> str:
         from ldap3.utils.conv import escape_filter_chars
@@ -285,6 +296,8 @@ class LdapBackend:
         return self.search(uid, by_uid=True)
 
     def search(self, address: str, by_uid: bool = False) -> list[User]:
+        if any(ord(c) < 0x20 or c == "\x7f" for c in address):
+            return []  # no address holds one; and slapd reads an escaped NUL as the end of the value
         ldap3 = self._ldap3
         try:
             conn = self._connection()

@@ -24,6 +24,7 @@ import redis
 
 from core.config import Settings, load
 
+pytest_plugins = ["tests.slapd"]  # real OpenLDAP servers: fixtures slapd (shared) and slapd_fresh
 REDIS_BIN = shutil.which("redis-server")
 
 
