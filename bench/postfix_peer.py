@@ -307,6 +307,7 @@ showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
@@ -448,11 +449,13 @@ def _stop(inst: PostfixInstance, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def postfix_instance(workdir: Path, port: int, address: str = "127.0.0.1") -> Iterator[PostfixInstance]:
+def postfix_instance(workdir: Path, port: int, address: str = "127.0.0.1", extra_main_cf: str = ""
+                     ) -> Iterator[PostfixInstance]:
     """Run a private Postfix on ``address:port`` (loopback only) for the duration of the block.
 
     Config, queue, data directories and the log live under ``workdir``. On exit the
-    instance is stopped and every one of its processes is gone.
+    instance is stopped and every one of its processes is gone. ``extra_main_cf`` is appended
+    to main.cf (a later setting overrides an earlier one), e.g. to deliver to Maildirs.
     """
     _check_loopback(address)
     if os.geteuid() != 0:
@@ -467,7 +470,7 @@ def postfix_instance(workdir: Path, port: int, address: str = "127.0.0.1") -> It
     for d in (inst.config_dir, inst.queue_dir):
         d.mkdir(exist_ok=True)
         d.chmod(0o755)
-    (inst.config_dir / "main.cf").write_text(_main_cf(inst))
+    (inst.config_dir / "main.cf").write_text(_main_cf(inst) + extra_main_cf)  # later lines win
     (inst.config_dir / "master.cf").write_text(_master_cf(inst))
     inst.log_file.touch()
     try:

@@ -2,7 +2,7 @@
 
 Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``, ``write_batch(items)``,
 ``withdraw(ids)``, ``read(id) -> Envelope``,
-``body(id) -> bytes``, ``mark(id, marks)``, ``remove(id)``, ``scan() -> Iterator[Entry]``,
+``body(id) -> bytes``, ``load(id)``, ``mark(id, marks)``, ``remove(id)``, ``scan() -> Iterator[Entry]``,
 ``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``.
 
 Layout of one shard (``<root>/s<shard>/``)::
@@ -30,6 +30,9 @@ state                 files that exist                next syscall            sw
 8 all final           queue/<s>/<id>, all marked      unlink(queue/<s>/<id>)  unlink it
 9 gone                nothing                         -                       -
 ====================  ==============================  ======================  ==========================
+
+A message whose recipients are all delivered locally in one attempt skips state 7: the unlink
+follows the deliveries directly (if a crash undoes it, the Maildir names find the copies again).
 
 A 250 is sent only in state 4 or later: the client retries anything it did not see accepted, and
 a tmp/ file never becomes a delivery (so an interrupted write is simply lost, as it must be, since
@@ -228,8 +231,12 @@ class Spool:
         return self._load(message_id)[0]
 
     def body(self, message_id: str) -> bytes:
+        return self.load(message_id)[1]
+
+    def load(self, message_id: str) -> tuple[Envelope, bytes]:
+        """Envelope and body with one read of the file (what a delivery needs)."""
         envelope, offset, data = self._load(message_id)
-        return data[offset : offset + envelope.size]
+        return envelope, data[offset : offset + envelope.size]
 
     def mark(self, message_id: str, marks: list[Mark]) -> None:
         """Append outcomes and make them durable before returning (the per-recipient checkpoint)."""

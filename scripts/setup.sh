@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -22,9 +22,19 @@ if [ -n "$missing" ]; then
         echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
         mkdir -p /etc/ldap && touch /etc/ldap/noslapd ;;
     esac
+    # No package may start its service while it installs (slapd, dovecot: the tests run private,
+    # loopback-only instances): a temporary policy-rc.d says no, unless the machine has its own.
+    own_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=yes
+    fi
     apt-get update -qq
     apt-get install -y -qq $missing >/dev/null
+    [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
     case " $missing " in *" slapd "*) invoke-rc.d slapd stop >/dev/null 2>&1 || true ;; esac
+    # dovecot too is only a binary for the tests' private servers (tests/dovecot.py): no IMAP on 143/993.
+    case " $missing " in *" dovecot-imapd "*) invoke-rc.d dovecot stop >/dev/null 2>&1 || true
+        systemctl disable dovecot.service dovecot.socket >/dev/null 2>&1 || true ;; esac
 fi
 
 

@@ -24,7 +24,8 @@ import redis
 
 from core.config import Settings, load
 
-pytest_plugins = ["tests.slapd"]  # real OpenLDAP servers: fixtures slapd (shared) and slapd_fresh
+# real servers: OpenLDAP (fixtures slapd, shared, and slapd_fresh) and Dovecot (dovecot_factory)
+pytest_plugins = ["tests.slapd", "tests.dovecot"]
 REDIS_BIN = shutil.which("redis-server")
 
 

@@ -56,8 +56,9 @@ class Maildir:
 
     def deliver(self, name: str, data: bytes) -> bool:
         """Write one message durably; False if this very copy was delivered before."""
-        self._ensure()
-        if self.has(name):
+        if not (self.path / "new").is_dir():
+            self._ensure()
+        elif self.has(name):
             return False
         # Each attempt writes its own tmp file; the fixed name only appears with the link, so two
         # attempts of the same copy racing each other end with one file, never a torn one.

@@ -1,0 +1,172 @@
+"""End-to-end local delivery benchmark: SMTP in → Maildir file present, shardmail against Postfix.
+
+20 sessions send ``--messages`` messages of 5 KB, one connection each, to 100 users
+(``user000``..``user099@test.example``; bench/smtp_load.py, the same generator for both sides).
+shardmail: ``shardmail run`` (embedded Redis) with its users in a private OpenLDAP slapd.
+Postfix: a private loopback instance delivering with its ``virtual`` agent to Maildirs, users from a
+texthash map (Postfix's LDAP tables need the postfix-ldap package; a hash map is the faster choice
+for Postfix, so the comparison does not flatter shardmail). A run ends when every message is a
+file in a Maildir. Prints msg/s for each side, the ratio, and peak memory (sum of PSS; slapd is
+counted on shardmail's side).
+
+    .venv/bin/python -m bench.local_delivery [--messages 20000] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.postfix_peer import ensure_postfix_tools, peak_memory_sampler, postfix_instance, with_descendants
+from bench.smtp_load import run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+USERS = [f"user{i:03d}" for i in range(100)]
+DELIVERY_TIMEOUT = 900.0
+
+
+def delivered(root: Path) -> int:
+    total = 0
+    for user in USERS:
+        with contextlib.suppress(FileNotFoundError):
+            total += len(os.listdir(root / user / "new"))
+    return total
+
+
+def wait_delivered(root: Path, count: int) -> None:
+    deadline = time.monotonic() + DELIVERY_TIMEOUT
+    while delivered(root) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {delivered(root)} of {count} delivered")
+        time.sleep(0.05)
+
+
+def users_ldif() -> str:
+    return ("dn: dc=example,dc=test\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: bench\n\n"
+            "dn: ou=people,dc=example,dc=test\nobjectClass: organizationalUnit\nou: people\n\n") + "\n".join(
+        f"dn: uid={u},ou=people,dc=example,dc=test\nobjectClass: inetOrgPerson\nobjectClass: qmailUser\n"
+        f"uid: {u}\ncn: {u}\nsn: {u}\nmail: {u}@test.example\nmailMessageStore: {u}/\n" for u in USERS)
+
+
+def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float]:
+    sys.path.insert(0, str(ROOT))
+    from tests.slapd import Slapd
+
+    ldif = workdir / "users.ldif"
+    ldif.write_text(users_ldif())
+    slapd = Slapd(workdir / "slapd", users_ldif=ldif)
+    slapd.start()
+    port = 2528
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
+    env.update({"SHARDMAIL_VAR_DIR": str(workdir / "var"), "SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{port}",
+                "SHARDMAIL_ME": "mx.test.example", "SHARDMAIL_LOCALS": "test.example",
+                "SHARDMAIL_LDAPSERVER": slapd.url, "SHARDMAIL_LDAPBASEDN": slapd.base_dn,
+                "SHARDMAIL_LDAPMESSAGESTORE": str(workdir / "mail"),
+                "SHARDMAIL_INGRESS_PROCESSES": str(args.ingress), "SHARDMAIL_LOCALPROCESSES": str(args.local)})
+    with open(workdir / "shardmail.log", "wb") as log:
+        supervisor = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=ROOT, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port)
+        pids = [supervisor.pid, slapd.proc.pid] if slapd.proc else [supervisor.pid]
+        with peak_memory_sampler(lambda: with_descendants(pids)) as sampler:
+            started = time.perf_counter()
+            _, failed = run_load(port, args.messages, 20, 5120, [f"{u}@test.example" for u in USERS])
+            wait_delivered(workdir / "mail", args.messages - failed)
+            elapsed = time.perf_counter() - started
+        if failed:
+            print(f"shardmail: {failed} messages failed at SMTP time", file=sys.stderr)
+        return args.messages / elapsed, sampler.peak_mib
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(60)
+        slapd.stop()
+
+
+def run_postfix(workdir: Path, args: argparse.Namespace) -> tuple[float, float]:
+    mail = workdir / "mail"
+    mail.mkdir(parents=True)
+    shutil.chown(mail, "nobody", "nogroup")
+    maps = workdir / "mailboxes"
+    maps.write_text("".join(f"{u}@test.example {u}/\n" for u in USERS))
+    extra = f"""
+virtual_transport = virtual
+virtual_mailbox_domains = test.example
+virtual_mailbox_base = {mail}
+virtual_mailbox_maps = texthash:{maps}
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
+virtual_minimum_uid = 100
+virtual_destination_concurrency_limit = 20
+"""
+    with postfix_instance(workdir / "postfix", 2529, extra_main_cf=extra) as instance:
+        with peak_memory_sampler(instance.pids) as sampler:
+            started = time.perf_counter()
+            _, failed = run_load(2529, args.messages, 20, 5120, [f"{u}@test.example" for u in USERS])
+            wait_delivered(mail, args.messages - failed)
+            elapsed = time.perf_counter() - started
+        if failed:
+            print(f"postfix: {failed} messages failed at SMTP time", file=sys.stderr)
+        return args.messages / elapsed, sampler.peak_mib
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                if sock.recv(512).startswith(b"220"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing answered on 127.0.0.1:{port}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--ingress", type=int, default=1, help="shardmail SMTP processes")
+    parser.add_argument("--local", type=int, default=1, help="shardmail local delivery processes")
+    parser.add_argument("--skip-postfix", action="store_true")
+    args = parser.parse_args()
+    ensure_postfix_tools()
+    ours: list[float] = []
+    theirs: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="shardmail-bench-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)
+        for round_no in range(1, args.rounds + 1):
+            os.sync()
+            (workdir / f"s{round_no}").mkdir(mode=0o755)
+            rate, mem = run_shardmail(workdir / f"s{round_no}", args)
+            ours.append(rate)
+            print(f"round {round_no} shardmail: {rate:7.0f} msg/s   peak PSS {mem:6.1f} MiB", flush=True)
+            if args.skip_postfix:
+                continue
+            os.sync()
+            (workdir / f"p{round_no}").mkdir(mode=0o755)
+            rate, mem = run_postfix(workdir / f"p{round_no}", args)
+            theirs.append(rate)
+            print(f"round {round_no} postfix  : {rate:7.0f} msg/s   peak PSS {mem:6.1f} MiB", flush=True)
+    line = f"median shardmail {statistics.median(ours):.0f} msg/s"
+    if theirs:
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        line += f", postfix {statistics.median(theirs):.0f} msg/s, ratio {ratio:.2f}x"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
