@@ -37,7 +37,7 @@ from bench.postfix_peer import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _wait_port(port: int, timeout: float = 30.0) -> None:
+def wait_banner(port: int, timeout: float = 30.0) -> None:
     import socket
 
     deadline = time.monotonic() + timeout
@@ -72,7 +72,7 @@ def run_shardmail(workdir: Path, port: int, args: argparse.Namespace) -> tuple[f
         supervisor = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT)
     try:
-        _wait_port(port)
+        wait_banner(port)
         sampler: PeakMemorySampler
         with peak_memory_sampler(lambda: with_descendants([supervisor.pid])) as sampler:
             result = run_smtp_source("127.0.0.1", port, sessions=args.sessions, messages=args.messages,

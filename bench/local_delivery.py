@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.ingress import wait_banner
 from bench.postfix_peer import ensure_postfix_tools, peak_memory_sampler, postfix_instance, with_descendants
 from bench.smtp_load import run_load
 
@@ -76,7 +77,7 @@ def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float
         supervisor = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT)
     try:
-        _wait_port(port)
+        wait_banner(port)
         pids = [supervisor.pid, slapd.proc.pid] if slapd.proc else [supervisor.pid]
         with peak_memory_sampler(lambda: with_descendants(pids)) as sampler:
             started = time.perf_counter()
@@ -117,20 +118,6 @@ virtual_destination_concurrency_limit = 20
         if failed:
             print(f"postfix: {failed} messages failed at SMTP time", file=sys.stderr)
         return args.messages / elapsed, sampler.peak_mib
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                if sock.recv(512).startswith(b"220"):
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing answered on 127.0.0.1:{port}")
 
 
 def main() -> int:

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,27 +22,11 @@ import pytest
 import redis
 
 from core.config import Settings, load
+from tests.support import free_port, wait_until
 
 # real servers: OpenLDAP (fixtures slapd, shared, and slapd_fresh) and Dovecot (dovecot_factory)
 pytest_plugins = ["tests.slapd", "tests.dovecot"]
 REDIS_BIN = shutil.which("redis-server")
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -18,7 +18,6 @@ Fixture: ``dovecot_factory(users)`` (register with ``pytest_plugins = ["tests.do
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import imaplib
 import os
@@ -27,11 +26,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
+from tests.support import die_with_parent, free_port, wait_until
 
 PASSWORD = "imap-secret"
 MAIL_USER = "nobody"  # with its primary group, nogroup on Debian
@@ -50,30 +50,6 @@ def version() -> tuple[int, ...]:
     """The installed Dovecot's version, e.g. (2, 3, 19, 1)."""
     out = subprocess.run([_sbin("dovecot"), "--version"], capture_output=True, text=True, timeout=10, check=True)
     return tuple(int(part) for part in out.stdout.split()[0].split(".") if part.isdigit())
-
-
-def _wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(interval)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel kills the master if the test process dies unannounced
-    (its children exit when the master's pipe closes)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _group_alive(pgid: int) -> bool:
@@ -100,11 +76,11 @@ def _plain(path: Path) -> str:
 def _reap(pgid: int) -> None:
     """The master's children (login, imap, auth) leave with it: wait for its whole group, SIGKILL stragglers."""
     try:
-        _wait_until(lambda: not _group_alive(pgid), STOP_TIMEOUT, "dovecot's children exit")
+        wait_until(lambda: not _group_alive(pgid), STOP_TIMEOUT, "dovecot's children exit")
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        _wait_until(lambda: not _group_alive(pgid), STOP_TIMEOUT, "dovecot's children killed")
+        wait_until(lambda: not _group_alive(pgid), STOP_TIMEOUT, "dovecot's children killed")
 
 
 class Dovecot:
@@ -210,16 +186,16 @@ class Dovecot:
         self.adopt()
         output = ""
         for _attempt in range(PORT_ATTEMPTS):
-            self.port = _free_port()
+            self.port = free_port()
             self.config_path.write_text(self.config())
             log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             with self.log_path.open("ab") as log:  # errors before the log process is up go to stderr
                 self.proc = subprocess.Popen(
                     [_sbin("dovecot"), "-c", str(self.config_path), "-F"],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent,
+                    start_new_session=True, preexec_fn=die_with_parent,
                 )
-            _wait_until(self._greets_or_exited, timeout, f"dovecot on 127.0.0.1:{self.port}")
+            wait_until(self._greets_or_exited, timeout, f"dovecot on 127.0.0.1:{self.port}")
             if self.running():
                 return
             _reap(self.proc.pid)

@@ -13,14 +13,10 @@ takes ``slapd_fresh``, a private server torn down after the test).
 from __future__ import annotations
 
 import base64
-import contextlib
-import ctypes
 import shutil
 import signal
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +25,7 @@ import pytest
 from ldap3.core.exceptions import LDAPException
 
 from core.directory import parse_ldif
+from tests.support import die_with_parent, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 QMAIL_SCHEMA = REPO / "core" / "schema" / "qmailuser.ldif"
@@ -51,29 +48,6 @@ Values = str | Iterable[str]
 def _sbin(name: str) -> str:
     """slapd and slapadd live in /usr/sbin, which a non-login PATH may lack."""
     return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(interval)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel kills slapd if the test process dies unannounced."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _ldif_line(name: str, value: str) -> str:
@@ -176,16 +150,16 @@ class Slapd:
         fixed_port = self.port != 0
         for _attempt in range(1 if fixed_port else PORT_ATTEMPTS):
             if not fixed_port:
-                self.port = _free_port()
+                self.port = free_port()
             with self.log_path.open("ab") as log:
                 log_start = log.tell()
                 # -d none: foreground, and only what slapd always logs (startup errors), to slapd.log
                 self.proc = subprocess.Popen(
                     [_sbin("slapd"), "-d", "none", "-h", f"ldap://127.0.0.1:{self.port}/", "-F", str(self.config_dir)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                 )
             self.paused = False
-            _wait_until(partial(self._answers_or_exited, self.proc), timeout, f"slapd on {self.url}")
+            wait_until(partial(self._answers_or_exited, self.proc), timeout, f"slapd on {self.url}")
             if self.running():
                 return
             with self.log_path.open("rb") as log:
@@ -216,14 +190,14 @@ class Slapd:
         assert self.proc and self.running(), "slapd is not running"
         self.proc.send_signal(signal.SIGSTOP)
         pid = self.proc.pid
-        _wait_until(lambda: _state(pid) in "Tt", 5.0, "slapd stopped")
+        wait_until(lambda: _state(pid) in "Tt", 5.0, "slapd stopped")
         self.paused = True
 
     def resume(self) -> None:
         assert self.proc and self.running(), "slapd is not running"
         self.proc.send_signal(signal.SIGCONT)
         pid = self.proc.pid
-        _wait_until(lambda: _state(pid) not in "Tt", 5.0, "slapd continued")
+        wait_until(lambda: _state(pid) not in "Tt", 5.0, "slapd continued")
         self.paused = False
 
     # -- clients ------------------------------------------------------------------------------
