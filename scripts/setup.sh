@@ -30,7 +30,7 @@ if [ -n "$missing" ]; then
     fi
     apt-get update -qq
     apt-get install -y -qq $missing >/dev/null
-    [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
+    if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
     case " $missing " in *" slapd "*) invoke-rc.d slapd stop >/dev/null 2>&1 || true ;; esac
     # dovecot too is only a binary for the tests' private servers (tests/dovecot.py): no IMAP on 143/993.
     case " $missing " in *" dovecot-imapd "*) invoke-rc.d dovecot stop >/dev/null 2>&1 || true
