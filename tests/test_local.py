@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import redis
 
 from core.config import Settings
 from core.directory import open_directory
-from core.envelope import Envelope
+from core.envelope import Envelope, Mark
 from core.jobs import Claim
 from core.redis_conn import connect
 from core.submit import Draft, Submitter
@@ -131,7 +132,7 @@ def test_delivers_to_maildir_with_headers_and_lf_lines(rig: Rig) -> None:
     assert (rig.store / "alice" / "cur").is_dir() and (rig.store / "alice" / "tmp").is_dir()
 
 
-def test_a_repeated_attempt_finds_its_earlier_copy(rig: Rig) -> None:
+def test_a_repeated_attempt_finds_its_earlier_copy(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     envelope = rig.submitter.accept(Draft(rig.submitter.new_id(), "a@example.net", ["alice@test.example"],
                                           b"Subject: once\r\n\r\nx\r\n"))
     delivery = rig.jobs.delivery
@@ -143,6 +144,11 @@ def test_a_repeated_attempt_finds_its_earlier_copy(rig: Rig) -> None:
     new = rig.store / "alice" / "new"
     moved = next(new.iterdir())
     os.rename(moved, rig.store / "alice" / "cur" / (moved.name + ":2,S"))
+    # a retry comes with a mark (an earlier deferral) or, after a crash, only once the message is
+    # older than a first attempt could be: then cur/ is searched too
+    retried = envelope.with_marks([Mark(0, "deferred", "4.2.2", "over quota", time.time())])
+    assert delivery.deliver(retried, 0, body).text.startswith("already in the maildir")
+    monkeypatch.setattr("workers.local.FIRST_ATTEMPT_WINDOW", 0.0)
     assert delivery.deliver(envelope, 0, body).text.startswith("already in the maildir")
     assert list(new.iterdir()) == [] and len(list((rig.store / "alice" / "cur").iterdir())) == 1
 

@@ -30,6 +30,7 @@ import email.utils
 import hashlib
 import logging
 import re
+import time
 
 import redis
 
@@ -49,6 +50,15 @@ _LIST_HEADERS = re.compile(rb"^(list-id|list-unsubscribe|list-post|mailing-list|
 _BULK = re.compile(rb"^precedence:[ \t]*(bulk|list|junk)", re.I | re.M)
 _AUTO = re.compile(rb"^auto-submitted:[ \t]*(?!no\b)", re.I | re.M)
 _NO_REPLY_SENDERS = re.compile(r"^(mailer-daemon|postmaster|listserv|majordomo|owner-.*|.*-request|.*-owner)@", re.I)
+
+
+FIRST_ATTEMPT_WINDOW = 30.0  # s; any retry (backoff, or a crash then the sweep) comes >= 100 s after birth
+
+
+def _maybe_retry(envelope: Envelope, index: int) -> bool:
+    """Whether an earlier attempt may have left a copy that a reader has since moved to cur/: the
+    recipient was attempted before (a mark), or the message is older than a first attempt is."""
+    return envelope.states()[index] is not None or time.time() - envelope.birth > FIRST_ATTEMPT_WINDOW
 
 
 def header_block(body: bytes) -> bytes:
@@ -121,11 +131,12 @@ class LocalDelivery:
             quota_count = user.quota_count if user.quota_count is not None else self.settings.ldapdefaultquotacount
             if quota_size and len(data) > quota_size:
                 return Failed("5.2.2", "Message larger than the recipient's whole mailbox quota")
-            if (quota_size or quota_count) and not maildir.has(name):
+            retry = _maybe_retry(envelope, index)
+            if (quota_size or quota_count) and not maildir.has(name, look_in_cur=retry):
                 used, count = maildir.usage()
                 if (quota_size and used + len(data) > quota_size) or (quota_count and count + 1 > quota_count):
                     return Deferred("4.2.2", "Mailbox over quota")
-            fresh = maildir.deliver(name, data)
+            fresh = maildir.deliver(name, data, retry=retry)
         except OSError as exc:
             log.error("maildir delivery to %s failed: %s", path, exc)
             return Deferred("4.3.0", f"Mailbox write failed: {exc.strerror}")

@@ -45,20 +45,24 @@ class Maildir:
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def has(self, name: str) -> bool:
-        """An earlier attempt's copy, in new/ or already seen by a reader (cur/, with flags)."""
+    def has(self, name: str, look_in_cur: bool = True) -> bool:
+        """An earlier attempt's copy, in new/ or already seen by a reader (cur/, with flags).
+        Looking in cur/ lists it (a big mailbox makes that costly), so first attempts skip it."""
         if (self.path / "new" / name).exists():
             return True
+        if not look_in_cur:
+            return False
         try:
             return any(entry == name or entry.startswith(name + ":") for entry in os.listdir(self.path / "cur"))
         except FileNotFoundError:
             return False
 
-    def deliver(self, name: str, data: bytes) -> bool:
-        """Write one message durably; False if this very copy was delivered before."""
+    def deliver(self, name: str, data: bytes, retry: bool = True) -> bool:
+        """Write one message durably; False if this very copy was delivered before. ``retry=False``
+        (a first attempt, which cannot have left a copy that a reader moved on) checks new/ only."""
         if not (self.path / "new").is_dir():
             self._ensure()
-        elif self.has(name):
+        elif self.has(name, look_in_cur=retry):
             return False
         # Each attempt writes its own tmp file; the fixed name only appears with the link, so two
         # attempts of the same copy racing each other end with one file, never a torn one.
