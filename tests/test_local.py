@@ -327,3 +327,27 @@ def test_ldaplookup_shows_entry_and_plan(node_factory: Callable[..., Node], tmp_
     assert node.command("ldaplookup", "-m", "dup@test.example").returncode == 75
     nobody = node.command("ldaplookup", "-m", "nobody@elsewhere.example")
     assert nobody.returncode == 67 and b"no entry" in nobody.stdout
+
+
+def test_a_stock_rq_worker_runs_shardmail_jobs(rig: Rig, node_factory: Callable[..., Node],
+                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The jobs name a real function: rq's own SimpleWorker delivers them too (a fallback and a check
+    that the job data are what rq expects)."""
+    from rq import SimpleWorker
+    from rq.serializers import JSONSerializer
+
+    import workers.pool
+
+    node = node_factory(users_ldif=str(tmp_path / "people.ldif"), ldapmessagestore=str(rig.store))
+    for key, value in node.env.items():
+        if key.startswith("SHARDMAIL_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(workers.pool, "_stock", None)
+    settings = node.settings()
+    submitter = Submitter(settings, connect(settings))
+    envelope = submitter.accept(Draft(submitter.new_id(), "a@example.net", ["alice@test.example"], b"x\r\n"))
+    queue = submitter.jobs.queue(envelope.shard, "local")
+    assert queue.count == 1
+    SimpleWorker([queue], connection=connect(settings), serializer=JSONSerializer).work(burst=True)
+    assert len(rig.inbox("alice")) == 1 and queue.count == 0
+    assert node.spooled() == []

@@ -100,16 +100,23 @@ class LocalJobs:
         return claims
 
 
-def deliver(shard: int, message_id: str, channel: str) -> None:
-    """Entry point named in every rq job, for a stock rq worker: the same work as the pool's."""
-    from core.config import load
+_stock: LocalJobs | None = None
 
-    settings = load()
-    conn = connect(settings)
-    submitter = Submitter(settings, conn)
-    jobs = LocalJobs(settings, LocalDelivery(settings, open_directory(settings), submitter, conn), submitter, 1)
-    if channel == "local":
-        jobs.message(Claim(f"{message_id}-{channel}", message_id, shard, "local", ""))
+
+def deliver(shard: int, message_id: str, channel: str) -> None:
+    """Entry point named in every rq job, for a stock rq worker: the same work as the pool's, on
+    objects built once per worker process."""
+    global _stock
+    if channel != "local":
+        return
+    if _stock is None:
+        from core.config import load
+
+        settings = load()
+        conn = connect(settings)
+        submitter = Submitter(settings, conn)
+        _stock = LocalJobs(settings, LocalDelivery(settings, open_directory(settings), submitter, conn), submitter, 1)
+    _stock.message(Claim(f"{message_id}-{channel}", message_id, shard, "local", ""))
 
 
 def run_local(settings: Settings, shards: list[int]) -> None:
