@@ -56,9 +56,13 @@ def running(tmp_path: Path) -> Iterator[RunningNode]:
     assert node.proc.poll() is None, node.text()
     yield node
     if node.proc.poll() is None:
-        node.proc.kill()
-        node.proc.wait()
-    for pid in node.pids("redis") + node.pids("smtpd"):
+        node.proc.send_signal(signal.SIGTERM)  # the supervisor stops its children itself
+        try:
+            node.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            node.proc.wait()
+    for pid in node.pids("redis") + node.pids("smtpd") + node.pids("local"):
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
@@ -99,8 +103,8 @@ def test_run_restarts_a_killed_child(running: RunningNode) -> None:
 
 
 def test_run_stops_everything_on_sigterm(running: RunningNode) -> None:
-    wait_until(lambda: len(running.pids("smtpd")) == 2)
-    children = running.pids("redis") + running.pids("smtpd")
+    wait_until(lambda: len(running.pids("smtpd")) == 2 and len(running.pids("local")) == 1)
+    children = running.pids("redis") + running.pids("smtpd") + running.pids("local")
     running.proc.send_signal(signal.SIGTERM)
     assert running.proc.wait(30) == 0
     for pid in children:
