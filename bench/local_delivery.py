@@ -72,7 +72,8 @@ def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float
                 "SHARDMAIL_ME": "mx.test.example", "SHARDMAIL_LOCALS": "test.example",
                 "SHARDMAIL_LDAPSERVER": slapd.url, "SHARDMAIL_LDAPBASEDN": slapd.base_dn,
                 "SHARDMAIL_LDAPMESSAGESTORE": str(workdir / "mail"),
-                "SHARDMAIL_INGRESS_PROCESSES": str(args.ingress), "SHARDMAIL_LOCALPROCESSES": str(args.local)})
+                "SHARDMAIL_INGRESS_PROCESSES": str(args.ingress), "SHARDMAIL_LOCALPROCESSES": str(args.local),
+                "SHARDMAIL_CONCURRENCYLOCAL": str(args.concurrency)})
     with open(workdir / "shardmail.log", "wb") as log:
         supervisor = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT)
@@ -126,6 +127,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--ingress", type=int, default=1, help="shardmail SMTP processes")
     parser.add_argument("--local", type=int, default=1, help="shardmail local delivery processes")
+    parser.add_argument("--concurrency", type=int, default=10, help="shardmail concurrencylocal")
     parser.add_argument("--skip-postfix", action="store_true")
     args = parser.parse_args()
     ensure_postfix_tools()
