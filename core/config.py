@@ -113,6 +113,8 @@ class Settings:
     )
     clusterhosts: list[str] = _setting([], "other names of this node: mailHost values delivered here")
     smtproutes: list[str] = _setting([], "static routes, qmail's format host:relay:port (cluster peers too)")
+    dnsresolvers: list[str] = _setting([], "DNS resolvers for MX lookups, address[:port]; empty = the system's")
+    dnstimeout: int = _setting(10, "seconds a DNS lookup may take before it counts as a temporary failure", POSITIVE)
     deliveryprograms: bool = _setting(False, "run deliveryProgramPath programs at all")
     deliveryprogramuser: str = _setting("nobody", "user the delivery programs run as")
     deliveryprogramtimeout: int = _setting(60, "seconds a delivery program may run", POSITIVE)

@@ -23,6 +23,7 @@ import smtplib
 from core.config import Settings
 from core.envelope import Envelope
 from core.outcome import Deferred, Outcome, from_reply
+from workers.routing import SMTP_PORT, static_route
 
 log = logging.getLogger("shardmail.cluster")
 HOP_HEADER = b"X-Shardmail-Cluster"
@@ -30,17 +31,8 @@ HOP_HEADER = b"X-Shardmail-Cluster"
 
 def route(host: str, routes: list[str]) -> tuple[str, int]:
     """Where to reach ``host``: its smtproutes entry, else the name itself on port 25."""
-    for entry in routes:
-        name, _, rest = entry.partition(":")
-        if name.lower() != host.lower():
-            continue
-        if rest.startswith("["):
-            relay, _, port = rest[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            relay, _, port = rest.partition(":")
-        return relay or host, int(port or 25)
-    return host, 25
+    hop = static_route(host.lower(), [r for r in routes if not r.startswith(":")])
+    return (hop.address, hop.port) if hop else (host, SMTP_PORT)
 
 
 class ClusterForwarder:
