@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd unbound"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -35,6 +35,9 @@ if [ -n "$missing" ]; then
     # dovecot too is only a binary for the tests' private servers (tests/dovecot.py): no IMAP on 143/993.
     case " $missing " in *" dovecot-imapd "*) invoke-rc.d dovecot stop >/dev/null 2>&1 || true
         systemctl disable dovecot.service dovecot.socket >/dev/null 2>&1 || true ;; esac
+    # unbound too (tests/dns_server.py): no resolver on port 53 at boot, recursing to the Internet.
+    case " $missing " in *" unbound "*) invoke-rc.d unbound stop >/dev/null 2>&1 || true
+        systemctl disable unbound.service unbound-resolvconf.service >/dev/null 2>&1 || true ;; esac
 fi
 
 

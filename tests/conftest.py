@@ -24,8 +24,8 @@ import redis
 from core.config import Settings, load
 from tests.support import free_port, wait_until
 
-# real servers: OpenLDAP (fixtures slapd, shared, and slapd_fresh) and Dovecot (dovecot_factory)
-pytest_plugins = ["tests.slapd", "tests.dovecot"]
+# real servers: OpenLDAP (slapd, slapd_fresh), Dovecot (dovecot_factory), unbound (dns_server, dns_server_factory)
+pytest_plugins = ["tests.slapd", "tests.dovecot", "tests.dns_server"]
 REDIS_BIN = shutil.which("redis-server")
 
 
