@@ -109,3 +109,18 @@ def test_run_stops_everything_on_sigterm(running: RunningNode) -> None:
     assert running.proc.wait(30) == 0
     for pid in children:
         wait_until(lambda pid=pid: not alive(pid), timeout=10)
+
+
+def test_rq_sees_the_local_pool_as_a_worker(running: RunningNode) -> None:
+    import redis
+    from rq import Worker
+
+    conn = redis.Redis(unix_socket_path=str(running.workdir / "var" / "redis" / "redis.sock"))
+    wait_until(lambda: Worker.all(connection=conn), timeout=20)
+    (worker,) = Worker.all(connection=conn)
+    assert worker.queue_names() == [f"shardmail.s{i}.local" for i in range(4)]
+    assert worker.pid == running.pids("local")[0]
+    info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url",
+                           f"unix://{running.workdir}/var/redis/redis.sock"], capture_output=True, text=True,
+                          timeout=30)
+    assert "1 workers" in info.stdout and "shardmail.s0.local" in info.stdout

@@ -11,6 +11,10 @@ bookkeeping per job (about 250 jobs/s per process, measured). Claiming N jobs pe
 ``Jobs.claim`` keeps rq's registries truthful and costs two round trips per *batch*
 (``bench/drain.py`` measures both).
 
+While it runs, the consumer is registered in rq's worker registry (birth, heartbeats every
+``HEARTBEAT`` seconds, death at exit), so ``rq info`` and rq-dashboard list the pools with their
+queues.
+
 Failures: a handler that raises (a bug) puts the batch's unfinished claims into rq's failed
 registry with the traceback, and the consumer goes on; Redis errors make it back off and retry
 (the spool still holds every message, so nothing is lost while Redis is away).
@@ -20,20 +24,25 @@ Settings: none directly; pools pass their batch size and queues.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 
 import redis
+from rq import Worker
+from rq.serializers import JSONSerializer
 
 from core.envelope import Channel
 from core.jobs import Claim, Jobs
 
 log = logging.getLogger("shardmail.consumer")
 IDLE_WAIT = 0.05
+HEARTBEAT = 10.0  # s between rq worker heartbeats
 MAX_BACKOFF = 5.0
 
 Handler = Callable[[list[Claim]], Sequence[Claim]]
@@ -68,19 +77,44 @@ class Consumer:
                 self.jobs.finish(done)
         return taken
 
+    def _rq_worker(self) -> Worker | None:
+        """Announce this consumer in rq's worker registry, so ``rq info`` lists the pools."""
+        queues = [self.jobs.queue(shard, channel) for shard, channel in self.queues]
+        worker = Worker(queues, name=self.name, connection=self.jobs.conn, serializer=JSONSerializer)
+        try:
+            worker.register_birth()
+            worker.set_state("busy")
+        except (redis.RedisError, ValueError) as exc:
+            log.warning("not registered as an rq worker: %s", exc)
+            return None
+        return worker
+
     def run(self, stop: threading.Event) -> None:
         backoff = IDLE_WAIT
-        while not stop.is_set():
-            try:
-                taken = self._round()
-                backoff = IDLE_WAIT
-            except redis.RedisError as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            if not taken:
-                stop.wait(IDLE_WAIT)
+        worker = None
+        beat = 0.0
+        try:
+            while not stop.is_set():
+                try:
+                    if worker is None:
+                        worker = self._rq_worker()
+                    if worker is not None and time.monotonic() - beat > HEARTBEAT:
+                        worker.heartbeat(HEARTBEAT * 3)
+                        beat = time.monotonic()
+                    taken = self._round()
+                    backoff = IDLE_WAIT
+                except redis.RedisError as exc:
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                    worker = None
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    continue
+                if not taken:
+                    stop.wait(IDLE_WAIT)
+        finally:
+            if worker is not None:
+                with contextlib.suppress(redis.RedisError):
+                    worker.register_death()
 
     def drain(self) -> int:
         total = 0
