@@ -3,7 +3,7 @@
 Interface: ``Delivered``, ``Deferred``, ``Failed`` (frozen dataclasses; ``Outcome`` is their union),
 ``smtp_reply(outcome) -> str``, ``from_reply(code, text) -> Outcome`` (a peer's reply),
 ``exit_code(outcome) -> int``, ``QueueUnavailable`` (raised by the
-front door when a message cannot be made durable or enqueued), ``is_temporary(status)``.
+front door when a message cannot be made durable or enqueued).
 
 Outcomes are values, never exceptions: rq treats an exception as a bug in the job, and a mail
 system must tell "try later" from "never" in exactly one place. Every infrastructure fault is a
@@ -21,10 +21,8 @@ EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOUSER = 67
-EX_SOFTWARE = 70
 EX_IOERR = 74
 EX_TEMPFAIL = 75
-EX_NOPERM = 77
 EX_CONFIG = 78
 
 
@@ -49,15 +47,12 @@ class Failed:
 Outcome = Delivered | Deferred | Failed
 
 
-def is_temporary(status: str) -> bool:
-    return status.startswith("4")
-
-
-def smtp_reply(outcome: Outcome) -> str:
-    """The reply line for an outcome at SMTP time (basic code from the enhanced code's class)."""
+def smtp_reply(outcome: Outcome, refusal: str = "554") -> str:
+    """The reply line for an outcome at SMTP time: 250, 451, or ``refusal`` (550 at RCPT, 554 after
+    DATA) for a permanent one, each with its enhanced code."""
     if isinstance(outcome, Delivered):
         return f"250 {outcome.status} {outcome.text or 'Ok'}"
-    basic = "451" if isinstance(outcome, Deferred) else "554"
+    basic = "451" if isinstance(outcome, Deferred) else refusal
     return f"{basic} {outcome.status} {outcome.text}"
 
 

@@ -26,7 +26,7 @@ from typing import BinaryIO
 from core.address import check_mailbox
 from core.config import ConfigError, Settings, load
 from core.envelope import Client
-from core.outcome import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_TEMPFAIL, EX_USAGE, QueueUnavailable
+from core.outcome import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_USAGE, QueueUnavailable, exit_code
 
 _IGNORED_WITH_ARG = {"N", "B", "R", "V", "L", "O", "p", "X", "h"}
 _IGNORED_FLAGS = {"v", "m", "n", "U", "G", "bm"}
@@ -213,7 +213,7 @@ def main(argv: list[str], stdin: BinaryIO | None = None,
                                Client(protocol="local", user=login), smtputf8))
     except QueueUnavailable as exc:
         print(f"sendmail: {exc.outcome.status} {exc.outcome.text}; try again later", file=sys.stderr)
-        return EX_TEMPFAIL
+        return exit_code(exc.outcome)
     return EX_OK
 
 

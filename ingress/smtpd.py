@@ -31,6 +31,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any
 
 import aiosmtpd.smtp
@@ -41,7 +42,7 @@ from core.address import check_mailbox, clean_for_header, domain_matches, domain
 from core.config import Settings
 from core.directory import Directory, account_verdict, lookup_outcome
 from core.envelope import Client
-from core.outcome import Deferred, QueueUnavailable
+from core.outcome import QueueUnavailable, smtp_reply
 from core.submit import Draft, Submitter
 from ingress.committer import Committer
 
@@ -236,8 +237,7 @@ class Handler:
             _, verdict = await loop.run_in_executor(None, lookup_outcome, self.directory, address)
         if verdict is None:
             return None
-        basic = "451" if isinstance(verdict, Deferred) else "550"
-        return f"{basic} {verdict.status} <{clean_for_header(address)}>: {verdict.text}"
+        return smtp_reply(replace(verdict, text=f"<{clean_for_header(address)}>: {verdict.text}"), refusal="550")
 
     def may_relay(self, session: Session) -> bool:
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
@@ -304,7 +304,7 @@ class Handler:
         try:
             await self.committer.commit(draft)
         except QueueUnavailable as exc:
-            return f"451 {exc.outcome.status} {exc.outcome.text}, try again later"
+            return smtp_reply(replace(exc.outcome, text=f"{exc.outcome.text}, try again later"))
         except Exception:
             log.exception("unexpected failure queueing %s", message_id)
             return "451 4.3.0 Internal error, try again later"

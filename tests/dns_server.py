@@ -43,7 +43,7 @@ import dns.rdatatype
 import dns.resolver
 import pytest
 
-from tests.support import die_with_parent, free_port, wait_until
+from tests.support import die_with_parent, free_port, read_log, wait_until
 
 ADDRESS = "127.0.0.1"
 START_TIMEOUT = 10.0
@@ -214,12 +214,7 @@ class DnsServer:
 
     def log(self, start: int = 0) -> str:
         """unbound.log from byte offset ``start``."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(start)
-                return log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, start)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Run unbound and return once it answers over UDP and TCP."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import die_with_parent, free_port, wait_until
+from tests.support import die_with_parent, free_port, read_log, wait_until
 
 PASSWORD = "imap-secret"
 MAIL_USER = "nobody"  # with its primary group, nogroup on Debian
@@ -165,12 +165,7 @@ class Dovecot:
 
     def log(self, start: int = 0) -> str:
         """dovecot.log from byte offset ``start``."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(start)
-                return log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, start)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Run dovecot and return once the IMAP greeting answers."""

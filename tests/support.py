@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition",
@@ -34,3 +35,13 @@ def die_with_parent() -> None:
     """Runs in a child before exec: the kernel kills it if the test process dies unannounced."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def read_log(path: Path, start: int = 0) -> str:
+    """A server's log file from byte offset ``start`` ("" before it exists)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -77,10 +77,9 @@ class LocalJobs:
         marks = []
         for index in envelope.pending("local"):
             outcome = self.delivery.deliver(envelope, index, body)
-            status = getattr(outcome, "status", "")
             log.info("%s to <%s>: %s %s %s", envelope.id, envelope.recipients[index].address, _state(outcome),
-                     status, outcome.text)
-            marks.append(Mark(index, _state(outcome), status, outcome.text[:500], time.time()))
+                     outcome.status, outcome.text)
+            marks.append(Mark(index, _state(outcome), outcome.status, outcome.text[:500], time.time()))
         faults.crash_point("before_local_mark")
         pending = envelope.pending()
         if len(marks) == len(pending) and all(m.state == "delivered" and m.text.startswith(MAILDIR_ONLY)
@@ -92,7 +91,11 @@ class LocalJobs:
             return
         if marks:
             spool.mark(envelope.id, marks)
-        if not spool.read(envelope.id).pending():  # re-read: the remote channel marks the same file
+        if len(marks) == len(pending):  # pending was all local: the outcome is known without a re-read
+            done = not envelope.with_marks([*envelope.marks, *marks]).pending()
+        else:  # the remote channel marks the same file: read what it has recorded
+            done = not spool.read(envelope.id).pending()
+        if done:
             spool.remove(envelope.id)
 
     def __call__(self, claims: list[Claim]) -> list[Claim]:
