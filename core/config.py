@@ -86,7 +86,21 @@ class Settings:
     ingress_threads: int = _setting(2, "group-commit threads per SMTP process", POSITIVE)
     queuelifetime: int = _setting(604800, "seconds a message may stay queued", POSITIVE)
     concurrencylocal: int = _setting(10, "local deliveries in flight per local delivery process", POSITIVE)
-    concurrencyremote: int = _setting(200, "remote deliveries in flight per node", POSITIVE)
+    concurrencyremote: int = _setting(200, "SMTP sessions in flight per remote delivery process", POSITIVE)
+    concurrencydestination: int = _setting(20, "SMTP sessions in flight per destination (domain or relay)", POSITIVE)
+    remoteprocesses: int = _setting(1, "remote delivery processes started by `shardmail run`", POSITIVE)
+    remoteactivelimit: int = _setting(10000, "messages a remote delivery process holds in memory at once", POSITIVE)
+    remotercptlimit: int = _setting(50, "recipients per outgoing SMTP transaction", POSITIVE)
+    reusecount: int = _setting(100, "transactions per outgoing connection before it is closed (1 = no reuse)",
+                               POSITIVE)
+    reuseidle: int = _setting(2, "seconds an idle outgoing connection is kept for the next message", NONNEGATIVE)
+    helohost: str = _setting("", "name in our outgoing EHLO; default: me")
+    timeoutconnect: int = _setting(60, "seconds an outgoing connection may take to open", POSITIVE)
+    timeoutremote: int = _setting(1200, "most seconds to wait for a remote server at any stage (RFC 5321 "
+                                        "4.5.3.2 timeouts apply below it)", POSITIVE)
+    tlsremote: str = _setting("may", "outgoing STARTTLS: none | may (opportunistic) | verify (certificate checked)",
+                              _check(lambda v: v in ("none", "may", "verify"), "none | may | verify"))
+    tlscafile: str = _setting("", "CA certificates for tlsremote = verify; empty = the system's")
     localprocesses: int = _setting(1, "local delivery processes started by `shardmail run`", POSITIVE)
     shards: int = _setting(4, "queue shards on this node", _check(lambda v: 1 <= v <= 1024, "1..1024"))
     shard_policy: str = _setting(

@@ -2,7 +2,7 @@
 
 Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
 ``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``,
-``finish(claims)``, ``fail(claim, why)``, ``depths(shards)``; ``DELIVER_FUNC`` (the function name
+``finish(claims)``, ``release(claims)``, ``fail(claim, why)``, ``depths(shards)``; ``DELIVER_FUNC`` (the function name
 the jobs carry, for rq's tools).
 
 Granularity and consumer (the decision the drain benchmark in ``bench/drain.py`` measures): one
@@ -141,6 +141,17 @@ class Jobs:
                 registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
                 pipe.zrem(registry_key, f"{claim.job_id}:{claim.execution}")
                 pipe.delete(f"rq:job:{claim.job_id}")
+            pipe.execute()
+
+    def release(self, claims: Iterable[Claim]) -> None:
+        """Give claimed jobs back, at the head of their queues (a pool stopping before it could run
+        them), in one round trip."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for claim in claims:
+                queue = self.queue(claim.shard, claim.channel)
+                pipe.zrem(StartedJobRegistry(queue=queue).key, f"{claim.job_id}:{claim.execution}")
+                pipe.hset(f"rq:job:{claim.job_id}", "status", "queued")
+                pipe.lpush(queue.key, claim.job_id)
             pipe.execute()
 
     def fail(self, claim: Claim, why: str) -> None:

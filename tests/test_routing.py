@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-import dns.resolver
+import dns.asyncresolver
 
 from core.config import load
 from core.outcome import Deferred, Failed
 from tests.dns_server import DnsServer
-from workers.routing import Hop, ascii_domain, make_resolver, route, static_route
+from workers.routing import Hop, ascii_domain, make_resolver, static_route
+from workers.routing import route as route_async
 
 
 def test_static_routes_follow_qmail_rules() -> None:
@@ -36,7 +38,11 @@ def test_resolver_configuration_parses_ports() -> None:
     assert resolver.lifetime == 3
 
 
-def _resolver(dns_server: DnsServer, lifetime: float = 2.0) -> dns.resolver.Resolver:
+def route(domain: str, resolver: dns.asyncresolver.Resolver, routes: list[str] | None = None) -> object:
+    return asyncio.run(route_async(domain, resolver, routes))
+
+
+def _resolver(dns_server: DnsServer, lifetime: float = 2.0) -> dns.asyncresolver.Resolver:
     return make_resolver(load(env={"SHARDMAIL_DNSRESOLVERS": f"{dns_server.address}:{dns_server.port}",
                                    "SHARDMAIL_DNSTIMEOUT": str(int(lifetime))}))
 

@@ -1,7 +1,8 @@
 """The job consumer every delivery pool runs: claim jobs in batches, hand them over, finish them.
 
 Interface: ``Consumer(jobs, queues, handle, batch=100, name=...)`` with ``run(stop)`` (until the
-event is set) and ``drain() -> int`` (until the queues are empty; for tests and benchmarks).
+event is set) and ``drain() -> int`` (until the queues are empty; for tests and benchmarks);
+``announce(jobs, queues, name)`` (the rq worker registration, for pools with a loop of their own).
 ``queues`` is a list of (shard, channel); ``handle(claims)`` does the work for a batch and returns
 the claims it is done with (the rest stay started, e.g. while an asynchronous delivery is in
 flight, and are finished later through ``Jobs.finish``).
@@ -48,6 +49,20 @@ MAX_BACKOFF = 5.0
 Handler = Callable[[list[Claim]], Sequence[Claim]]
 
 
+def announce(jobs: Jobs, queues: Sequence[tuple[int, Channel]], name: str) -> Worker | None:
+    """Register a pool in rq's worker registry (birth now; the caller sends heartbeats and the
+    death), so ``rq info`` and rq-dashboard list it with its queues. None if Redis said no."""
+    worker = Worker([jobs.queue(shard, channel) for shard, channel in queues], name=name, connection=jobs.conn,
+                    serializer=JSONSerializer)
+    try:
+        worker.register_birth()
+        worker.set_state("busy")
+    except (redis.RedisError, ValueError) as exc:
+        log.warning("not registered as an rq worker: %s", exc)
+        return None
+    return worker
+
+
 class Consumer:
     def __init__(self, jobs: Jobs, queues: Sequence[tuple[int, Channel]], handle: Handler, batch: int = 100,
                  name: str | None = None) -> None:
@@ -78,16 +93,7 @@ class Consumer:
         return taken
 
     def _rq_worker(self) -> Worker | None:
-        """Announce this consumer in rq's worker registry, so ``rq info`` lists the pools."""
-        queues = [self.jobs.queue(shard, channel) for shard, channel in self.queues]
-        worker = Worker(queues, name=self.name, connection=self.jobs.conn, serializer=JSONSerializer)
-        try:
-            worker.register_birth()
-            worker.set_state("busy")
-        except (redis.RedisError, ValueError) as exc:
-            log.warning("not registered as an rq worker: %s", exc)
-            return None
-        return worker
+        return announce(self.jobs, self.queues, self.name)
 
     def run(self, stop: threading.Event) -> None:
         backoff = IDLE_WAIT
@@ -99,7 +105,7 @@ class Consumer:
                     if worker is None:
                         worker = self._rq_worker()
                     if worker is not None and time.monotonic() - beat > HEARTBEAT:
-                        worker.heartbeat(HEARTBEAT * 3)
+                        worker.heartbeat(int(HEARTBEAT * 3))
                         beat = time.monotonic()
                     taken = self._round()
                     backoff = IDLE_WAIT

@@ -1,7 +1,8 @@
 """Where mail for a domain goes: static routes, then MX records (dnspython), as a list of hops.
 
-Interface: ``Hop`` (host, address, port, preference), ``make_resolver(settings)``,
-``route(domain, resolver, routes) -> list[Hop] | Deferred | Failed``.
+Interface: ``Hop`` (host, address, port, preference), ``make_resolver(settings)`` (an asyncio
+resolver with an LRU cache that honours TTLs), ``async route(domain, resolver, routes) -> list[Hop] |
+Deferred | Failed``, ``static_route(domain, routes) -> Hop | None`` (pure).
 
 Order: an ``smtproutes`` entry for the domain (qmail's ``domain:relay:port``; ``.domain`` covers
 subdomains, an empty domain is the default route) wins; else the MX records by preference, in
@@ -20,15 +21,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import dns.asyncresolver
 import dns.exception
-import dns.name
-import dns.rdatatype
 import dns.resolver
 
 from core.config import Settings
 from core.outcome import Deferred, Failed
 
 SMTP_PORT = 25
+CACHE_SIZE = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +40,11 @@ class Hop:
     preference: int
 
 
-def make_resolver(settings: Settings) -> dns.resolver.Resolver:
+def make_resolver(settings: Settings) -> dns.asyncresolver.Resolver:
     if not settings.dnsresolvers:
-        resolver = dns.resolver.Resolver()
+        resolver = dns.asyncresolver.Resolver()
     else:
-        resolver = dns.resolver.Resolver(configure=False)
+        resolver = dns.asyncresolver.Resolver(configure=False)
         hosts, ports = [], {}
         for entry in settings.dnsresolvers:  # 127.0.0.1, 127.0.0.1:5353, ::1, [::1]:5353
             if entry.startswith("["):
@@ -60,6 +61,7 @@ def make_resolver(settings: Settings) -> dns.resolver.Resolver:
         resolver.nameserver_ports = ports
     resolver.lifetime = settings.dnstimeout
     resolver.timeout = min(settings.dnstimeout, 2.0)
+    resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)  # answers kept for their TTL; failures are not
     return resolver
 
 
@@ -96,13 +98,13 @@ def static_route(domain: str, routes: list[str]) -> Hop | None:
     return best[1] if best else None
 
 
-def _addresses(host: str, resolver: dns.resolver.Resolver) -> tuple[list[str], bool]:
+async def _addresses(host: str, resolver: dns.asyncresolver.Resolver) -> tuple[list[str], bool]:
     """Addresses of an exchanger, and whether any lookup failed temporarily."""
     found: list[str] = []
     temporary = False
     for kind in ("A", "AAAA"):
         try:
-            answer = resolver.resolve(host, kind, raise_on_no_answer=False)
+            answer = await resolver.resolve(host, kind, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             return found, temporary
         except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.NoAnswer):
@@ -112,8 +114,8 @@ def _addresses(host: str, resolver: dns.resolver.Resolver) -> tuple[list[str], b
     return found, temporary
 
 
-def route(domain: str, resolver: dns.resolver.Resolver, routes: list[str] | None = None
-          ) -> list[Hop] | Deferred | Failed:
+async def route(domain: str, resolver: dns.asyncresolver.Resolver, routes: list[str] | None = None
+                ) -> list[Hop] | Deferred | Failed:
     name = ascii_domain(domain)
     if name is None:
         return Failed("5.1.2", f"{domain}: not a valid domain name")
@@ -121,7 +123,7 @@ def route(domain: str, resolver: dns.resolver.Resolver, routes: list[str] | None
     if static is not None:
         return [static]
     try:
-        answer = resolver.resolve(name, "MX", raise_on_no_answer=False)
+        answer = await resolver.resolve(name, "MX", raise_on_no_answer=False)
     except dns.resolver.NXDOMAIN:
         return Failed("5.1.2", f"{domain}: no such domain")
     except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
@@ -141,7 +143,7 @@ def route(domain: str, resolver: dns.resolver.Resolver, routes: list[str] | None
         hosts = by_preference[preference]
         random.shuffle(hosts)
         for host in hosts:
-            addresses, failed = _addresses(host, resolver)
+            addresses, failed = await _addresses(host, resolver)
             temporary = temporary or failed
             hops.extend(Hop(host, address, SMTP_PORT, preference) for address in addresses)
     if hops:
