@@ -1,7 +1,7 @@
 """The ``shardmail`` command: one entry point for every role and every admin task.
 
 Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands:
-``run`` (supervisor), ``smtpd`` (one ingress process), ``worker local`` (a delivery pool),
+``run`` (supervisor), ``smtpd`` (one ingress process), ``worker local|remote`` (a delivery pool),
 ``sendmail`` (inject; also used when the
 program is invoked under the name ``sendmail``), ``status`` (depth per shard), ``config``
 (validate and print the effective settings).
@@ -76,7 +76,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.pool import parse_shards, run_local
+    import dataclasses
+
+    from workers.pool import parse_shards
 
     _logging(args.verbose)
     settings = _settings(args.config)
@@ -89,8 +91,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         import subprocess
 
         argv = [sys.executable, "-m", "ops.cli", "worker", args.channel, "--shards", args.shards]
+        if args.concurrency:
+            argv += ["--concurrency", str(args.concurrency)]
         children = [subprocess.Popen(argv) for _ in range(args.processes)]
         return max(child.wait() for child in children)
+    if args.channel == "remote":
+        from workers.remote_pool import run_remote
+
+        if args.concurrency:
+            settings = dataclasses.replace(settings, concurrencyremote=args.concurrency)
+        run_remote(settings, shards)
+        return 0
+    from workers.pool import run_local
+
+    if args.concurrency:
+        settings = dataclasses.replace(settings, concurrencylocal=args.concurrency)
     run_local(settings, shards)
     return 0
 
@@ -124,9 +139,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run a whole node: embedded Redis if none configured, SMTP, workers")
     sub.add_parser("smtpd", help="run one SMTP ingress process")
     worker = sub.add_parser("worker", help="run a delivery pool")
-    worker.add_argument("channel", choices=["local"])
+    worker.add_argument("channel", choices=["local", "remote"])
     worker.add_argument("--shards", default="all", help="e.g. 0-3,5 (default: all)")
     worker.add_argument("--processes", type=int, default=1)
+    worker.add_argument("--concurrency", type=int, default=0,
+                        help="deliveries in flight per process (default: concurrencylocal / concurrencyremote)")
     lookup = sub.add_parser("ldaplookup", help="show a user's entry and what would happen to mail for it")
     lookup.add_argument("-m", dest="mail", help="address")
     lookup.add_argument("-u", dest="uid", help="uid")
