@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd unbound"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd unbound postfix openssl"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -21,6 +21,11 @@ if [ -n "$missing" ]; then
         # and no service on port 389 of every interface, neither now nor at boot.
         echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
         mkdir -p /etc/ldap && touch /etc/ldap/noslapd ;;
+    esac
+    case " $missing " in *" postfix "*)
+        # postfix is there for its test tools (smtp-sink as a scripted SMTP peer; bench/ also runs private
+        # instances): "No configuration" leaves no main.cf, so no system Postfix ever listens.
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections ;;
     esac
     # No package may start its service while it installs (slapd, dovecot: the tests run private,
     # loopback-only instances): a temporary policy-rc.d says no, unless the machine has its own.

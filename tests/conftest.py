@@ -24,8 +24,9 @@ import redis
 from core.config import Settings, load
 from tests.support import free_port, wait_until
 
-# real servers: OpenLDAP (slapd, slapd_fresh), Dovecot (dovecot_factory), unbound (dns_server, dns_server_factory)
-pytest_plugins = ["tests.slapd", "tests.dovecot", "tests.dns_server"]
+# real servers: OpenLDAP (slapd, slapd_fresh), Dovecot (dovecot_factory), unbound (dns_server, dns_server_factory),
+# SMTP peers (sink_factory, postfix_sink_factory, silent_factory, tls_pair)
+pytest_plugins = ["tests.slapd", "tests.dovecot", "tests.dns_server", "tests.smtp_peers"]
 REDIS_BIN = shutil.which("redis-server")
 
 
