@@ -2,8 +2,8 @@
 
 Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
 ``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``,
-``finish(claims)``, ``release(claims)``, ``fail(claim, why)``, ``depths(shards)``; ``DELIVER_FUNC`` (the function name
-the jobs carry, for rq's tools).
+``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``fail(claim, why)``, ``depths(shards)``;
+``DELIVER_FUNC`` (the function name the jobs carry, for rq's tools).
 
 Granularity and consumer (the decision the drain benchmark in ``bench/drain.py`` measures): one
 rq job per message and channel, with a deterministic id ``<message id>-<channel>``, a JSON
@@ -141,6 +141,17 @@ class Jobs:
                 registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
                 pipe.zrem(registry_key, f"{claim.job_id}:{claim.execution}")
                 pipe.delete(f"rq:job:{claim.job_id}")
+            pipe.execute()
+
+    def extend(self, claims: Iterable[Claim]) -> None:
+        """Renew the lease of claims still being worked on (a remote pool holds messages for a slow
+        destination longer than one lease), so neither rq's cleanup nor the sweep takes them for
+        abandoned; one round trip."""
+        expiry = int(time.time()) + CLAIM_LEASE
+        with self.conn.pipeline(transaction=False) as pipe:
+            for claim in claims:
+                registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
+                pipe.zadd(registry_key, {f"{claim.job_id}:{claim.execution}": expiry}, xx=True)
             pipe.execute()
 
     def release(self, claims: Iterable[Claim]) -> None:

@@ -95,3 +95,21 @@ def test_picker_refuses_when_all_shards_drain(node_factory: Callable[..., Node])
     conn.sadd(shard_map.draining_key, 0, 1)
     with pytest.raises(NoShardAvailable):
         Picker(shard_map, Jobs(conn, settings.redis_prefix)).pick()
+
+
+def test_extend_renews_leases_and_release_gives_jobs_back(redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    jobs = Jobs(conn, "t")
+    jobs.enqueue([Item(0, f"{i:026X}", "remote") for i in range(5)])
+    claims = jobs.claim(0, "remote", 3, "worker-1")
+    started = StartedJobRegistry(queue=jobs.queue(0, "remote"))
+    key = f"{claims[0].job_id}:{claims[0].execution}"
+    conn.zadd(started.key, {key: 1})  # as if the lease had nearly run out
+    jobs.extend(claims)
+    assert conn.zscore(started.key, key) > 1000
+    jobs.release(claims)
+    assert started.count == 0
+    assert jobs.queue(0, "remote").get_job_ids() == [c.job_id for c in reversed(claims)] + [
+        f"{i:026X}-remote" for i in (3, 4)]
+    job = Job.fetch(claims[0].job_id, connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == "queued"

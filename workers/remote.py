@@ -1,8 +1,9 @@
 """Remote delivery: hundreds of SMTP sessions in flight on one asyncio loop, fair to every destination.
 
 Interface: ``RemoteEngine(settings, shard_map, on_done, io, resolver=None)`` with ``add(claim, envelope)``,
-``in_memory`` (messages held), ``room`` (an event set while more may be added), ``stop(grace) ->
-list[Claim]`` (claims to give back to the queue); ``wire_address(address, utf8)``.
+``in_memory`` (messages held), ``claims()`` (theirs), ``room`` (an event set while more may be added),
+``stop(grace) -> list[Claim]`` (claims to give back to the queue); ``wire_address(address, utf8)``,
+``needs_smtputf8(envelope, body)``.
 
 Work is cut into *deliveries*: one message's pending remote recipients for one domain, at most
 ``remotercptlimit`` of them (one SMTP transaction each). A delivery waits in the queue of its
@@ -382,6 +383,10 @@ class RemoteEngine:
                 return
         if all(m is not None and m.state == "delivered" for m in envelope.states()):
             spool.remove(envelope.id)
+
+    def claims(self) -> list[Claim]:
+        """The claims of every message held (for renewing their leases)."""
+        return [m.claim for m in self._messages.values()]
 
     # -- stopping -------------------------------------------------------------------------------
     async def stop(self, grace: float) -> list[Claim]:

@@ -8,7 +8,8 @@ the shards' remote queues in batches (core.jobs' one-round-trip claim, so rq's q
 registry and ``rq info`` stay truthful) while the engine holds fewer than ``remoteactivelimit``
 messages; a finish task ends the jobs of finished messages in one pipeline every
 ``FINISH_EVERY`` seconds. Redis calls and spool writes run on small thread pools, so the loop never
-waits on a disk or on Redis. The pool is registered in rq's worker registry with heartbeats.
+waits on a disk or on Redis. The pool is registered in rq's worker registry with heartbeats, and
+with each heartbeat renews the leases of the jobs it holds.
 
 On stop: no new claims, transactions in flight get ``STOP_GRACE`` seconds to end, every
 checkpoint is made durable, finished jobs are finished, and the jobs of messages not finished go
@@ -97,8 +98,10 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
             try:
                 if worker is None:
                     worker = await loop.run_in_executor(rpc, announce, jobs, queues, name)
-                if worker is not None and time.monotonic() - beat > HEARTBEAT:
-                    await loop.run_in_executor(rpc, worker.heartbeat, int(HEARTBEAT * 3))
+                if time.monotonic() - beat > HEARTBEAT:
+                    if worker is not None:
+                        await loop.run_in_executor(rpc, worker.heartbeat, int(HEARTBEAT * 3))
+                    await loop.run_in_executor(rpc, jobs.extend, engine.claims())
                     beat = time.monotonic()
                 for shard in shards:
                     room = settings.remoteactivelimit - engine.in_memory
