@@ -11,6 +11,7 @@ Layout of one shard (``<root>/s<shard>/``)::
     queue/<split>/<id>       a committed message: one line of envelope JSON, the body (CRLF), then
                              the marks appended after each delivery attempt, one JSON line each
     corrupt/<id>             entries the sweep could not decode, moved aside for a human
+    free/<slot>              spent files kept for reuse: contents meaningless, never read
 
 One file per message: a single rename commits envelope and body together, and a mark is one
 ``write`` + ``fdatasync`` on the same file, so per-recipient checkpoints cost no directory fsync.
@@ -42,6 +43,16 @@ lost is sent again (at most one duplicate per crash). A tmp/<id> beside a commit
 (rename replayed after a crash) is removed at once. When the 250 cannot be given after state 3
 or 4 (Redis down), ``withdraw`` takes the message back to state 9 (unlink + directory fsync).
 
+Spent files are recycled, not deleted: ``remove`` renames a small finished entry to one of
+``FREE_SLOTS`` names in free/ (replacing what is there when the pool is full), and a write takes a
+file from free/ (rename to tmp/<id>, overwrite, truncate to size) before it creates one. On this
+kind of ext4 (no journal) every inode freed in the last minutes is skipped, one buffer lookup each,
+by every later file creation in the same block group: at a few hundred messages a second, one
+unlink per message made each create (spool *and* Maildir) cost 0.3-0.6 ms of CPU. A file in free/
+is garbage in every crash state: a rename into or out of free/ that a crash loses leaves a tmp/
+leftover or an entry that is again in queue/ (both handled as above); a name in queue/ whose
+envelope names another id is such a leftover too (``scan`` reports it, it is never delivered).
+
 Writes come in batches (``write_batch``, used by ingress's group commit): every file of a batch is
 fsync'd before its rename, and each split directory touched is fsync'd once afterwards; the split
 directory follows the id's arrival time, so a batch touches one or two of them.
@@ -56,8 +67,10 @@ Settings: ``spool_dir`` (via the root passed in), ``queue_split``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import random
 import threading
 import time
 import zlib
@@ -69,8 +82,11 @@ from core import faults
 from core.envelope import Envelope, EnvelopeError, Mark, decode, decode_marks, encode, encode_mark
 
 log = logging.getLogger("shardmail.spool")
-LEFTOVER_AGE = 36 * 3600
-SPLIT_STEP_US = 100_000  # qmail's rule: a tmp file this old belongs to no living writer
+LEFTOVER_AGE = 36 * 3600  # qmail's rule: a tmp file this old belongs to no living writer
+SPLIT_STEP_US = 100_000
+FREE_SLOTS = 1024  # spent files kept per shard for reuse
+RECYCLE_MAX = 32 * 1024  # bigger files are deleted: a pool of them would hold too much disk
+FREE_RELIST = 0.05  # s between listings of an empty free/
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +160,13 @@ class Spool:
         self.tmp = self.base / "tmp"
         self.queue = self.base / "queue"
         self.corrupt = self.base / "corrupt"
+        self.free = self.base / "free"
         self._syncers = {}
-        for directory in (self.tmp, self.corrupt, *(self.queue / str(i) for i in range(split))):
+        self._free_names: list[str] = []
+        self._free_listed = 0.0
+        self._free_lock = threading.Lock()
+        self._slots = itertools.count(random.randrange(FREE_SLOTS))
+        for directory in (self.tmp, self.corrupt, self.free, *(self.queue / str(i) for i in range(split))):
             directory.mkdir(parents=True, exist_ok=True)
         for i in range(split):
             self._syncers[i] = _DirSync(self.queue / str(i))
@@ -181,13 +202,16 @@ class Spool:
         for index, (envelope, body) in enumerate(items):
             tmp = self.tmp / envelope.id
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd, recycled = self._open_tmp(tmp)
             except OSError as exc:
                 errors[index] = exc
                 continue
             try:
                 faults.check("spool.write")
-                _write_all(fd, memoryview(encode(envelope) + body))
+                data = encode(envelope) + body
+                _write_all(fd, memoryview(data))
+                if recycled:
+                    os.ftruncate(fd, len(data))
             except OSError as exc:
                 errors[index] = exc
                 os.close(fd)
@@ -219,6 +243,36 @@ class Spool:
                     _unlink_quietly(self.path(items[index][0].id))
         faults.crash_point("after_commit")
         return errors
+
+    def _open_tmp(self, tmp: Path) -> tuple[int, bool]:
+        """A file for a new message at ``tmp``: a recycled one from free/ (overwritten in place by
+        the caller, then truncated), else a new one. (fd, recycled)."""
+        while True:
+            name = self._free_name()
+            if name is None:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), False
+            try:
+                os.rename(self.free / name, tmp)
+            except FileNotFoundError:
+                continue  # another writer took it
+            return os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW), True
+
+    def _free_name(self) -> str | None:
+        with self._free_lock:
+            if not self._free_names:
+                now = time.monotonic()
+                if now - self._free_listed < FREE_RELIST:
+                    return None
+                self._free_listed = now
+                try:
+                    names = os.listdir(self.free)
+                except FileNotFoundError:
+                    return None
+                random.shuffle(names)  # several writers list the same directory: take different files
+                self._free_names = names
+                if not names:
+                    return None
+            return self._free_names.pop()
 
     def _load(self, message_id: str) -> tuple[Envelope, int, bytes]:
         """Envelope (with marks), body offset, and the file's bytes."""
@@ -272,10 +326,20 @@ class Spool:
                 log.error("directory fsync after withdrawal failed in %s: %s", self.queue / str(bucket), exc)
         return kept
 
-    def remove(self, message_id: str) -> None:
-        """Drop a message whose recipients are all final. Not fsync'd: if the unlink is lost in a
-        crash, the sweep finds every recipient marked and removes the file again."""
-        _unlink_quietly(self.path(message_id))
+    def remove(self, message_id: str, size: int | None = None) -> None:
+        """Drop a message whose recipients are all final: its file goes to free/ for reuse (small
+        ones; ``size``, the body size, saves a stat) or is deleted. Not fsync'd: if this is lost in
+        a crash, the sweep finds every recipient marked and removes the file again."""
+        path = self.path(message_id)
+        try:
+            if size is None:
+                size = os.stat(path).st_size
+            if size > RECYCLE_MAX:
+                os.unlink(path)
+            else:
+                os.rename(path, self.free / f"{next(self._slots) % FREE_SLOTS:04d}")
+        except FileNotFoundError:
+            pass
 
     def quarantine(self, message_id: str) -> Path:
         """Move an undecodable entry aside, out of the queue but kept for a human."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.envelope import Envelope, Mark, Recipient, encode_mark, new_id
-from core.spool import LEFTOVER_AGE, Spool
+from core.spool import FREE_SLOTS, LEFTOVER_AGE, RECYCLE_MAX, Spool
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = b"Subject: test\r\n\r\n" + b"".join(b"line %d of the body\r\n" % i for i in range(200))
@@ -108,6 +108,43 @@ def test_remove(spool: Spool) -> None:
     assert not spool.path(envelope.id).exists()
     assert spool.count() == 0
     spool.remove(envelope.id)  # already gone: quiet (a lost unlink is replayed by the sweep)
+
+
+def test_removed_files_are_recycled_by_later_writes(spool: Spool) -> None:
+    """A spent file goes to free/ and the next write reuses its inode (no create, no delete), cut
+    to the new message's length: nothing of the old message survives."""
+    old = make(BODY * 3)
+    spool.write(old, BODY * 3)
+    inode = spool.path(old.id).stat().st_ino
+    spool.remove(old.id, old.size)
+    assert not spool.path(old.id).exists() and spool.count() == 0
+    assert [p.stat().st_ino for p in spool.free.iterdir()] == [inode]
+    new = make(b"short")
+    spool._free_listed = 0.0  # the empty listing of a moment ago is not waited out
+    path = spool.write(new, b"short")
+    assert path.stat().st_ino == inode
+    assert list(spool.free.iterdir()) == [] and files(spool.tmp) == []
+    assert spool.read(new.id) == new and spool.body(new.id) == b"short"
+    assert BODY not in path.read_bytes()
+
+
+def test_large_files_are_deleted_and_the_free_pool_is_bounded(spool: Spool) -> None:
+    big = make(b"x" * (RECYCLE_MAX + 1))
+    spool.write(big, b"x" * (RECYCLE_MAX + 1))
+    spool.remove(big.id)  # no size given: the file's own
+    assert list(spool.free.iterdir()) == [] and spool.count() == 0
+    for _ in range(FREE_SLOTS + 5):
+        envelope = make()
+        spool.write(envelope, BODY)
+        spool.remove(envelope.id, envelope.size)
+    assert len(list(spool.free.iterdir())) <= FREE_SLOTS
+
+
+def test_a_free_file_taken_by_another_writer_is_skipped(spool: Spool) -> None:
+    spool._free_names = ["0001", "0002"]  # listed a moment ago; another process has taken both since
+    envelope = make()
+    spool.write(envelope, BODY)
+    assert spool.body(envelope.id) == BODY and spool._free_names == []
 
 
 def test_withdraw(spool: Spool) -> None:

@@ -87,7 +87,7 @@ class LocalJobs:
             # Everything left went into Maildirs just now: no checkpoint is needed before the
             # unlink, as a repeated attempt finds each copy by its Maildir name (saves an fdatasync).
             # Forwards and programs are not idempotent, so their messages take the marked path.
-            spool.remove(envelope.id)
+            spool.remove(envelope.id, envelope.size)
             return
         if marks:
             spool.mark(envelope.id, marks)
@@ -96,7 +96,7 @@ class LocalJobs:
         else:  # the remote channel marks the same file: read what it has recorded
             done = not spool.read(envelope.id).pending()
         if done:
-            spool.remove(envelope.id)
+            spool.remove(envelope.id, envelope.size)
 
     def __call__(self, claims: list[Claim]) -> list[Claim]:
         list(self.executor.map(self.message, claims))
