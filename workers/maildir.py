@@ -5,9 +5,12 @@ Interface: ``Maildir(path)`` with
 ``file_name(birth, message_id, index, host, size)``.
 
 A delivery is tmp/ → fsync → link into new/ → fsync of new/: the message is in the mailbox once
-the link is durable, and never half-written. The file name is fixed by queue id + recipient
-index (not by the time of the attempt), so an attempt repeated after a crash between the link and
-the spool's mark finds its own earlier copy in new/ or cur/ and does not deliver a second one.
+the link is durable, and never half-written. The tmp/ file is an unnamed ``O_TMPFILE`` inode in
+tmp/ where the kernel offers it (linked into new/ through /proc/self/fd): no name to create and
+remove in tmp/, and nothing left behind by a crash; otherwise a named private tmp/ file. The file
+name is fixed by queue id + recipient index (not by the time of the attempt), so an attempt
+repeated after a crash between the link and the spool's mark finds its own earlier copy in new/ or
+cur/ and does not deliver a second one.
 Names carry ``,S=<size>`` (the Maildir++ convention IMAP servers read for quotas).
 
 Failures: ``OSError`` from the disk, for the caller to treat as temporary. (Where a Maildir may
@@ -18,6 +21,7 @@ Settings: none.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -31,6 +35,8 @@ def _host_part() -> str:
 
 
 HOST = _host_part()
+_PROC_FD = os.path.isdir("/proc/self/fd")
+_tmpfile_ok = _PROC_FD and hasattr(os, "O_TMPFILE")
 
 
 def file_name(birth: float, message_id: str, index: int, size: int, host: str = HOST) -> str:
@@ -59,19 +65,57 @@ class Maildir:
 
     def deliver(self, name: str, data: bytes, retry: bool = True) -> bool:
         """Write one message durably; False if this very copy was delivered before. ``retry=False``
-        (a first attempt, which cannot have left a copy that a reader moved on) checks new/ only."""
+        (a first attempt, which cannot have left a copy that a reader moved on) relies on the link
+        into new/, which fails if the copy is there, and looks for nothing beforehand."""
+        if retry and self.has(name):
+            return False
+        if _tmpfile_ok:
+            fresh = self._deliver_unnamed(name, data)
+            if fresh is not None:
+                return fresh
+        return self._deliver_named(name, data)
+
+    def _deliver_unnamed(self, name: str, data: bytes) -> bool | None:
+        """tmp/ → new/ with an O_TMPFILE inode; None if the file system does not offer one."""
+        global _tmpfile_ok
+        try:
+            fd = os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
+        except FileNotFoundError:
+            self._ensure()
+            fd = os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                _tmpfile_ok = False
+                return None
+            raise
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+            directory = os.open(self.path / "new", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                try:
+                    # linkat(AT_SYMLINK_FOLLOW) of the /proc link: the one way to name an
+                    # O_TMPFILE inode without CAP_DAC_READ_SEARCH (a dir fd makes Python use it)
+                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory, follow_symlinks=True)
+                except FileExistsError:
+                    return False  # this copy was delivered before (or by a racing attempt)
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        finally:
+            os.close(fd)
+        faults.crash_point("after_maildir_link")
+        return True
+
+    def _deliver_named(self, name: str, data: bytes) -> bool:
         if not (self.path / "new").is_dir():
             self._ensure()
-        elif self.has(name, look_in_cur=retry):
-            return False
         # Each attempt writes its own tmp file; the fixed name only appears with the link, so two
         # attempts of the same copy racing each other end with one file, never a torn one.
         tmp = self.path / "tmp" / f"{name}.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -103,6 +147,12 @@ class Maildir:
                     size = _size_from_name(entry.name)
                     total += size if size is not None else entry.stat().st_size
         return total, count
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _size_from_name(name: str) -> int | None:
