@@ -15,7 +15,6 @@ counted on shardmail's side).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import signal
@@ -35,20 +34,95 @@ USERS = [f"user{i:03d}" for i in range(100)]
 DELIVERY_TIMEOUT = 900.0
 
 
+class Counter:
+    """Files in the users' new/ directories; a directory is listed again only when its mtime moved
+    (listing 100 growing directories 20 times a second cost the measured machine a share of a core)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.seen: dict[str, tuple[int, int]] = {}  # user -> (mtime_ns, count)
+
+    def count(self) -> int:
+        total = 0
+        for user in USERS:
+            path = self.root / user / "new"
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            known = self.seen.get(user)
+            if known is None or known[0] != mtime:
+                known = self.seen[user] = (mtime, len(os.listdir(path)))
+            total += known[1]
+        return total
+
+
 def delivered(root: Path) -> int:
-    total = 0
-    for user in USERS:
-        with contextlib.suppress(FileNotFoundError):
-            total += len(os.listdir(root / user / "new"))
-    return total
+    return Counter(root).count()
 
 
 def wait_delivered(root: Path, count: int) -> None:
+    counter = Counter(root)
     deadline = time.monotonic() + DELIVERY_TIMEOUT
-    while delivered(root) < count:
+    while counter.count() < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {delivered(root)} of {count} delivered")
         time.sleep(0.05)
+
+
+def _role(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    text = " ".join(words)
+    for key, name in (("ops.cli smtpd", "smtpd"), ("worker local", "local pool"), ("ops.cli run", "supervisor"),
+                      ("redis-server", "redis"), ("slapd", "slapd")):
+        if key in text:
+            return name
+    return Path(words[0]).name if words else "?"
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks of a process, all its threads and its reaped children together;
+    (0, 0) once it is gone (its parent's children figures then hold it)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0, 0
+    return int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])
+
+
+def cpu_snapshot(pids: set[int]) -> dict[int, tuple[str, int, int]]:
+    snap = {pid: (_role(pid), *cpu_ticks(pid)) for pid in pids}
+    self_usage = os.times()
+    tick = os.sysconf("SC_CLK_TCK")
+    snap[0] = ("load generator", round(self_usage.user * tick), round(self_usage.system * tick))
+    with open("/proc/stat") as stat:  # the whole machine, kernel threads (journal, writeback) included
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in stat.readline().split()[1:8])
+    snap[-1] = ("machine", user + nice, system + irq + softirq)
+    return snap
+
+
+def cpu_report(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]], messages: int,
+               side: str) -> None:
+    """CPU ms per message by role (user + sys), between two snapshots."""
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    roles: dict[str, list[float]] = {}
+    machine = [(after[-1][i] - before[-1][i]) * tick_ms / messages for i in (1, 2)]
+    for pid in (before.keys() | after.keys()) - {-1}:
+        _, user, system = after.get(pid, ("", 0, 0))
+        role, user0, system0 = before.get(pid) or (after[pid][0], 0, 0)
+        entry = roles.setdefault(role, [0.0, 0.0, 0])
+        entry[0] += (user - user0) * tick_ms / messages
+        entry[1] += (system - system0) * tick_ms / messages
+        entry[2] += 1
+    total = sum(u + s for u, s, _ in roles.values())
+    parts = [f"{role} {u + s:.2f} ({u:.2f}u+{s:.2f}s, {n}p)" for role, (u, s, n) in sorted(roles.items())]
+    print(f"  {side} CPU ms/msg: total {total:.2f}; " + "; ".join(parts), flush=True)
+    print(f"  {side} machine CPU ms/msg (all processes and kernel threads): {sum(machine):.2f} "
+          f"({machine[0]:.2f}u+{machine[1]:.2f}s)", flush=True)
 
 
 def users_ldif() -> str:
@@ -81,10 +155,14 @@ def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float
         wait_banner(port)
         pids = [supervisor.pid, slapd.proc.pid] if slapd.proc else [supervisor.pid]
         with peak_memory_sampler(lambda: with_descendants(pids)) as sampler:
+            measured = with_descendants(pids)
+            before = cpu_snapshot(measured)
             started = time.perf_counter()
             _, failed = run_load(port, args.messages, 20, 5120, [f"{u}@test.example" for u in USERS])
             wait_delivered(workdir / "mail", args.messages - failed)
             elapsed = time.perf_counter() - started
+            if args.cpu:
+                cpu_report(before, cpu_snapshot(with_descendants(pids) | measured), args.messages, "shardmail")
         if failed:
             print(f"shardmail: {failed} messages failed at SMTP time", file=sys.stderr)
         return args.messages / elapsed, sampler.peak_mib
@@ -112,10 +190,16 @@ virtual_destination_concurrency_limit = 20
 """
     with postfix_instance(workdir / "postfix", 2529, extra_main_cf=extra) as instance:
         with peak_memory_sampler(instance.pids) as sampler:
+            measured = set(instance.pids())
+            before = cpu_snapshot(measured)
             started = time.perf_counter()
             _, failed = run_load(2529, args.messages, 20, 5120, [f"{u}@test.example" for u in USERS])
             wait_delivered(mail, args.messages - failed)
             elapsed = time.perf_counter() - started
+            if args.cpu:
+                # Postfix forks smtpd, cleanup and virtual as it goes: count what exists at the end too
+                after = cpu_snapshot(measured | set(instance.pids()))
+                cpu_report(before, after, args.messages, "postfix")
         if failed:
             print(f"postfix: {failed} messages failed at SMTP time", file=sys.stderr)
         return args.messages / elapsed, sampler.peak_mib
@@ -129,6 +213,7 @@ def main() -> int:
     parser.add_argument("--local", type=int, default=1, help="shardmail local delivery processes")
     parser.add_argument("--concurrency", type=int, default=10, help="shardmail concurrencylocal")
     parser.add_argument("--skip-postfix", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="print CPU ms per message of each process role")
     args = parser.parse_args()
     ensure_postfix_tools()
     ours: list[float] = []
