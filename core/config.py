@@ -88,7 +88,8 @@ class Settings:
     concurrencylocal: int = _setting(10, "local deliveries in flight per local delivery process", POSITIVE)
     concurrencyremote: int = _setting(200, "SMTP sessions in flight per remote delivery process", POSITIVE)
     concurrencydestination: int = _setting(20, "SMTP sessions in flight per destination (domain or relay)", POSITIVE)
-    remoteprocesses: int = _setting(1, "remote delivery processes started by `shardmail run`", POSITIVE)
+    remoteprocesses: int = _setting(1, "remote delivery processes started by `shardmail run` (0: none here)",
+                                    NONNEGATIVE)
     remoteactivelimit: int = _setting(10000, "messages a remote delivery process holds in memory at once", POSITIVE)
     remotercptlimit: int = _setting(50, "recipients per outgoing SMTP transaction", POSITIVE)
     reusecount: int = _setting(100, "transactions per outgoing connection before it is closed (1 = no reuse)",
