@@ -62,7 +62,7 @@ def running(tmp_path: Path) -> Iterator[RunningNode]:
         except subprocess.TimeoutExpired:
             node.proc.kill()
             node.proc.wait()
-    for pid in node.pids("redis") + node.pids("smtpd") + node.pids("local"):
+    for pid in node.pids("redis") + node.pids("smtpd") + node.pids("local") + node.pids("remote"):
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
@@ -103,24 +103,27 @@ def test_run_restarts_a_killed_child(running: RunningNode) -> None:
 
 
 def test_run_stops_everything_on_sigterm(running: RunningNode) -> None:
-    wait_until(lambda: len(running.pids("smtpd")) == 2 and len(running.pids("local")) == 1)
-    children = running.pids("redis") + running.pids("smtpd") + running.pids("local")
+    wait_until(lambda: len(running.pids("smtpd")) == 2 and len(running.pids("local")) == 1
+               and len(running.pids("remote")) == 1)
+    children = running.pids("redis") + running.pids("smtpd") + running.pids("local") + running.pids("remote")
     running.proc.send_signal(signal.SIGTERM)
     assert running.proc.wait(30) == 0
     for pid in children:
         wait_until(lambda pid=pid: not alive(pid), timeout=10)
 
 
-def test_rq_sees_the_local_pool_as_a_worker(running: RunningNode) -> None:
+def test_rq_sees_the_delivery_pools_as_workers(running: RunningNode) -> None:
     import redis
     from rq import Worker
 
     conn = redis.Redis(unix_socket_path=str(running.workdir / "var" / "redis" / "redis.sock"))
-    wait_until(lambda: Worker.all(connection=conn), timeout=20)
-    (worker,) = Worker.all(connection=conn)
-    assert worker.queue_names() == [f"shardmail.s{i}.local" for i in range(4)]
-    assert worker.pid == running.pids("local")[0]
+    wait_until(lambda: len(Worker.all(connection=conn)) == 2, timeout=20)
+    workers = {w.queue_names()[0].rpartition(".")[2]: w for w in Worker.all(connection=conn)}
+    assert workers["local"].queue_names() == [f"shardmail.s{i}.local" for i in range(4)]
+    assert workers["local"].pid == running.pids("local")[0]
+    assert workers["remote"].queue_names() == [f"shardmail.s{i}.remote" for i in range(4)]
+    assert workers["remote"].pid == running.pids("remote")[0]
     info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url",
                            f"unix://{running.workdir}/var/redis/redis.sock"], capture_output=True, text=True,
                           timeout=30)
-    assert "1 workers" in info.stdout and "shardmail.s0.local" in info.stdout
+    assert "2 workers" in info.stdout and "shardmail.s0.local" in info.stdout and "shardmail.s3.remote" in info.stdout
