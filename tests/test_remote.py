@@ -332,3 +332,36 @@ def test_pool_is_listed_in_rqs_worker_registry(rig_factory: Callable[..., Rig]) 
     conn = connect(rig.settings)
     wait_until(lambda: any(q.endswith(".remote") for w in Worker.all(connection=conn) for q in w.queue_names()),
                15, "remote pool registered")
+
+
+def test_engine_forgets_idle_destinations_and_closes_idle_connections(
+        rig_factory: Callable[..., Rig], sink_factory: Callable[..., Sink]) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.remote import RemoteEngine
+
+    sinks = [sink_factory(f"127.0.1.{n}") for n in (31, 32, 33)]
+    rig = rig_factory(reuseidle="1")
+    envelopes = [rig.send([f"u@d{n}.test"]) for n in (31, 32, 33) for _ in range(3)]
+    claims = [c for s in range(rig.settings.shards) for c in rig.jobs.claim(s, "remote", 100, "test")]
+    done: list[object] = []
+
+    async def run() -> RemoteEngine:
+        with ThreadPoolExecutor(2) as io:
+            engine = RemoteEngine(rig.settings, rig.submitter.map, done.append, io)
+            for claim in claims:
+                engine.add(claim, rig.submitter.map.spool(claim.shard).read(claim.message_id))
+            while len(done) < len(claims):
+                await asyncio.sleep(0.02)
+            assert set(engine.destinations) == {"d31.test", "d32.test", "d33.test"}  # parked connections
+            while engine.destinations:
+                await asyncio.sleep(0.05)
+            await engine.stop(1)
+            return engine
+
+    engine = asyncio.run(asyncio.wait_for(run(), 20))
+    assert engine.in_memory == 0 and engine.active == 0
+    assert all(rig.states(e) is None for e in envelopes)
+    assert all(1 <= s.connections <= 3 for s in sinks)  # parallel sessions, then parked
+    wait_until(lambda: all(s.open_now == 0 for s in sinks), 5, "idle connections closed with QUIT")

@@ -165,6 +165,7 @@ class RemoteEngine:
             self.room.clear()
 
     def _destination(self, domain: str) -> Destination:
+        """The destination's state (made on first use; dropped again when idle)."""
         static = static_route(domain, self.settings.smtproutes)
         key = f"[{static.address}]:{static.port}" if static else domain
         destination = self.destinations.get(key)
@@ -221,6 +222,13 @@ class RemoteEngine:
             self._next_turns()
             if destination.queue:
                 self._wake(destination)
+            self._forget_if_idle(destination)
+
+    def _forget_if_idle(self, destination: Destination) -> None:
+        """A destination with nothing queued, running or parked is dropped (a sender meets millions
+        of domains); its resolved hops go with it, dnspython's cache keeps the records."""
+        if not (destination.queue or destination.active or destination.idle or destination.waiting):
+            self.destinations.pop(destination.key, None)
 
     def _take_idle(self, destination: Destination) -> Session | None:
         while destination.idle:
@@ -242,6 +250,7 @@ class RemoteEngine:
             with contextlib.suppress(ValueError):
                 destination.idle.remove(entry[0])
             self._close(session)
+            self._forget_if_idle(destination)
 
         entry.append((session, loop.call_later(self.settings.reuseidle, expire)))
         destination.idle.append(entry[0])
