@@ -365,3 +365,21 @@ def test_engine_forgets_idle_destinations_and_closes_idle_connections(
     assert all(rig.states(e) is None for e in envelopes)
     assert all(1 <= s.connections <= 3 for s in sinks)  # parallel sessions, then parked
     wait_until(lambda: all(s.open_now == 0 for s in sinks), 5, "idle connections closed with QUIT")
+
+
+def test_a_failed_tls_handshake_falls_back_to_plain_text(
+        rig_factory: Callable[..., Rig], sink_factory: Callable[..., Sink],
+        dns_server_factory: Callable[..., DnsServer], tls_pair: TlsPair) -> None:
+    import ssl
+
+    context = tls_pair.server_context()
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("AES128-SHA")  # a TLS 1.2 server offering only a cipher our client refuses: no handshake
+    sink = sink_factory("127.0.0.51", tls_context=context)
+    rig = rig_factory(dns=_tls_dns(dns_server_factory))
+    envelope = rig.send(["a@tls.test"])
+    rig.start()
+    transaction = sink.wait_for(1)[0]
+    assert not transaction.tls  # "may": after the failed handshake, a new connection without STARTTLS
+    assert sink.connections == 2
+    wait_until(lambda: rig.states(envelope) is None, 10, "delivered and removed")
