@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from rq import Worker
@@ -29,37 +29,26 @@ BODY = b"Subject: remote test\r\nFrom: <a@example.net>\r\n\r\nline one\r\n.leadi
 
 class Rig:
     """A node configured for remote delivery (DNS on loopback, short timeouts), its front door,
-    and its remote pool process."""
+    and its remote pool processes."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.settings = node.settings()
         self.submitter = Submitter(self.settings, connect(self.settings))
         self.jobs = Jobs(connect(self.settings), self.settings.redis_prefix)
-        self.procs: list[subprocess.Popen[bytes]] = []
 
     def send(self, recipients: list[str], body: bytes = BODY, sender: str = "a@example.net",
              smtputf8: bool = False) -> Envelope:
         return self.submitter.accept(Draft(self.submitter.new_id(), sender, recipients, body, smtputf8=smtputf8))
 
     def start(self, **env: str) -> subprocess.Popen[bytes]:
-        self.log = self.node.var_dir.parent / f"remote-{len(self.procs)}.log"
+        """The pool as a real process; the node stops it (SIGTERM) with its other processes."""
+        self.log = self.node.var_dir.parent / f"remote-{len(self.node.procs)}.log"
         with open(self.log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "remote"],
                                     env=dict(self.node.env, **env), stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
+        self.node.procs.append(proc)
         return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
     def states(self, envelope: Envelope) -> list[Mark | None] | None:
         """Each recipient's latest mark; None once the message has left the spool."""
@@ -85,19 +74,13 @@ class Rig:
 
 
 @pytest.fixture
-def rig_factory(node_factory: Callable[..., Node], dns_server: DnsServer) -> Iterator[Callable[..., Rig]]:
-    rigs: list[Rig] = []
-
+def rig_factory(node_factory: Callable[..., Node], dns_server: DnsServer) -> Callable[..., Rig]:
     def factory(dns: DnsServer = dns_server, **overrides: str) -> Rig:
         settings = {"dnsresolvers": dns.hostport, "dnstimeout": "2", "timeoutremote": "10", "reuseidle": "2",
                     **overrides}
-        rig = Rig(node_factory(**settings))
-        rigs.append(rig)
-        return rig
+        return Rig(node_factory(**settings))
 
-    yield factory
-    for rig in rigs:
-        rig.stop()
+    return factory
 
 
 def states_text(states: list[Mark | None] | None) -> list[tuple[str, str]]:
