@@ -1,0 +1,35 @@
+"""qmail's retry schedule, as a pure function of a message's birth and its last attempt.
+
+Interface: ``SKIP`` (per channel), ``next_attempt(birth, attempted, channel) -> float``,
+``expired(birth, attempted, lifetime) -> bool``.
+
+``next = birth + (isqrt(attempted - birth) + skip)²`` with skip 10 for local and 20 for remote
+delivery: remote attempts at birth, +400 s, +1600 s, +3600 s, +6400 s ... (the gaps grow linearly,
+so the number of attempts grows with the square root of the age). No attempt counter is kept
+anywhere: the schedule follows from the birth time alone, so it comes back the same after Redis is
+lost and rebuilt from the spool. A last attempt before the birth (the clock stepped back) gives
+"now again" (the attempt time itself), never a time in the far future.
+
+A message is ``expired`` once an attempt was made at or after ``birth + lifetime``: qmail's rule
+that after the lifetime one more attempt is made, and only a temporary failure of *that* attempt
+becomes permanent (so a clock that jumps ahead never bounces mail without trying it once more).
+
+Failures: none (pure). Settings: none (``queuelifetime`` is passed in).
+"""
+
+from __future__ import annotations
+
+from math import isqrt
+
+SKIP = {"local": 10, "remote": 20}
+
+
+def next_attempt(birth: float, attempted: float, channel: str) -> float:
+    if attempted < birth:
+        return attempted
+    root = isqrt(int(attempted - birth)) + SKIP[channel]
+    return birth + root * root
+
+
+def expired(birth: float, attempted: float, lifetime: float) -> bool:
+    return attempted - birth >= lifetime
