@@ -3,7 +3,8 @@
 Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``, ``write_batch(items)``,
 ``withdraw(ids)``, ``read(id) -> Envelope``,
 ``body(id) -> bytes``, ``load(id)``, ``mark(id, marks)``, ``remove(id)``, ``scan() -> Iterator[Entry]``,
-``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``.
+``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``; ``syncfs(fd)`` and
+``SYNCFS`` (whether it is available), the group commit of several files' writes.
 
 Layout of one shard (``<root>/s<shard>/``)::
 
@@ -54,8 +55,13 @@ leftover or an entry that is again in queue/ (both handled as above); a name in 
 envelope names another id is such a leftover too (``scan`` reports it, it is never delivered).
 
 Writes come in batches (``write_batch``, used by ingress's group commit): every file of a batch is
-fsync'd before its rename, and each split directory touched is fsync'd once afterwards; the split
-directory follows the id's arrival time, so a batch touches one or two of them.
+durable before its rename, and each split directory touched is durable before the batch returns;
+the split directory follows the id's arrival time, so a batch touches one or two of them. A batch
+of one is an fsync of the file and one of its directory; a bigger batch is one ``syncfs`` after
+the writes and one after the renames (Linux >= 5.8, which reports every write-back error since the
+first file was opened): the whole file system's dirty data, inodes and directories with one device
+cache flush, instead of a flush per file (measured here: 60-80 against 180-220 us of CPU per file,
+and a fraction of the device round trips).
 
 Failures: every ``OSError`` (ENOSPC, EIO, EROFS...) propagates to the caller, which treats it as a
 temporary failure; ``write`` removes its own partial file first. ``scan`` never raises for a bad
@@ -67,10 +73,13 @@ Settings: ``spool_dir`` (via the root passed in), ``queue_split``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import itertools
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import zlib
@@ -195,8 +204,8 @@ class Spool:
 
     def write_batch(self, items: list[tuple[Envelope, bytes]]) -> list[OSError | None]:
         """Commit several messages at once (group commit): per message None, or the OSError that
-        kept it out; a failed message leaves nothing behind. Each file is fsync'd before its rename,
-        and each queue directory touched is fsync'd once for the whole batch."""
+        kept it out; a failed message leaves nothing behind. Each file is durable before its rename,
+        and each queue directory touched is made durable once for the whole batch (see above)."""
         errors: list[OSError | None] = [None] * len(items)
         open_files: list[tuple[int, int]] = []  # (index, fd)
         for index, (envelope, body) in enumerate(items):
@@ -219,9 +228,27 @@ class Spool:
                 continue
             open_files.append((index, fd))
         faults.crash_point("after_data_write")
-        # One after the other: on a CPU-bound two-core node that beats handing each fsync to a pool
-        # (measured: 695 against 455 msg/s); several committer threads give the parallelism.
-        synced = [_fsync_and_close(fd) for _, fd in open_files]
+        group = len(open_files) > 1 and SYNCFS
+        anchor = open_files[0][1] if group else -1  # its open predates every write of the batch
+        if group:
+            error = _capture(lambda: syncfs(anchor))
+            synced = [error] * len(open_files)
+            for _, fd in open_files[1:]:
+                os.close(fd)
+        else:
+            # One after the other: on a CPU-bound two-core node that beats handing each fsync to a
+            # pool (measured: 695 against 455 msg/s); several committer threads give the parallelism.
+            synced = [_fsync_and_close(fd) for _, fd in open_files]
+        try:
+            self._commit_renames(items, open_files, synced, errors, anchor if group else None)
+        finally:
+            if group:
+                os.close(anchor)
+        faults.crash_point("after_commit")
+        return errors
+
+    def _commit_renames(self, items: list[tuple[Envelope, bytes]], open_files: list[tuple[int, int]],
+                        synced: list[OSError | None], errors: list[OSError | None], anchor: int | None) -> None:
         buckets: dict[int, list[int]] = {}
         for (index, _), error in zip(open_files, synced, strict=True):
             message_id = items[index][0].id
@@ -234,15 +261,14 @@ class Spool:
                 errors[index] = exc
                 _unlink_quietly(self.tmp / message_id)
         faults.crash_point("after_rename")
+        shared = _capture(lambda: syncfs(anchor)) if anchor is not None and buckets else None
         for bucket, indexes in buckets.items():
-            error = _capture(self._syncers[bucket].sync)
+            error = shared if anchor is not None else _capture(self._syncers[bucket].sync)
             if error is not None:
                 # Not durable: undo, so that a 4xx never leaves a message that is delivered later.
                 for index in indexes:
                     errors[index] = error
                     _unlink_quietly(self.path(items[index][0].id))
-        faults.crash_point("after_commit")
-        return errors
 
     def _open_tmp(self, tmp: Path) -> tuple[int, bool]:
         """A file for a new message at ``tmp``: a recycled one from free/ (overwritten in place by
@@ -383,6 +409,37 @@ class Spool:
             except FileNotFoundError:
                 continue
             yield Leftover(path, age, self.path(name).exists())
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs, where it reports write-back errors (Linux >= 5.8); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        major, minor = (int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+        if (major, minor) < (5, 8):
+            return None
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ValueError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_syncfs = _load_syncfs()
+SYNCFS = _syncfs is not None
+
+
+def syncfs(fd: int) -> None:
+    """Make every write on ``fd``'s file system durable: file data, inodes and directories, with one
+    device cache flush (ctypes releases the GIL meanwhile). Reports any write-back error on that
+    file system since ``fd`` was opened. Raises OSError (also when syncfs is not available)."""
+    if _syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+    if _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _parse(data: bytes) -> tuple[Envelope, int, bytes]:
