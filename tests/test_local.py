@@ -108,8 +108,9 @@ class Rig:
 def make_rig(node_factory: Callable[..., Node], tmp_path: Path, **overrides: str) -> Rig:
     users = tmp_path / "people.ldif"
     users.write_text(ldif(str(tmp_path / "program.out")))
-    node = node_factory(users_ldif=str(users), ldapmessagestore=str(tmp_path / "mail"), ldapnegcachettl="0",
-                        smtproutes="mx2.test.example:127.0.0.1:1", ldapcachettl="0", **overrides)
+    settings = {"ldapnegcachettl": "0", "ldapcachettl": "0", **overrides}
+    node = node_factory(users_ldif=str(users), ldapmessagestore=str(tmp_path / "mail"),
+                        smtproutes="mx2.test.example:127.0.0.1:1", **settings)
     settings = node.settings()
     conn = connect(settings)
     submitter = Submitter(settings, conn)
@@ -351,3 +352,28 @@ def test_a_stock_rq_worker_runs_shardmail_jobs(rig: Rig, node_factory: Callable[
     SimpleWorker([queue], connection=connect(settings), serializer=JSONSerializer).work(burst=True)
     assert len(rig.inbox("alice")) == 1 and queue.count == 0
     assert node.spooled() == []
+
+
+def test_a_claimed_batch_commits_plain_copies_together_and_runs_the_rest_alone(
+        node_factory: Callable[..., Node], tmp_path: Path) -> None:
+    """The pool's batch path: plain Maildir copies staged and committed together (the cache knows
+    the users), a forward, a quota user and an unknown address message by message; every entry
+    final and gone, nothing staged left behind."""
+    rig = make_rig(node_factory, tmp_path, ldapcachettl="60", ldapnegcachettl="60")
+    plain = [rig.submitter.accept(Draft(rig.submitter.new_id(), "a@example.net", rcpts,
+                                        b"Subject: hi\r\n\r\nhello\r\n"))
+             for rcpts in (["alice@test.example"], ["bob@test.example", "alice@test.example"])]
+    rig.send(["alice@test.example"])  # the cache now knows alice (the batch below finds her plain)
+    rig.jobs.delivery.directory.lookup("bob@test.example")
+    others = [rig.submitter.accept(Draft(rig.submitter.new_id(), "a@example.net", rcpts, b"Subject: x\r\n\r\nx\r\n"))
+              for rcpts in (["keep@test.example"], ["small@test.example"], ["del@test.example"])]
+    claims = [Claim(f"{e.id}-local", e.id, e.shard, "local", "x") for e in [*plain, *others]]
+    assert rig.jobs(claims) == claims
+    assert len(rig.inbox("alice")) == 3 and len(rig.inbox("bob")) == 1
+    assert len(rig.inbox("keep")) == 1 and len(rig.queued_to("copy@elsewhere.example")) == 1
+    assert len(rig.inbox("small")) == 1
+    for envelope in [*plain, *others]:  # every recipient final (del@ failed 5.1.1): entries gone
+        assert rig.marks(envelope) == []
+    assert list((rig.store / "alice" / "tmp").iterdir()) == []
+    again = rig.jobs([claims[0]])  # a repeated attempt of a delivered message: its entry is gone
+    assert again == [claims[0]] and len(rig.inbox("alice")) == 3

@@ -42,3 +42,24 @@ def test_named_tmp_files_where_o_tmpfile_is_missing(tmp_path: Path, monkeypatch:
     assert box.deliver("n", b"two", retry=False) is False
     assert (tmp_path / "u" / "new" / "n").read_bytes() == b"one"
     assert list((tmp_path / "u" / "tmp").iterdir()) == []
+
+
+def test_a_batch_is_committed_together_and_a_second_copy_is_refused(tmp_path: Path) -> None:
+    boxes = [Maildir(tmp_path / "a"), Maildir(tmp_path / "b")]
+    boxes[0].deliver("old", b"earlier attempt", retry=False)
+    staged = [boxes[0].stage("m1", b"one", retry=False), boxes[1].stage("m2", b"two", retry=False),
+              boxes[0].stage("old", b"again", retry=False)]
+    assert all(isinstance(s, maildir.Staged) for s in staged)
+    assert list((tmp_path / "a" / "new").iterdir()) == [tmp_path / "a" / "new" / "old"]  # nothing visible yet
+    assert maildir.commit(staged) == [True, True, False]  # type: ignore[arg-type]
+    assert (tmp_path / "a" / "new" / "m1").read_bytes() == b"one"
+    assert (tmp_path / "b" / "new" / "m2").read_bytes() == b"two"
+    assert (tmp_path / "a" / "new" / "old").read_bytes() == b"earlier attempt"
+    assert list((tmp_path / "a" / "tmp").iterdir()) == [] and list((tmp_path / "b" / "tmp").iterdir()) == []
+
+
+def test_a_retry_stages_nothing_when_the_copy_was_read_already(tmp_path: Path) -> None:
+    box = Maildir(tmp_path / "u")
+    box.deliver("n", b"one", retry=False)
+    (tmp_path / "u" / "new" / "n").rename(tmp_path / "u" / "cur" / "n:2,S")
+    assert box.stage("n", b"one", retry=True) is False

@@ -1,7 +1,10 @@
 """Local delivery of one recipient, with qmail-ldap's semantics.
 
 Interface: ``LocalDelivery(settings, directory, submitter, conn)`` with
-``deliver(envelope, index, body) -> Outcome``.
+``deliver(envelope, index, body, batch=None) -> Outcome | Staged`` and ``stageable(user)``. With a
+``batch`` (a list), a recipient whose whole delivery is one Maildir copy (``stageable``: no
+program, forward, reply or quota) is only staged: the ``Staged`` copy is appended to the batch and
+returned, and becomes an outcome once the caller runs ``workers.maildir.commit`` on the batch.
 
 For the recipient's entry, in this order:
 - ``accountStatus``: deleted → 5.1.1, disabled → 5.2.1, noaccess delivers;
@@ -41,7 +44,7 @@ from core.envelope import Envelope
 from core.outcome import Deferred, Delivered, Failed, Outcome, QueueUnavailable
 from core.submit import Draft, Submitter
 from workers.cluster import ClusterForwarder, is_hop
-from workers.maildir import Maildir, file_name
+from workers.maildir import Maildir, Staged, file_name
 from workers.program import run_program
 
 log = logging.getLogger("shardmail.local")
@@ -75,7 +78,21 @@ class LocalDelivery:
         self.own_names = {settings.me.lower(), *(h.lower() for h in settings.clusterhosts)}
         self.cluster = ClusterForwarder(settings)
 
-    def deliver(self, envelope: Envelope, index: int, body: bytes) -> Outcome:
+    def stageable(self, user: User | None) -> bool:
+        """Whether mail for this entry is exactly one Maildir copy here (what a batch may stage)."""
+        if user is None or user.status in ("deleted", "disabled") or "nolocal" in user.modes:
+            return False
+        if user.host and user.host not in self.own_names:
+            return False
+        if user.forwards and "noforward" not in user.modes:
+            return False
+        if ("reply" in user.modes and user.reply_text) or (user.programs and "noprogram" not in user.modes):
+            return False
+        return not (user.quota_size or user.quota_count or self.settings.ldapdefaultquotasize
+                    or self.settings.ldapdefaultquotacount)
+
+    def deliver(self, envelope: Envelope, index: int, body: bytes, batch: list[Staged] | None = None
+                ) -> Outcome | Staged:
         address = envelope.recipients[index].address
         user, verdict = lookup_outcome(self.directory, address)
         if verdict is not None:
@@ -102,6 +119,8 @@ class LocalDelivery:
         elif user.programs and "noprogram" not in user.modes:
             log.warning("deliveryProgramPath of %s ignored: deliveryprograms is off", user.dn)
         if "nolocal" not in user.modes:
+            if batch is not None and self.stageable(user):
+                return self.to_maildir(envelope, index, user, address, body, batch)
             outcome = self.to_maildir(envelope, index, user, address, body)
             if not isinstance(outcome, Delivered):
                 return outcome
@@ -117,7 +136,8 @@ class LocalDelivery:
             self.autoreply(envelope, user, address, headers)
         return outcome
 
-    def to_maildir(self, envelope: Envelope, index: int, user: User, address: str, body: bytes) -> Outcome:
+    def to_maildir(self, envelope: Envelope, index: int, user: User, address: str, body: bytes,
+                   batch: list[Staged] | None = None) -> Outcome | Staged:
         try:
             path = resolve_store(self.settings.message_store_root, user.message_store)
         except UnsafeStore as exc:
@@ -132,6 +152,13 @@ class LocalDelivery:
             if quota_size and len(data) > quota_size:
                 return Failed("5.2.2", "Message larger than the recipient's whole mailbox quota")
             retry = _maybe_retry(envelope, index)
+            if batch is not None:
+                staged = maildir.stage(name, data, retry=retry)
+                if isinstance(staged, Staged):
+                    batch.append(staged)
+                    return staged
+                if staged is False:
+                    return Delivered("already in the maildir (earlier attempt)")
             if (quota_size or quota_count) and not maildir.has(name, look_in_cur=retry):
                 used, count = maildir.usage()
                 if (quota_size and used + len(data) > quota_size) or (quota_count and count + 1 > quota_count):

@@ -1,8 +1,15 @@
 """Maildir delivery, and where a user's Maildir may be.
 
 Interface: ``Maildir(path)`` with
-``deliver(name, data) -> bool`` (False: that copy was already there), ``usage() -> (bytes, count)``;
+``deliver(name, data) -> bool`` (False: that copy was already there), ``usage() -> (bytes, count)``,
+``stage(name, data) -> Staged | bool | None``; ``commit(staged) -> list[bool | OSError]``;
 ``file_name(birth, message_id, index, host, size)``.
+
+Batches (the local pool's group commit): ``stage`` writes the unnamed tmp file without syncing it;
+``commit`` makes a whole batch durable with one ``syncfs`` per file system, links every file into
+its new/, and makes the links durable with a second ``syncfs``: two device flushes for the batch
+instead of two per message. A staged file is invisible until its link, and gone if the process
+dies first; a link is only reported (True) once it is durable.
 
 A delivery is tmp/ → fsync → link into new/ → fsync of new/: the message is in the mailbox once
 the link is durable, and never half-written. The tmp/ file is an unnamed ``O_TMPFILE`` inode in
@@ -28,6 +35,7 @@ import threading
 from pathlib import Path
 
 from core import faults
+from core.spool import SYNCFS, syncfs
 
 
 def _host_part() -> str:
@@ -77,27 +85,15 @@ class Maildir:
 
     def _deliver_unnamed(self, name: str, data: bytes) -> bool | None:
         """tmp/ → new/ with an O_TMPFILE inode; None if the file system does not offer one."""
-        global _tmpfile_ok
-        try:
-            fd = os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
-        except FileNotFoundError:
-            self._ensure()
-            fd = os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                _tmpfile_ok = False
-                return None
-            raise
+        fd = self._tmpfile()
+        if fd is None:
+            return None
         try:
             _write_all(fd, data)
             os.fsync(fd)
             directory = os.open(self.path / "new", os.O_RDONLY | os.O_DIRECTORY)
             try:
-                try:
-                    # linkat(AT_SYMLINK_FOLLOW) of the /proc link: the one way to name an
-                    # O_TMPFILE inode without CAP_DAC_READ_SEARCH (a dir fd makes Python use it)
-                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory, follow_symlinks=True)
-                except FileExistsError:
+                if not _link(fd, directory, name):
                     return False  # this copy was delivered before (or by a racing attempt)
                 os.fsync(directory)
             finally:
@@ -133,6 +129,36 @@ class Maildir:
         faults.crash_point("after_maildir_link")
         return True
 
+    def stage(self, name: str, data: bytes, retry: bool = True) -> Staged | bool | None:
+        """Write ``data`` to an unnamed tmp file for ``commit``: a ``Staged``; False if this copy
+        was delivered before; None where O_TMPFILE is missing (use ``deliver``)."""
+        if not _tmpfile_ok or not SYNCFS:
+            return None
+        if retry and self.has(name):
+            return False
+        fd = self._tmpfile()
+        if fd is None:
+            return None
+        try:
+            _write_all(fd, data)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Staged(self, name, fd)
+
+    def _tmpfile(self) -> int | None:
+        global _tmpfile_ok
+        try:
+            return os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
+        except FileNotFoundError:
+            self._ensure()
+            return os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                _tmpfile_ok = False
+                return None
+            raise
+
     def usage(self) -> tuple[int, int]:
         """(bytes, messages) in new/ and cur/, from the ,S= of names where present."""
         total = count = 0
@@ -147,6 +173,79 @@ class Maildir:
                     size = _size_from_name(entry.name)
                     total += size if size is not None else entry.stat().st_size
         return total, count
+
+
+class Staged:
+    """A message in an unnamed, not yet durable tmp file of ``maildir``, to be linked as ``name``."""
+
+    __slots__ = ("fd", "maildir", "name")
+
+    def __init__(self, maildir: Maildir, name: str, fd: int) -> None:
+        self.maildir = maildir
+        self.name = name
+        self.fd = fd
+
+
+def commit(staged: list[Staged]) -> list[bool | OSError]:
+    """Make staged files durable and link them into their new/ (see the module notes): per file
+    True (delivered), False (that copy was there already) or the OSError that kept it out (for
+    the caller, a temporary failure: nothing is reported delivered before it is durable). Closes
+    every file."""
+    results: list[bool | OSError] = [False] * len(staged)
+    try:
+        groups: dict[int, list[int]] = {}  # device -> indexes; the first file's open predates all writes
+        for index, item in enumerate(staged):
+            try:
+                groups.setdefault(os.fstat(item.fd).st_dev, []).append(index)
+            except OSError as exc:
+                results[index] = exc
+        for indexes in groups.values():
+            error = _capture_syncfs(staged[indexes[0]].fd)
+            linked = []
+            for index in indexes:
+                item = staged[index]
+                if error is not None:
+                    results[index] = error
+                    continue
+                try:
+                    directory = os.open(item.maildir.path / "new", os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        results[index] = _link(item.fd, directory, item.name)
+                    finally:
+                        os.close(directory)
+                except OSError as exc:
+                    results[index] = exc
+                if results[index] is True:
+                    linked.append(index)
+            if linked:
+                error = _capture_syncfs(staged[indexes[0]].fd)
+                if error is not None:
+                    for index in linked:  # maybe linked, maybe not after a crash: retried, found by name
+                        results[index] = error
+                else:
+                    faults.crash_point("after_maildir_link")
+    finally:
+        for item in staged:
+            os.close(item.fd)
+    return results
+
+
+def _capture_syncfs(fd: int) -> OSError | None:
+    try:
+        syncfs(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _link(fd: int, directory: int, name: str) -> bool:
+    """Name an O_TMPFILE inode in ``directory``; False if the name exists. linkat(AT_SYMLINK_FOLLOW)
+    of the /proc link is the one way without CAP_DAC_READ_SEARCH (a dir fd makes Python use it)."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory, follow_symlinks=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

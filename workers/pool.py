@@ -4,11 +4,14 @@ Interface: ``run_local(settings, shards)`` (until SIGTERM), ``LocalJobs`` (runs 
 one claimed batch: ``__call__(claims) -> claims``), ``parse_shards("0-3,5") -> [0, 1, 2, 3, 5]``,
 ``deliver`` (the function name rq's jobs carry, so a stock ``rq worker`` can run a job too).
 
-One process claims batches of jobs from its shards' local queues (workers.consumer) and runs
-each message on a thread pool of ``concurrencylocal`` threads: no fork per job. Per message:
-read the spool entry, deliver each pending local recipient, append all their marks with one
-fdatasync (the per-recipient checkpoint), and remove the entry once every recipient of every
-channel is final. A message whose spool entry is gone (withdrawn, delivered) is a finished job.
+One process claims batches of jobs from its shards' local queues (workers.consumer): no fork per
+job. Per message: read the spool entry, deliver each pending local recipient, append all their
+marks with one fdatasync (the per-recipient checkpoint), and remove the entry once every
+recipient of every channel is final. A message whose spool entry is gone (withdrawn, delivered)
+is a finished job. In a batch, the messages whose recipients are all plain Maildir copies of
+known entries are written by the consumer's thread and made durable together (two syncfs for the
+batch, see workers.maildir); the rest, and the directory look-ups the cache cannot answer, run on
+a pool of ``concurrencylocal`` threads. Nothing is marked or removed before its copies are durable.
 
 Failures: outcomes per recipient (see workers.local); a deferred recipient stays pending in the
 spool with its reason marked, for the retry scheduler; an unreadable entry is left for the sweep.
@@ -27,14 +30,16 @@ from typing import Literal
 
 from core import faults
 from core.config import Settings
-from core.directory import open_directory
-from core.envelope import EnvelopeError, Mark
+from core.directory import lookup_outcome, open_directory
+from core.envelope import Envelope, EnvelopeError, Mark
 from core.jobs import Claim, Jobs
 from core.outcome import Deferred, Delivered, Outcome
 from core.redis_conn import connect
+from core.spool import Spool
 from core.submit import Submitter
 from workers.consumer import Consumer
 from workers.local import LocalDelivery
+from workers.maildir import Staged, commit
 
 log = logging.getLogger("shardmail.pool")
 MAILDIR_ONLY = ("delivered to maildir", "already in the maildir")
@@ -65,18 +70,32 @@ class LocalJobs:
         self.delivery = delivery
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="local")
 
-    def message(self, claim: Claim) -> None:
+    def _load(self, claim: Claim) -> tuple[Spool, Envelope, bytes] | None:
         spool = self.map.spool(claim.shard)
         try:
             envelope, body = spool.load(claim.message_id)
         except FileNotFoundError:
-            return
+            return None
         except EnvelopeError as exc:
             log.error("unreadable spool entry %s: %s (left for the sweep)", claim.message_id, exc)
-            return
+            return None
+        return spool, envelope, body
+
+    def message(self, claim: Claim) -> None:
+        """One message on its own, each Maildir copy fsync'd as it is written."""
+        loaded = self._load(claim)
+        if loaded is not None:
+            self._deliver_alone(loaded)
+
+    def _deliver_alone(self, loaded: tuple[Spool, Envelope, bytes]) -> None:
+        spool, envelope, body = loaded
+        outcomes = [(index, self.delivery.deliver(envelope, index, body)) for index in envelope.pending("local")]
+        self._settle(spool, envelope, outcomes)  # type: ignore[arg-type]
+
+    def _settle(self, spool: Spool, envelope: Envelope, outcomes: list[tuple[int, Outcome]]) -> None:
+        """Log and checkpoint the outcomes, and drop the entry once every recipient is final."""
         marks = []
-        for index in envelope.pending("local"):
-            outcome = self.delivery.deliver(envelope, index, body)
+        for index, outcome in outcomes:
             log.info("%s to <%s>: %s %s %s", envelope.id, envelope.recipients[index].address, _state(outcome),
                      outcome.status, outcome.text)
             marks.append(Mark(index, _state(outcome), outcome.status, outcome.text[:500], time.time()))
@@ -98,9 +117,54 @@ class LocalJobs:
         if done:
             spool.remove(envelope.id, envelope.size)
 
+    def _batchable(self, envelope: Envelope) -> bool:
+        """Every pending local recipient is a known entry whose mail is one Maildir copy."""
+        directory = self.delivery.directory
+        for index in envelope.pending("local"):
+            known, user = directory.cached(envelope.recipients[index].address)
+            if not known or not self.delivery.stageable(user):
+                return False
+        return True
+
     def __call__(self, claims: list[Claim]) -> list[Claim]:
-        list(self.executor.map(self.message, claims))
+        """A claimed batch: plain Maildir copies are staged in this thread and committed together
+        (workers.maildir.commit: two syncfs for the batch); everything else (directory misses,
+        forwards, programs, cluster hops, quotas) runs message by message on the thread pool."""
+        loaded = [item for item in map(self._load, claims) if item is not None]
+        directory = self.delivery.directory
+        unknown = {envelope.recipients[i].address for _, envelope, _ in loaded for i in envelope.pending("local")
+                   if not directory.cached(envelope.recipients[i].address)[0]}
+        if unknown:  # directory round trips in parallel; failures are met again on the slow path
+            list(self.executor.map(lambda address: lookup_outcome(directory, address), unknown))
+        fast, slow = [], []
+        for item in loaded:
+            (fast if self._batchable(item[1]) else slow).append(item)
+        pending = [self.executor.submit(self._deliver_alone, item) for item in slow]
+        try:
+            batch: list[Staged] = []
+            results = []
+            for spool, envelope, body in fast:
+                outcomes = [(i, self.delivery.deliver(envelope, i, body, batch)) for i in envelope.pending("local")]
+                results.append((spool, envelope, outcomes))
+            committed = dict(zip(map(id, batch), commit(batch), strict=True)) if batch else {}
+            for spool, envelope, outcomes in results:
+                self._settle(spool, envelope, [(i, _resolve(o, committed)) for i, o in outcomes])
+        finally:
+            for future in pending:
+                future.result()
         return claims
+
+
+def _resolve(outcome: Outcome | Staged, committed: dict[int, bool | OSError]) -> Outcome:
+    if not isinstance(outcome, Staged):
+        return outcome
+    result = committed[id(outcome)]
+    if result is True:
+        return Delivered("delivered to maildir")
+    if result is False:
+        return Delivered("already in the maildir (earlier attempt)")
+    log.error("maildir delivery to %s failed: %s", outcome.maildir.path, result)
+    return Deferred("4.3.0", f"Mailbox write failed: {result.strerror}")
 
 
 _stock: LocalJobs | None = None
