@@ -97,10 +97,11 @@ class _CachedInspect:
         return sig
 
     def dir(self, obj: object) -> list[str]:
-        """aiosmtpd scans dir() of the server and the handler for smtp_*/handle_* methods."""
+        """aiosmtpd scans dir() of the server and the handler for smtp_*/handle_* methods (its only
+        use of dir()): the names it keeps, without the 200 others it would test each time."""
         names = self._dir.get(type(obj))
         if names is None:
-            names = self._dir[type(obj)] = dir(obj)
+            names = self._dir[type(obj)] = [n for n in dir(obj) if n.startswith(("smtp_", "handle_"))]
         return names
 
     def __getattr__(self, name: str) -> Any:
@@ -110,25 +111,52 @@ class _CachedInspect:
 _cached = _CachedInspect()
 aiosmtpd.smtp.inspect = _cached  # type: ignore[attr-defined]
 aiosmtpd.smtp.dir = _cached.dir  # type: ignore[attr-defined]  # shadows the builtin in that module only
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _quiet_sanitized_log(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd logs every command line (debug and info) and sanitizes the arguments first, even
+    when its logger drops them (serve sets it to WARNING): two calls per command for nothing."""
+    if aiosmtpd.smtp.log.isEnabledFor(logging.DEBUG if func == aiosmtpd.smtp.log.debug else logging.INFO):
+        _sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _quiet_sanitized_log  # type: ignore[attr-defined]
 
 
 class Server(SMTP):
     """aiosmtpd's protocol with shardmail's reply discipline."""
 
     _raw_replies = False
+    _held: list[bytes] | None = None
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._raw_replies:
-            status = _enhance(status)
-        await super().push(status)
+        """aiosmtpd's push (encode, write, drain), with enhanced codes; lines of a multi-line reply
+        are held and go out in one write (one segment instead of one per EHLO line)."""
+        if isinstance(status, str):
+            if not self._raw_replies:
+                status = _enhance(status)
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        if self._held is not None:
+            self._held.append(status + b"\r\n")
+            return
+        self._writer.write(status + b"\r\n")
+        await self._writer.drain()
 
     async def _verbatim(self, command: Awaitable[None]) -> None:
-        """Run a command whose replies go out as they are (EHLO/HELO carry no enhanced codes)."""
+        """Run a command whose replies go out as they are (EHLO/HELO carry no enhanced codes), in
+        one write."""
         self._raw_replies = True
+        self._held = held = []
         try:
             await command
         finally:
             self._raw_replies = False
+            self._held = None
+            if held:
+                self._writer.write(b"".join(held))
+        if held:
+            await self._writer.drain()
 
     async def smtp_EHLO(self, hostname: str) -> None:
         await self._verbatim(super().smtp_EHLO(hostname))
@@ -204,8 +232,22 @@ class Server(SMTP):
         await self._verbatim(super().smtp_HELO(hostname))
 
 
+_enhanced: dict[str, str] = {}
+
+
 def _enhance(status: str) -> str:
-    """Give a reply line an enhanced status code if it lacks one (RFC 2034)."""
+    """Give a reply line an enhanced status code if it lacks one (RFC 2034); the fixed lines are
+    remembered (the one per message, "queued as <id>", already carries its code)."""
+    known = _enhanced.get(status)
+    if known is not None:
+        return known
+    enhanced = _enhance_line(status)
+    if enhanced is not status and len(_enhanced) < 512:
+        _enhanced[status] = enhanced
+    return enhanced
+
+
+def _enhance_line(status: str) -> str:
     status = _REWRITE.get(status, status)
     code = status[:3]
     if code in _NO_ENHANCED or _HAS_ENHANCED.match(status):
