@@ -134,6 +134,14 @@ class Settings:
     deliveryprogramuser: str = _setting("nobody", "user the delivery programs run as")
     deliveryprogramtimeout: int = _setting(60, "seconds a delivery program may run", POSITIVE)
     autoreplyinterval: int = _setting(86400, "seconds between two auto-replies to the same sender", POSITIVE)
+    doublebounceto: str = _setting("postmaster", "where bounces that cannot be returned go (qmail's doublebounceto)")
+    bouncemaxbytes: int = _setting(50000, "a bounce carries the whole original up to this size, else its headers",
+                                   NONNEGATIVE)
+    sweepinterval: int = _setting(600, "seconds between the scheduler's sweeps of the spool", POSITIVE)
+    releasewindow: int = _setting(10000, "jobs a shard's queue may hold before the scheduler stops adding retries",
+                                  POSITIVE)
+    schedulerprocesses: int = _setting(1, "schedulers started by `shardmail run` (one leads each shard)",
+                                       NONNEGATIVE)
 
     @property
     def spool_root(self) -> Path:

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 FORMAT_VERSION = 1
+DOUBLE_BOUNCE_SENDER = "#@[]"  # qmail's envelope sender for double bounces: sent as <>, and never bounced
 Channel = Literal["local", "remote"]
 CHANNELS: tuple[Channel, ...] = ("local", "remote")
-State = Literal["pending", "delivered", "deferred", "failed"]
-FINAL_STATES = frozenset({"delivered", "failed"})
+State = Literal["pending", "delivered", "deferred", "failed", "bounced"]
+FINAL_STATES = frozenset({"delivered", "failed", "bounced"})  # no further delivery attempt
+# bounced: failed, and its bounce is queued (or, for a failed double bounce, deliberately dropped)
 
 
 class EnvelopeError(ValueError):
@@ -88,6 +90,15 @@ class Envelope:
             if (mark is None or mark.state not in FINAL_STATES)
             and (channel is None or self.recipients[i].channel == channel)
         ]
+
+    def unreported(self) -> list[int]:
+        """Indexes of recipients that failed and have no bounce yet."""
+        return [i for i, mark in enumerate(self.states()) if mark is not None and mark.state == "failed"]
+
+    def done(self) -> bool:
+        """Nothing left to do: every recipient delivered, or failed and bounced. Only then may the
+        entry leave the spool (an accepted message is delivered, bounced, or still queued)."""
+        return all(mark is not None and mark.state in ("delivered", "bounced") for mark in self.states())
 
     def channels(self) -> list[Channel]:
         """Channels that still have work, in a stable order."""
@@ -187,7 +198,7 @@ def _channel(value: object) -> Channel:
     return value  # type: ignore[return-value]
 
 
-_STATES = ("pending", "delivered", "deferred", "failed")
+_STATES = ("pending", "delivered", "deferred", "failed", "bounced")
 
 
 def encode_mark(mark: Mark) -> bytes:

@@ -1,9 +1,17 @@
-"""The only place rq jobs are named, created, claimed and finished.
+"""The only place rq jobs and the scheduler's Redis structures are named, created and consumed.
 
 Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
 ``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``,
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``fail(claim, why)``, ``depths(shards)``;
+for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
+``release_due(shard, entries)``, ``unschedule(shard, id)``, ``settle_key``/``retry_key``;
 ``DELIVER_FUNC`` (the function name the jobs carry, for rq's tools).
+
+Per shard, besides rq's queues and registries: ``<prefix>:settle:s<N>``, a list of
+``<id>:<channel>`` that every finished job adds (the attempt is over: the scheduler looks at what
+it left), and ``<prefix>:retry:s<N>``, a sorted set of ``<id>:<channel>`` scored by the time of
+the next attempt (deferred mail, and mail recovered from the spool: about 100 bytes of Redis each,
+where an rq job costs about 540); the scheduler turns due entries into jobs.
 
 Granularity and consumer (the decision the drain benchmark in ``bench/drain.py`` measures): one
 rq job per message and channel, with a deterministic id ``<message id>-<channel>``, a JSON
@@ -36,7 +44,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
-from core.envelope import Channel
+from core.envelope import CHANNELS, Channel
 
 DELIVER_FUNC = "workers.pool.deliver"
 CLAIM_LEASE = 600  # seconds a claim may run before rq's cleanup considers it abandoned
@@ -50,6 +58,12 @@ for _, id in ipairs(ids) do
 end
 return ids
 """
+
+
+def _member(raw: bytes | str) -> tuple[str, Channel]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    message_id, _, channel = text.rpartition(":")
+    return message_id, channel  # type: ignore[return-value]
 
 
 def queue_name(prefix: str, shard: int, channel: Channel) -> str:
@@ -108,7 +122,8 @@ class Jobs:
                 DELIVER_FUNC,
                 args=[item.shard, item.message_id, item.channel],
                 job_id=job_id(item.message_id, item.channel),
-                description=f"deliver {item.message_id} ({item.recipients} rcpt) via {item.channel}",
+                description=(f"deliver {item.message_id} ({item.recipients} rcpt) via {item.channel}"
+                             if item.recipients else f"retry {item.message_id} via {item.channel}"),
                 result_ttl=0,
                 failure_ttl=7 * 86400,
                 timeout=CLAIM_LEASE,
@@ -135,13 +150,51 @@ class Jobs:
         return claims
 
     def finish(self, claims: Iterable[Claim]) -> None:
-        """The jobs are done (whatever their messages' outcomes): forget them, in one round trip."""
+        """The jobs are done (whatever their messages' outcomes): forget them, and ring the
+        scheduler's doorbell for each (``<id>:<channel>`` on the shard's settle list: it retries,
+        bounces or removes what the attempt left), in one round trip."""
         with self.conn.pipeline(transaction=False) as pipe:
             for claim in claims:
                 registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
                 pipe.zrem(registry_key, f"{claim.job_id}:{claim.execution}")
                 pipe.delete(f"rq:job:{claim.job_id}")
+                pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
             pipe.execute()
+
+    # -- the scheduler's structures ---------------------------------------------------------------
+    def settle_key(self, shard: int) -> str:
+        return f"{self.prefix}:settle:s{shard}"
+
+    def retry_key(self, shard: int) -> str:
+        return f"{self.prefix}:retry:s{shard}"
+
+    def settled(self, shard: int, count: int) -> list[tuple[str, Channel]]:
+        """Take up to ``count`` finished attempts from the shard's settle list."""
+        raw = self.conn.lpop(self.settle_key(shard), count) or []
+        return [_member(x) for x in raw]
+
+    def schedule(self, shard: int, entries: Iterable[tuple[str, Channel, float]]) -> None:
+        """Put (message, channel) into the shard's retry set at a time; an earlier time already
+        there stands (ZADD LT). One round trip."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for message_id, channel, when in entries:
+                pipe.zadd(self.retry_key(shard), {f"{message_id}:{channel}": when}, lt=True)
+            pipe.execute()
+
+    def due(self, shard: int, now: float, count: int) -> list[tuple[str, Channel]]:
+        raw = self.conn.zrangebyscore(self.retry_key(shard), "-inf", now, start=0, num=count)
+        return [_member(x) for x in raw]
+
+    def release_due(self, shard: int, entries: list[tuple[str, Channel]]) -> None:
+        """Due entries become jobs in their queues (then leave the retry set): one round trip. A
+        crash between the two leaves a job and its entry; the entry only rings once more."""
+        if not entries:
+            return
+        self.enqueue(Item(shard, message_id, channel, 0) for message_id, channel in entries)
+        self.conn.zrem(self.retry_key(shard), *(f"{m}:{c}" for m, c in entries))
+
+    def unschedule(self, shard: int, message_id: str) -> None:
+        self.conn.zrem(self.retry_key(shard), *(f"{message_id}:{c}" for c in CHANNELS))
 
     def extend(self, claims: Iterable[Claim]) -> None:
         """Renew the lease of claims still being worked on (a remote pool holds messages for a slow

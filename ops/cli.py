@@ -3,8 +3,9 @@
 Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands:
 ``run`` (supervisor), ``smtpd`` (one ingress process), ``worker local|remote`` (a delivery pool),
 ``sendmail`` (inject; also used when the
-program is invoked under the name ``sendmail``), ``status`` (depth per shard), ``config``
-(validate and print the effective settings).
+program is invoked under the name ``sendmail``), ``scheduler`` (retries, bounces, sweeps),
+``recover`` (rebuild Redis from the spool), ``status`` (depth per shard), ``config`` (validate and
+print the effective settings).
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -110,6 +111,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from scheduler.serve import run_scheduler
+
+    _logging(args.verbose)
+    run_scheduler(_settings(args.config))
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from scheduler.recover import recover
+
+    _logging(args.verbose)
+    return recover(_settings(args.config))
+
+
 def cmd_ldaplookup(args: argparse.Namespace) -> int:
     from ops.ldaplookup import describe
 
@@ -149,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
     lookup.add_argument("-u", dest="uid", help="uid")
     status = sub.add_parser("status", help="queue depth per shard and channel")
     status.add_argument("--json", action="store_true")
+    sub.add_parser("scheduler", help="run the retry scheduler (retries, bounces, sweeps; one leader per shard)")
+    sub.add_parser("recover", help="rebuild every queue in Redis from the spool (after Redis lost its data)")
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     commands = {
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
-        "status": cmd_status, "config": cmd_config,
+        "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
     }
     sys.exit(commands[args.command](args))
 

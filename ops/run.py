@@ -3,15 +3,16 @@
 Interface: ``Supervisor(settings, config_path).run() -> int``. It starts an embedded
 ``redis-server`` when no ``redis_url`` is configured (unix socket under ``var_dir``, persistence
 off: the spool is the ledger, so Redis may forget everything), then ``ingress_processes`` SMTP
-processes, ``localprocesses`` local and ``remoteprocesses`` remote delivery pools (later: the scheduler),
-restarts any child that dies (with a growing delay, logging why), and on SIGTERM or Ctrl-C stops
-the children, Redis last. Without LDAP it creates ``users_ldif`` with a postmaster entry.
+processes, ``localprocesses`` local and ``remoteprocesses`` remote delivery pools and
+``schedulerprocesses`` schedulers, restarts any child that dies (with a growing delay, logging
+why), and on SIGTERM or Ctrl-C stops the children, Redis last. Without LDAP it creates
+``users_ldif`` with a postmaster entry.
 
 Failures: a missing ``redis-server`` binary or a Redis that does not come up is fatal at start
 (exit 69, a clear message). A child that keeps crashing is restarted every 30 s at most.
 
-Settings: ``redis_url``, ``var_dir``, ``ingress_processes``, ``localprocesses``, ``remoteprocesses``, plus
-everything the children read.
+Settings: ``redis_url``, ``var_dir``, ``ingress_processes``, ``localprocesses``, ``remoteprocesses``,
+``schedulerprocesses``, plus everything the children read.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Supervisor:
         children += [Child(f"local-{i}", [*base, "worker", "local"], env) for i in range(self.settings.localprocesses)]
         children += [Child(f"remote-{i}", [*base, "worker", "remote"], env)
                      for i in range(self.settings.remoteprocesses)]
+        children += [Child(f"scheduler-{i}", [*base, "scheduler"], env)
+                     for i in range(self.settings.schedulerprocesses)]
         return children
 
     def run(self) -> int:

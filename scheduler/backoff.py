@@ -25,9 +25,10 @@ SKIP = {"local": 10, "remote": 20}
 
 
 def next_attempt(birth: float, attempted: float, channel: str) -> float:
-    if attempted < birth:
+    age = round(attempted - birth)  # whole seconds, as qmail counts (marks keep milliseconds)
+    if age < 0:
         return attempted
-    root = isqrt(int(attempted - birth)) + SKIP[channel]
+    root = isqrt(age) + SKIP[channel]
     return birth + root * root
 
 

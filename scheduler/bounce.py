@@ -29,9 +29,9 @@ import email.utils
 import re
 from dataclasses import dataclass
 
-from core.envelope import Envelope, Mark
+from core.envelope import DOUBLE_BOUNCE_SENDER, Envelope, Mark
 
-DOUBLE_BOUNCE_SENDER = "#@[]"
+__all__ = ["DOUBLE_BOUNCE_SENDER", "Failure", "addressing", "compose", "failure", "safe_text"]
 TEXT_LIMIT = 900
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _REMOTE = re.compile(r"\bhost ([^\s\[\]]+)\[([^\]\s]*)\]")

@@ -47,7 +47,7 @@ import dns.asyncresolver
 from core import faults
 from core.address import domain_of
 from core.config import Settings
-from core.envelope import Envelope, Mark
+from core.envelope import DOUBLE_BOUNCE_SENDER, Envelope, Mark
 from core.jobs import Claim
 from core.outcome import Deferred, Delivered, Failed, Outcome
 from core.shards import ShardMap
@@ -298,7 +298,7 @@ class RemoteEngine:
             self._record(delivery, [Deferred("4.3.0", f"spool read failed: {exc.strerror}")] * len(delivery.indexes))
             return session
         utf8 = needs_smtputf8(envelope, body)
-        sender = wire_address(envelope.sender, utf8)
+        sender = "" if envelope.sender == DOUBLE_BOUNCE_SENDER else wire_address(envelope.sender, utf8)
         recipients = [wire_address(envelope.recipients[i].address, utf8) for i in delivery.indexes]
         data = wire_data(body)
         for _ in range(2):
@@ -390,7 +390,7 @@ class RemoteEngine:
                 envelope = spool.read(envelope.id)  # the local pool marks the same file
             except FileNotFoundError:
                 return
-        if all(m is not None and m.state == "delivered" for m in envelope.states()):
+        if envelope.done():
             spool.remove(envelope.id)
 
     def claims(self) -> list[Claim]:

@@ -1,0 +1,132 @@
+"""``shardmail scheduler``: retries, bounces and sweeps, one leader per shard.
+
+Interface: ``Scheduler(settings, conn, name)`` with ``run(stop)`` (until the event is set) and
+``step() -> int`` (one pass over the shards it leads; for tests); ``Leases`` (the per-shard lease);
+``run_scheduler(settings)`` (the process, until SIGTERM).
+
+Several schedulers may run (on one node or many): each shard is led by whoever holds its Redis
+lease ``<prefix>:lease:s<N>`` (SET NX with a ``LEASE_MS`` expiry, renewed on every pass by a
+script that renews only a lease still held, so a holder that dies or stalls loses it within
+``LEASE_MS`` and another takes over). For each shard it leads, a pass settles finished attempts
+from the settle list (scheduler.retry), releases due retries into the queues, and every
+``sweepinterval`` seconds (and on taking the lead) sweeps the shard's spool (scheduler.sweep).
+
+Failures: Redis unavailable → the pass is skipped and retried with a growing pause (up to 5 s);
+the spool keeps everything meanwhile and nothing is bounced for it. Disk errors on one message are
+logged by the parts; the loop goes on.
+
+Settings: ``shards``, ``sweepinterval``, ``redis_prefix``, plus those of scheduler.retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+from core.config import Settings
+from core.submit import Submitter
+from scheduler.retry import Settler
+from scheduler.sweep import Sweeper
+
+log = logging.getLogger("shardmail.scheduler")
+LEASE_MS = 15_000
+PASS_WAIT = 0.1  # s between passes when there was nothing to do
+MAX_BACKOFF = 5.0
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+
+class Leases:
+    """Which shards this scheduler leads, renewed (or taken) in one round trip per pass."""
+
+    def __init__(self, conn: redis.Redis, prefix: str, name: str, shards: range) -> None:
+        self.conn = conn
+        self.prefix = prefix
+        self.name = name
+        self.shards = shards
+        self._renew = conn.register_script(_RENEW)
+
+    def key(self, shard: int) -> str:
+        return f"{self.prefix}:lease:s{shard}"
+
+    def held(self) -> list[int]:
+        with self.conn.pipeline(transaction=False) as pipe:
+            for shard in self.shards:
+                self._renew(keys=[self.key(shard)], args=[self.name, LEASE_MS], client=pipe)
+            answers = pipe.execute()
+        return [shard for shard, answer in zip(self.shards, answers, strict=True) if answer]
+
+    def give_up(self, shards: list[int]) -> None:
+        for shard in shards:
+            if self.conn.get(self.key(shard)) == self.name.encode():
+                self.conn.delete(self.key(shard))
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, conn: redis.Redis, name: str | None = None) -> None:
+        self.settings = settings
+        self.settler = Settler(settings, conn, Submitter(settings, conn))
+        self.sweeper = Sweeper(self.settler)
+        self.name = name or f"{socket.gethostname()}.{os.getpid()}.scheduler"
+        self.leases = Leases(conn, settings.redis_prefix, self.name, range(settings.shards))
+        self._swept: dict[int, float] = {}
+        self.led: list[int] = []
+
+    def step(self) -> int:
+        """One pass; returns how much work it found."""
+        self.led = self.leases.held()
+        work = 0
+        for shard in self.led:
+            if time.monotonic() - self._swept.get(shard, -1e9) >= self.settings.sweepinterval:
+                report = self.sweeper.sweep(shard)
+                self._swept[shard] = time.monotonic()
+                if report.scheduled or report.removed or report.corrupt or report.leftovers:
+                    log.info("swept shard %d: %d entries, %d rescheduled, %d bounced, %d removed, %d leftovers, "
+                             "%d corrupt", shard, report.entries, report.scheduled, report.bounced, report.removed,
+                             report.leftovers, len(report.corrupt))
+            work += self.settler.settle_batch(shard)
+            work += self.settler.release(shard)
+        for shard in list(self._swept):
+            if shard not in self.led:
+                del self._swept[shard]  # lost the lead: sweep again on taking it back
+        return work
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = PASS_WAIT
+        log.info("scheduler %s for shards 0-%d", self.name, self.settings.shards - 1)
+        try:
+            while not stop.is_set():
+                try:
+                    work = self.step()
+                    backoff = PASS_WAIT
+                except redis.RedisError as exc:
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    continue
+                if not work:
+                    stop.wait(PASS_WAIT)
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                self.leases.give_up(self.led)
+
+
+def run_scheduler(settings: Settings) -> None:
+    import signal
+
+    from core.redis_conn import connect
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    Scheduler(settings, connect(settings)).run(stop)
