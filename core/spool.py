@@ -179,6 +179,11 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
         for i in range(split):
             self._syncers[i] = _DirSync(self.queue / str(i))
+        # The same directories as plain strings, for the per-message system calls (a pathlib join
+        # and its str() cost more than the call they name)
+        self._tmp_s = f"{self.tmp}/"
+        self._free_s = f"{self.free}/"
+        self._queue_s = [f"{self.queue}/{i}/" for i in range(split)]
 
     def _bucket(self, message_id: str) -> int:
         """The split directory: from the id's arrival time in 0.1 s steps, turning over all of them.
@@ -195,6 +200,9 @@ class Spool:
     def path(self, message_id: str) -> Path:
         return self.queue / str(self._bucket(message_id)) / message_id
 
+    def _path(self, message_id: str) -> str:
+        return self._queue_s[self._bucket(message_id)] + message_id
+
     def write(self, envelope: Envelope, body: bytes) -> Path:
         """Commit envelope + body durably; return the committed path. Raises OSError, leaving nothing."""
         error = self.write_batch([(envelope, body)])[0]
@@ -209,7 +217,7 @@ class Spool:
         errors: list[OSError | None] = [None] * len(items)
         open_files: list[tuple[int, int]] = []  # (index, fd)
         for index, (envelope, body) in enumerate(items):
-            tmp = self.tmp / envelope.id
+            tmp = self._tmp_s + envelope.id
             try:
                 fd, recycled = self._open_tmp(tmp)
             except OSError as exc:
@@ -255,11 +263,11 @@ class Spool:
             try:
                 if error is not None:
                     raise error
-                os.rename(self.tmp / message_id, self.path(message_id))
+                os.rename(self._tmp_s + message_id, self._path(message_id))
                 buckets.setdefault(self._bucket(message_id), []).append(index)
             except OSError as exc:
                 errors[index] = exc
-                _unlink_quietly(self.tmp / message_id)
+                _unlink_quietly(self._tmp_s + message_id)
         faults.crash_point("after_rename")
         shared = _capture(lambda: syncfs(anchor)) if anchor is not None and buckets else None
         for bucket, indexes in buckets.items():
@@ -268,9 +276,9 @@ class Spool:
                 # Not durable: undo, so that a 4xx never leaves a message that is delivered later.
                 for index in indexes:
                     errors[index] = error
-                    _unlink_quietly(self.path(items[index][0].id))
+                    _unlink_quietly(self._path(items[index][0].id))
 
-    def _open_tmp(self, tmp: Path) -> tuple[int, bool]:
+    def _open_tmp(self, tmp: str) -> tuple[int, bool]:
         """A file for a new message at ``tmp``: a recycled one from free/ (overwritten in place by
         the caller, then truncated), else a new one. (fd, recycled)."""
         while True:
@@ -278,7 +286,7 @@ class Spool:
             if name is None:
                 return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), False
             try:
-                os.rename(self.free / name, tmp)
+                os.rename(self._free_s + name, tmp)
             except FileNotFoundError:
                 continue  # another writer took it
             return os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW), True
@@ -302,8 +310,17 @@ class Spool:
 
     def _load(self, message_id: str) -> tuple[Envelope, int, bytes]:
         """Envelope (with marks), body offset, and the file's bytes."""
-        with open(self.path(message_id), "rb") as handle:
-            data = handle.read()
+        fd = os.open(self._path(message_id), os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            data = os.read(fd, size + 1)  # a short read of a regular file is its end
+            if len(data) > size:  # grown since (a mark appended meanwhile): read on to the end
+                chunks = [data]
+                while chunks[-1]:
+                    chunks.append(os.read(fd, 65536))
+                data = b"".join(chunks)
+        finally:
+            os.close(fd)
         return _parse(data)
 
     def read(self, message_id: str) -> Envelope:
@@ -321,7 +338,7 @@ class Spool:
     def mark(self, message_id: str, marks: list[Mark]) -> None:
         """Append outcomes and make them durable before returning (the per-recipient checkpoint)."""
         blob = b"".join(encode_mark(m) for m in marks)
-        fd = os.open(self.path(message_id), os.O_RDWR | os.O_APPEND)
+        fd = os.open(self._path(message_id), os.O_RDWR | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -356,14 +373,14 @@ class Spool:
         """Drop a message whose recipients are all final: its file goes to free/ for reuse (small
         ones; ``size``, the body size, saves a stat) or is deleted. Not fsync'd: if this is lost in
         a crash, the sweep finds every recipient marked and removes the file again."""
-        path = self.path(message_id)
+        path = self._path(message_id)
         try:
             if size is None:
                 size = os.stat(path).st_size
             if size > RECYCLE_MAX:
                 os.unlink(path)
             else:
-                os.rename(path, self.free / f"{next(self._slots) % FREE_SLOTS:04d}")
+                os.rename(path, f"{self._free_s}{next(self._slots) % FREE_SLOTS:04d}")
         except FileNotFoundError:
             pass
 
@@ -475,6 +492,6 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[written:]
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
