@@ -161,6 +161,21 @@ class Server(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         await self._verbatim(super().smtp_EHLO(hostname))
 
+    _deadline = 0.0
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels and re-arms a timer for every command; here the timer stays armed and
+        only the deadline moves: when it fires early, it re-arms for what is left."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+            return
+        super()._timeout_cb()
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """``<local@domain> params`` the quick way; anything unusual (quotes, routes, comments,
         no brackets) goes to aiosmtpd's full RFC 5322 parser, which costs ~120 µs a call."""
@@ -215,7 +230,7 @@ class Server(SMTP):
             self._set_post_data_state()
             await self.push("552 Error: Too much mail data")
             return
-        if any(len(line) > self.line_length_limit - 2 for line in data.split(b"\r\n")):
+        if len(data) > self.line_length_limit - 2 and max(map(len, data.split(b"\r\n"))) > self.line_length_limit - 2:
             self._set_post_data_state()
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import smtplib
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -333,3 +334,22 @@ def test_overlong_line_is_refused_after_the_data(smtp: Callable[[], Conversation
     assert reply.startswith("500 5.5.2")
     assert smtpd.spooled() == []
     assert c.cmd("NOOP").startswith("250")
+
+
+def test_an_idle_client_is_dropped_after_timeoutsmtpd_and_commands_keep_it_alive(
+        node_factory: Callable[..., Node]) -> None:
+    """The timer is re-armed by deadline, not per command: a client that keeps talking past the
+    first deadline stays, one that goes silent is closed about ``timeoutsmtpd`` later."""
+    node = node_factory(timeoutsmtpd="1")
+    node.start_smtpd()
+    c = Conversation(node.port)
+    started = time.monotonic()
+    c.cmd("EHLO client.example")
+    while time.monotonic() - started < 2.0:  # the client's own pace (not a synchronisation)
+        assert c.cmd("NOOP").startswith("250")
+        time.sleep(0.3)
+    silent = time.monotonic()
+    with pytest.raises(ConnectionError):
+        c.reply()  # blocks until the server closes the session
+    assert 0.5 < time.monotonic() - silent < 3.0
+    c.close()
