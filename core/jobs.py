@@ -2,7 +2,8 @@
 
 Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
 ``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``,
-``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``fail(claim, why)``, ``depths(shards)``;
+``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
+``fail(claim, why)``, ``depths(shards)``;
 for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
 ``release_due(shard, entries)``, ``unschedule(shard, id)``, ``settle_key``/``retry_key``;
 ``DELIVER_FUNC`` (the function name the jobs carry, for rq's tools).
@@ -206,6 +207,26 @@ class Jobs:
                 registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
                 pipe.zadd(registry_key, {f"{claim.job_id}:{claim.execution}": expiry}, xx=True)
             pipe.execute()
+
+    def reclaim(self, shard: int, channel: Channel, worker: str) -> int:
+        """Give back every claim recorded under ``worker``: a pool starting under a stable name
+        takes back what its previous life (killed mid-batch) held. Returns how many."""
+        queue = self.queue(shard, channel)
+        entries = [raw.decode() for raw in self.conn.zrange(StartedJobRegistry(queue=queue).key, 0, -1)]
+        if not entries:
+            return 0
+        with self.conn.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.hget(f"rq:job:{entry.partition(':')[0]}", "worker_name")
+            owners = pipe.execute()
+        mine = []
+        for entry, owner in zip(entries, owners, strict=True):
+            if owner is not None and owner.decode() == worker:
+                job, _, execution = entry.partition(":")
+                mine.append(Claim(job, job.rpartition("-")[0], shard, channel, execution))
+        if mine:
+            self.release(mine)
+        return len(mine)
 
     def release(self, claims: Iterable[Claim]) -> None:
         """Give claimed jobs back, at the head of their queues (a pool stopping before it could run

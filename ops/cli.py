@@ -94,14 +94,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "ops.cli", "worker", args.channel, "--shards", args.shards]
         if args.concurrency:
             argv += ["--concurrency", str(args.concurrency)]
-        children = [subprocess.Popen(argv) for _ in range(args.processes)]
+        names = [["--name", f"{args.name}.{i}"] if args.name else [] for i in range(args.processes)]
+        children = [subprocess.Popen(argv + name) for name in names]
         return max(child.wait() for child in children)
     if args.channel == "remote":
         from workers.remote_pool import run_remote
 
         if args.concurrency:
             settings = dataclasses.replace(settings, concurrencyremote=args.concurrency)
-        run_remote(settings, shards)
+        run_remote(settings, shards, args.name)
         return 0
     from workers.pool import run_local
 
@@ -160,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--processes", type=int, default=1)
     worker.add_argument("--concurrency", type=int, default=0,
                         help="deliveries in flight per process (default: concurrencylocal / concurrencyremote)")
+    worker.add_argument("--name", help="a name that stays the same across restarts (run gives its slot's): the "
+                                       "pool then takes back at start what it held when it was killed")
     lookup = sub.add_parser("ldaplookup", help="show a user's entry and what would happen to mail for it")
     lookup.add_argument("-m", dest="mail", help="address")
     lookup.add_argument("-u", dest="uid", help="uid")

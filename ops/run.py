@@ -122,8 +122,10 @@ class Supervisor:
         env = self._env()
         base = [sys.executable, "-m", "ops.cli"]
         children = [Child(f"smtpd-{i}", [*base, "smtpd"], env) for i in range(self.settings.processes)]
-        children += [Child(f"local-{i}", [*base, "worker", "local"], env) for i in range(self.settings.localprocesses)]
-        children += [Child(f"remote-{i}", [*base, "worker", "remote"], env)
+        me = self.settings.me
+        children += [Child(f"local-{i}", [*base, "worker", "local", "--name", f"{me}.local-{i}"], env)
+                     for i in range(self.settings.localprocesses)]
+        children += [Child(f"remote-{i}", [*base, "worker", "remote", "--name", f"{me}.remote-{i}"], env)
                      for i in range(self.settings.remoteprocesses)]
         children += [Child(f"scheduler-{i}", [*base, "scheduler"], env)
                      for i in range(self.settings.schedulerprocesses)]

@@ -9,7 +9,8 @@ lease ``<prefix>:lease:s<N>`` (SET NX with a ``LEASE_MS`` expiry, renewed on eve
 script that renews only a lease still held, so a holder that dies or stalls loses it within
 ``LEASE_MS`` and another takes over). For each shard it leads, a pass settles finished attempts
 from the settle list (scheduler.retry), releases due retries into the queues, and every
-``sweepinterval`` seconds (and on taking the lead) sweeps the shard's spool (scheduler.sweep).
+``sweepinterval`` seconds, and whenever it takes a lease afresh (a new lead, or its own again after
+Redis lost everything), sweeps the shard's spool (scheduler.sweep).
 
 Failures: Redis unavailable → the pass is skipped and retried with a growing pause (up to 5 s);
 the spool keeps everything meanwhile and nothing is bounced for it. Disk errors on one message are
@@ -42,7 +43,7 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 2 or 0
 """
 
 
@@ -60,11 +61,17 @@ class Leases:
         return f"{self.prefix}:lease:s{shard}"
 
     def held(self) -> list[int]:
+        return [shard for shard, fresh in self.renew() if fresh is not None]
+
+    def renew(self) -> list[tuple[int, bool | None]]:
+        """Per shard: None (another leads it), False (still ours) or True (just taken: a new
+        lead, or ours again after Redis forgot everything)."""
         with self.conn.pipeline(transaction=False) as pipe:
             for shard in self.shards:
                 self._renew(keys=[self.key(shard)], args=[self.name, LEASE_MS], client=pipe)
             answers = pipe.execute()
-        return [shard for shard, answer in zip(self.shards, answers, strict=True) if answer]
+        return [(shard, None if not answer else answer == 2) for shard, answer in zip(self.shards, answers,
+                                                                                      strict=True)]
 
     def give_up(self, shards: list[int]) -> None:
         for shard in shards:
@@ -84,10 +91,11 @@ class Scheduler:
 
     def step(self) -> int:
         """One pass; returns how much work it found."""
-        self.led = self.leases.held()
+        leases = [(shard, fresh) for shard, fresh in self.leases.renew() if fresh is not None]
+        self.led = [shard for shard, _ in leases]
         work = 0
-        for shard in self.led:
-            if time.monotonic() - self._swept.get(shard, -1e9) >= self.settings.sweepinterval:
+        for shard, fresh in leases:
+            if fresh or time.monotonic() - self._swept.get(shard, -1e9) >= self.settings.sweepinterval:
                 report = self.sweeper.sweep(shard)
                 self._swept[shard] = time.monotonic()
                 if report.scheduled or report.removed or report.corrupt or report.leftovers:

@@ -3,10 +3,11 @@
 Interface: ``Sweeper(settler)`` with ``sweep(shard, progress=None) -> SweepReport``;
 ``SweepReport`` (counts, and the corrupt entries moved aside).
 
-For one shard: list the doorbells Redis has (jobs in the rq queue, claims in the started registry,
-entries in the retry set and the settle list), then read every committed spool entry. An entry
-with pending recipients on a channel that has no doorbell is settled for that channel (scheduled
-at its computed retry time, or at once when never tried; see scheduler.retry); one with failed,
+For one shard: list the doorbells Redis has (jobs in the rq queue, claims in the started registry
+whose lease has not run out, entries in the retry set and the settle list), then read every
+committed spool entry. An entry with pending recipients on a channel that has no doorbell is
+settled for that channel (scheduled at its computed retry time, or at once when never tried; see
+scheduler.retry); one with failed,
 unbounced recipients gets its bounce; one that is done (every recipient delivered or bounced) is
 removed. Leftovers of interrupted writes in tmp/ older than 36 h are removed, and a tmp/ file
 beside its committed twin (a replayed rename) at once. An entry that does not decode is moved to
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,7 +64,8 @@ class Sweeper:
             queue = self.jobs.queue(shard, channel)
             for raw in conn.lrange(queue.key, 0, -1):
                 known.add(_doorbell(raw.decode().rpartition("-")[0], channel))
-            for raw in conn.zrange(StartedJobRegistry(queue=queue).key, 0, -1):
+            # a claim whose lease ran out belongs to a pool that is gone: it rings no bell
+            for raw in conn.zrangebyscore(StartedJobRegistry(queue=queue).key, time.time(), "+inf"):
                 known.add(_doorbell(raw.decode().partition(":")[0].rpartition("-")[0], channel))
         known.update(x.decode() for x in conn.zrange(self.jobs.retry_key(shard), 0, -1))
         known.update(x.decode() for x in conn.lrange(self.jobs.settle_key(shard), 0, -1))

@@ -62,7 +62,7 @@ def running(tmp_path: Path) -> Iterator[RunningNode]:
         except subprocess.TimeoutExpired:
             node.proc.kill()
             node.proc.wait()
-    for pid in node.pids("redis") + node.pids("smtpd") + node.pids("local") + node.pids("remote"):
+    for pid in [p for name in ("redis", "smtpd", "local", "remote", "scheduler") for p in node.pids(name)]:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
 

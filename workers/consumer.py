@@ -2,7 +2,8 @@
 
 Interface: ``Consumer(jobs, queues, handle, batch=100, name=...)`` with ``run(stop)`` (until the
 event is set) and ``drain() -> int`` (until the queues are empty; for tests and benchmarks);
-``announce(jobs, queues, name)`` (the rq worker registration, for pools with a loop of their own).
+``announce(jobs, queues, name)`` (the rq worker registration, for pools with a loop of their own),
+``take_back(jobs, queues, name)`` (requeue what a killed process of the same name held).
 ``queues`` is a list of (shard, channel); ``handle(claims)`` does the work for a batch and returns
 the claims it is done with (the rest stay started, e.g. while an asynchronous delivery is in
 flight, and are finished later through ``Jobs.finish``).
@@ -55,12 +56,23 @@ def announce(jobs: Jobs, queues: Sequence[tuple[int, Channel]], name: str) -> Wo
     worker = Worker([jobs.queue(shard, channel) for shard, channel in queues], name=name, connection=jobs.conn,
                     serializer=JSONSerializer)
     try:
-        worker.register_birth()
+        try:
+            worker.register_birth()
+        except ValueError:  # our own name, left by a previous life of this pool that was killed
+            worker.register_death()
+            worker.register_birth()
         worker.set_state("busy")
     except (redis.RedisError, ValueError) as exc:
         log.warning("not registered as an rq worker: %s", exc)
         return None
     return worker
+
+
+def take_back(jobs: Jobs, queues: Sequence[tuple[int, Channel]], name: str) -> None:
+    """At start, under a stable name: requeue the claims a killed previous life left behind."""
+    count = sum(jobs.reclaim(shard, channel, name) for shard, channel in queues)
+    if count:
+        log.warning("took back %d jobs that %s held when it last stopped without finishing them", count, name)
 
 
 class Consumer:
@@ -95,13 +107,19 @@ class Consumer:
     def _rq_worker(self) -> Worker | None:
         return announce(self.jobs, self.queues, self.name)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, stable_name: bool = False) -> None:
+        """Until ``stop``; with ``stable_name`` (the supervisor's slot names), claims left under this
+        name by a killed earlier process are requeued first."""
         backoff = IDLE_WAIT
         worker = None
         beat = 0.0
+        reclaimed = not stable_name
         try:
             while not stop.is_set():
                 try:
+                    if not reclaimed:
+                        take_back(self.jobs, self.queues, self.name)
+                        reclaimed = True
                     if worker is None:
                         worker = self._rq_worker()
                     if worker is not None and time.monotonic() - beat > HEARTBEAT:

@@ -1,7 +1,7 @@
 """The remote delivery pool process: ``shardmail worker remote --shards 0-3 --concurrency N``.
 
-Interface: ``run_remote(settings, shards)`` (until SIGTERM or SIGINT); ``serve(settings, shards,
-stop)`` (the same, as a coroutine, for tests and benchmarks).
+Interface: ``run_remote(settings, shards, name=None)`` (until SIGTERM or SIGINT); ``serve(settings,
+shards, stop, name=None)`` (the same, as a coroutine, for tests and benchmarks).
 
 One asyncio loop (uvloop) holds every SMTP session (workers.remote). A claim task takes jobs from
 the shards' remote queues in batches (core.jobs' one-round-trip claim, so rq's queues, started
@@ -41,7 +41,7 @@ from core.envelope import EnvelopeError
 from core.jobs import Claim, Jobs
 from core.redis_conn import connect
 from core.shards import ShardMap
-from workers.consumer import HEARTBEAT, IDLE_WAIT, MAX_BACKOFF, announce
+from workers.consumer import HEARTBEAT, IDLE_WAIT, MAX_BACKOFF, announce, take_back
 from workers.remote import RemoteEngine
 
 log = logging.getLogger("shardmail.remote")
@@ -75,6 +75,9 @@ async def _finisher(jobs: Jobs, done: list[Claim], rpc: ThreadPoolExecutor, stop
 
 
 async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name: str | None = None) -> None:
+    """The pool; ``name`` (stable across restarts, e.g. the supervisor's slot) lets it take back
+    at start the jobs a killed previous process of that name held."""
+    stable = name is not None
     name = name or f"{socket.gethostname()}.{os.getpid()}.remote"
     conn = connect(settings, max_connections=8)
     jobs = Jobs(conn, settings.redis_prefix)
@@ -92,10 +95,14 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
     backoff = IDLE_WAIT
     log.info("remote pool on shards %s: %d sessions, %d per destination", shards, settings.concurrencyremote,
              settings.concurrencydestination)
+    reclaimed = not stable
     try:
         while not stop.is_set():
             taken = 0
             try:
+                if not reclaimed:
+                    await loop.run_in_executor(rpc, take_back, jobs, queues, name)
+                    reclaimed = True
                 if worker is None:
                     worker = await loop.run_in_executor(rpc, announce, jobs, queues, name)
                 if time.monotonic() - beat > HEARTBEAT:
@@ -147,13 +154,13 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
         io.shutdown()
 
 
-def run_remote(settings: Settings, shards: list[int]) -> None:
+def run_remote(settings: Settings, shards: list[int], name: str | None = None) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(settings, shards, stop)
+        await serve(settings, shards, stop, name)
 
     try:
         import uvloop
