@@ -108,7 +108,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if args.concurrency:
         settings = dataclasses.replace(settings, concurrencylocal=args.concurrency)
-    run_local(settings, shards)
+    run_local(settings, shards, args.name)
     return 0
 
 

@@ -186,15 +186,16 @@ def deliver(shard: int, message_id: str, channel: str) -> None:
     _stock.message(Claim(f"{message_id}-{channel}", message_id, shard, "local", ""))
 
 
-def run_local(settings: Settings, shards: list[int]) -> None:
+def run_local(settings: Settings, shards: list[int], name: str | None = None) -> None:
+    """Until SIGTERM; under a stable ``name`` it first takes back what a killed predecessor held."""
     conn = connect(settings, max_connections=settings.concurrencylocal + 4)
     submitter = Submitter(settings, conn)
     delivery = LocalDelivery(settings, open_directory(settings), submitter, conn)
     handler = LocalJobs(settings, delivery, submitter, settings.concurrencylocal)
     consumer = Consumer(Jobs(conn, settings.redis_prefix), [(s, "local") for s in shards], handler,
-                        batch=settings.concurrencylocal * 4)
+                        batch=settings.concurrencylocal * 4, name=name)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     log.info("local pool on shards %s, %d threads", shards, settings.concurrencylocal)
-    consumer.run(stop)
+    consumer.run(stop, stable_name=name is not None)
