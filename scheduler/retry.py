@@ -66,10 +66,19 @@ class Settler:
         for message_id, channel in entries:
             by_message.setdefault(message_id, set()).add(channel)
         for message_id, channels in by_message.items():
-            self.settle(shard, message_id, channels)
+            try:
+                self.settle(shard, message_id, channels)
+            except OSError as exc:  # one entry's disk trouble: the sweep comes back to it
+                log.error("settling %s failed: %s (left for the sweep)", message_id, exc)
         return len(entries)
 
     def settle(self, shard: int, message_id: str, channels: Iterable[Channel]) -> str:
+        try:
+            return self._settle(shard, message_id, channels)
+        except FileNotFoundError:  # finished by someone else while we looked
+            return "gone"
+
+    def _settle(self, shard: int, message_id: str, channels: Iterable[Channel]) -> str:
         spool = self.map.spool(shard)
         try:
             envelope = spool.read(message_id)

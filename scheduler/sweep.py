@@ -9,7 +9,10 @@ committed spool entry. An entry with pending recipients on a channel that has no
 settled for that channel (scheduled at its computed retry time, or at once when never tried; see
 scheduler.retry); one with failed,
 unbounced recipients gets its bounce; one that is done (every recipient delivered or bounced) is
-removed. Leftovers of interrupted writes in tmp/ older than 36 h are removed, and a tmp/ file
+removed. An entry younger than ``MIN_AGE`` without a doorbell is looked at again once it is that
+old: between a commit and its enqueue (milliseconds apart) its doorbell may be on the way, and the
+sweep must not ring a second one (two jobs for one message would deliver it twice).
+Leftovers of interrupted writes in tmp/ older than 36 h are removed, and a tmp/ file
 beside its committed twin (a replayed rename) at once. An entry that does not decode is moved to
 ``corrupt/`` and reported, and the sweep goes on. With an empty Redis this rebuilds every queue
 from the spool alone (``shardmail recover``), and because retry times are a pure function of
@@ -32,12 +35,13 @@ from dataclasses import dataclass, field
 
 from rq.registry import StartedJobRegistry
 
-from core.envelope import CHANNELS, Channel
+from core.envelope import CHANNELS, Channel, id_time, valid_id
 from core.spool import LEFTOVER_AGE
 from scheduler.retry import Settler
 
 log = logging.getLogger("shardmail.sweep")
 SCHEDULE_BATCH = 1000
+MIN_AGE = 2.0  # s: an entry this young may be between its commit and its enqueue (ms apart)
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Sweeper:
         known = self.doorbells(shard)
         now = self.settler.clock()
         batch: list[tuple[str, Channel, float]] = []
+        settled_before = time.time() - MIN_AGE
+        young: list[tuple[str, Channel, float]] = []
         for entry in spool.scan():
             report.entries += 1
             if progress is not None:
@@ -95,16 +101,24 @@ class Sweeper:
             if not missing:
                 report.with_doorbell += 1
                 continue
+            fresh = valid_id(envelope.id) and id_time(envelope.id) > settled_before
             for channel in missing:  # the common case, batched: one round trip per SCHEDULE_BATCH
                 when = self.settler.next_time(envelope, channel, now)
                 if when is not None:
-                    batch.append((envelope.id, channel, when))
-            report.scheduled += 1
+                    (young if fresh else batch).append((envelope.id, channel, when))
+            report.scheduled += not fresh
             if len(batch) >= SCHEDULE_BATCH:
                 self.jobs.schedule(shard, batch)
                 batch = []
         if batch:
             self.jobs.schedule(shard, batch)
+        if young:  # their doorbells may have been on the way: look again once they had time to ring
+            time.sleep(max(0.0, min(MIN_AGE, max(id_time(m) for m, _, _ in young) + MIN_AGE - time.time())))
+            known = self.doorbells(shard)
+            still = [item for item in young if _doorbell(item[0], item[1]) not in known]
+            self.jobs.schedule(shard, still)
+            report.scheduled += len({m for m, _, _ in still})
+            report.with_doorbell += len({m for m, _, _ in young}) - len({m for m, _, _ in still})
         report.leftovers = self._leftovers(spool)
         return report
 

@@ -93,7 +93,8 @@ class LocalJobs:
         self._settle(spool, envelope, outcomes)  # type: ignore[arg-type]
 
     def _settle(self, spool: Spool, envelope: Envelope, outcomes: list[tuple[int, Outcome]]) -> None:
-        """Log and checkpoint the outcomes, and drop the entry once every recipient is final."""
+        """Log and checkpoint the outcomes, and drop the entry once every recipient is delivered or
+        bounced."""
         marks = []
         for index, outcome in outcomes:
             log.info("%s to <%s>: %s %s %s", envelope.id, envelope.recipients[index].address, _state(outcome),
@@ -101,20 +102,21 @@ class LocalJobs:
             marks.append(Mark(index, _state(outcome), outcome.status, outcome.text[:500], time.time()))
         faults.crash_point("before_local_mark")
         pending = envelope.pending()
-        if len(marks) == len(pending) and all(m.state == "delivered" and m.text.startswith(MAILDIR_ONLY)
-                                              for m in marks):
-            # Everything left went into Maildirs just now: no checkpoint is needed before the
-            # unlink, as a repeated attempt finds each copy by its Maildir name (saves an fdatasync).
-            # Forwards and programs are not idempotent, so their messages take the marked path.
+        if (len(marks) == len(pending) and not envelope.unreported()
+                and all(m.state == "delivered" and m.text.startswith(MAILDIR_ONLY) for m in marks)):
+            # Everything left went into Maildirs just now, and no failure waits for its bounce: no
+            # checkpoint is needed before the unlink, as a repeated attempt finds each copy by its
+            # Maildir name (saves an fdatasync). Forwards and programs are not idempotent, so their
+            # messages take the marked path.
             spool.remove(envelope.id, envelope.size)
             return
         if marks:
             spool.mark(envelope.id, marks)
         if len(marks) == len(pending):  # pending was all local: the outcome is known without a re-read
-            done = not envelope.with_marks([*envelope.marks, *marks]).pending()
+            done = envelope.with_marks([*envelope.marks, *marks]).done()
         else:  # the remote channel marks the same file: read what it has recorded
-            done = not spool.read(envelope.id).pending()
-        if done:
+            done = spool.read(envelope.id).done()
+        if done:  # every recipient delivered or bounced: a failed one waits for the scheduler's bounce
             spool.remove(envelope.id, envelope.size)
 
     def _batchable(self, envelope: Envelope) -> bool:
