@@ -256,7 +256,12 @@ class LdapBackend:
         self._ldap3 = ldap3
         # Failover by hand: ldap3's active ServerPool sleeps between rounds when all servers are
         # down (10 s), far beyond ldaptimeout; here each server costs at most one connect timeout.
-        self.servers = [ldap3.Server(url, connect_timeout=settings.ldaptimeout) for url in settings.ldapserver]
+        # get_info=NONE: no schema read at every bind (an extra search per connection), and no
+        # schema on the shared Server objects, which ldap3 swaps unguarded while another thread's
+        # search reads it (seen: AttributeError 'NoneType' ... 'attribute_types' when several
+        # threads bound at once)
+        self.servers = [ldap3.Server(url, connect_timeout=settings.ldaptimeout, get_info=ldap3.NONE)
+                        for url in settings.ldapserver]
         self.base = settings.ldapbasedn
         self.login = settings.ldaplogin or None
         self.password = settings.ldappassword or None

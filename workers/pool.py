@@ -119,6 +119,14 @@ class LocalJobs:
         if done:  # every recipient delivered or bounced: a failed one waits for the scheduler's bounce
             spool.remove(envelope.id, envelope.size)
 
+    def _warm(self, address: str) -> None:
+        """Fill the directory cache (best effort: any failure is met again, and handled, by the
+        message's own delivery)."""
+        try:
+            lookup_outcome(self.delivery.directory, address)
+        except Exception:  # only a cache fill
+            log.debug("directory look-up of %s ahead of its batch failed", address, exc_info=True)
+
     def _batchable(self, envelope: Envelope) -> bool:
         """Every pending local recipient is a known entry whose mail is one Maildir copy."""
         directory = self.delivery.directory
@@ -137,7 +145,7 @@ class LocalJobs:
         unknown = {envelope.recipients[i].address for _, envelope, _ in loaded for i in envelope.pending("local")
                    if not directory.cached(envelope.recipients[i].address)[0]}
         if unknown:  # directory round trips in parallel; failures are met again on the slow path
-            list(self.executor.map(lambda address: lookup_outcome(directory, address), unknown))
+            list(self.executor.map(self._warm, unknown))
         fast, slow = [], []
         for item in loaded:
             (fast if self._batchable(item[1]) else slow).append(item)
