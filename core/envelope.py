@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import time
 import zlib
@@ -141,8 +142,11 @@ def id_time(message_id: str) -> float:
     return int(message_id[:14], 16) / 1e6
 
 
+_ID = re.compile(r"[0-9A-F]{26}")
+
+
 def valid_id(text: str) -> bool:
-    return len(text) == 26 and all(c in "0123456789ABCDEF" for c in text)
+    return _ID.fullmatch(text) is not None
 
 
 def encode(envelope: Envelope) -> bytes:
@@ -163,7 +167,7 @@ def encode(envelope: Envelope) -> bytes:
 
 def decode(line: bytes) -> Envelope:
     try:
-        doc = json.loads(line, parse_constant=_no_constant)
+        doc = _DECODER.decode(line.decode("utf-8") if isinstance(line, bytes | bytearray) else line)
         if not isinstance(doc, dict):
             raise EnvelopeError("envelope is not a JSON object")
         if doc.get("v") != FORMAT_VERSION:
@@ -192,6 +196,9 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # one for all: json.loads with options makes one per call
+
+
 def _channel(value: object) -> Channel:
     if value not in CHANNELS:
         raise EnvelopeError(f"unknown channel {value!r}")
@@ -213,7 +220,7 @@ def decode_marks(blob: bytes) -> list[Mark]:
         if not line:
             continue
         try:
-            index, state, status, text, at = json.loads(line, parse_constant=_no_constant)
+            index, state, status, text, at = _DECODER.decode(line.decode("utf-8"))
             if state not in _STATES or not math.isfinite(float(at)):
                 continue
             marks.append(Mark(int(index), state, str(status), str(text), float(at)))

@@ -89,3 +89,23 @@ def test_redis_away_for_30_seconds_mid_run_bounces_nothing(
     wait_until(lambda: len(sink.transactions) >= count and node.spooled() == [], timeout=120, interval=0.5,
                what="everything delivered after Redis returned")
     delivered_once(sink, count, "d42.test")
+
+
+def test_recover_command_rebuilds_redis_and_says_what_it_did(node_factory: Callable[..., Node],
+                                                              own_redis: RedisServer) -> None:
+    node = node_factory(redis_url=own_redis.url)
+    accepted = queue(node, 300, "far.example")
+    own_redis.client().flushall()
+    result = node.command("recover")
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.decode().strip().splitlines()[-1]
+    assert summary.startswith("recover: 300 messages in 2 shards read in ") and "300 queued again" in summary
+    settings = node.settings()
+    conn = own_redis.client()
+    members = {m.decode() for s in range(settings.shards) for m in conn.zrange(f"shardmail:retry:s{s}", 0, -1)}
+    assert members == {f"{e.id}:remote" for e in accepted}
+    again = node.command("recover")
+    assert "0 queued again, 300 already queued" in again.stderr.decode()
+    own_redis.stop()
+    down = node.command("recover")
+    assert down.returncode == 75 and b"nothing changed" in down.stderr
