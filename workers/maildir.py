@@ -54,6 +54,8 @@ def file_name(birth: float, message_id: str, index: int, size: int, host: str = 
 class Maildir:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._tmp = f"{path}/tmp"  # plain strings for the per-message calls
+        self._new = f"{path}/new"
 
     def _ensure(self) -> None:
         for sub in ("tmp", "new", "cur"):
@@ -62,7 +64,7 @@ class Maildir:
     def has(self, name: str, look_in_cur: bool = True) -> bool:
         """An earlier attempt's copy, in new/ or already seen by a reader (cur/, with flags).
         Looking in cur/ lists it (a big mailbox makes that costly), so first attempts skip it."""
-        if (self.path / "new" / name).exists():
+        if os.path.exists(f"{self._new}/{name}"):
             return True
         if not look_in_cur:
             return False
@@ -91,7 +93,7 @@ class Maildir:
         try:
             _write_all(fd, data)
             os.fsync(fd)
-            directory = os.open(self.path / "new", os.O_RDONLY | os.O_DIRECTORY)
+            directory = os.open(self._new, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 if not _link(fd, directory, name):
                     return False  # this copy was delivered before (or by a racing attempt)
@@ -149,10 +151,10 @@ class Maildir:
     def _tmpfile(self) -> int | None:
         global _tmpfile_ok
         try:
-            return os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
+            return os.open(self._tmp, os.O_WRONLY | os.O_TMPFILE, 0o600)
         except FileNotFoundError:
             self._ensure()
-            return os.open(self.path / "tmp", os.O_WRONLY | os.O_TMPFILE, 0o600)
+            return os.open(self._tmp, os.O_WRONLY | os.O_TMPFILE, 0o600)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 _tmpfile_ok = False
@@ -208,7 +210,7 @@ def commit(staged: list[Staged]) -> list[bool | OSError]:
                     results[index] = error
                     continue
                 try:
-                    directory = os.open(item.maildir.path / "new", os.O_RDONLY | os.O_DIRECTORY)
+                    directory = os.open(item.maildir._new, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         results[index] = _link(item.fd, directory, item.name)
                     finally:
