@@ -1,7 +1,7 @@
 """The only place rq jobs and the scheduler's Redis structures are named, created and consumed.
 
 Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
-``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``,
+``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many``,
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
 ``fail(claim, why)``, ``depths(shards)``;
 for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
@@ -150,6 +150,24 @@ class Jobs:
             claims.append(Claim(text, message_id, shard, channel, execution))
         return claims
 
+    def claim_many(self, shards: Iterable[int], channel: Channel, count: int, worker: str) -> list[Claim]:
+        """``claim`` on several shards' queues in one round trip (up to ``count`` from each)."""
+        shards = list(shards)
+        execution = uuid.uuid4().hex
+        with self.conn.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                queue = self.queue(shard, channel)
+                self._claim(keys=[queue.key, StartedJobRegistry(queue=queue).key],
+                            args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
+                                  execution], client=pipe)
+            answers = pipe.execute()
+        claims = []
+        for shard, ids in zip(shards, answers, strict=True):
+            for raw in ids or []:
+                text = raw.decode() if isinstance(raw, bytes) else raw
+                claims.append(Claim(text, text.rpartition("-")[0], shard, channel, execution))
+        return claims
+
     def finish(self, claims: Iterable[Claim]) -> None:
         """The jobs are done (whatever their messages' outcomes): forget them, and ring the
         scheduler's doorbell for each (``<id>:<channel>`` on the shard's settle list: it retries,
@@ -181,6 +199,16 @@ class Jobs:
             for message_id, channel, when in entries:
                 pipe.zadd(self.retry_key(shard), {f"{message_id}:{channel}": when}, lt=True)
             pipe.execute()
+
+    def pending_work(self, shards: Iterable[int], now: float) -> dict[int, tuple[int, int]]:
+        """Per shard: (finished attempts waiting to be settled, retries due), in one round trip."""
+        shards = list(shards)
+        with self.conn.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.llen(self.settle_key(shard))
+                pipe.zcount(self.retry_key(shard), "-inf", now)
+            answers = pipe.execute()
+        return {shard: (answers[2 * i], answers[2 * i + 1]) for i, shard in enumerate(shards)}
 
     def due(self, shard: int, now: float, count: int) -> list[tuple[str, Channel]]:
         raw = self.conn.zrangebyscore(self.retry_key(shard), "-inf", now, start=0, num=count)

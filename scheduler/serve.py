@@ -37,7 +37,7 @@ from scheduler.sweep import Sweeper
 
 log = logging.getLogger("shardmail.scheduler")
 LEASE_MS = 15_000
-PASS_WAIT = 0.1  # s between passes when there was nothing to do
+PASS_WAIT = 0.2  # s between passes when there was nothing to do (an idle pass: two round trips)
 MAX_BACKOFF = 5.0
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -93,6 +93,7 @@ class Scheduler:
         """One pass; returns how much work it found."""
         leases = [(shard, fresh) for shard, fresh in self.leases.renew() if fresh is not None]
         self.led = [shard for shard, _ in leases]
+        waiting = self.settler.jobs.pending_work(self.led, self.settler.clock()) if self.led else {}
         work = 0
         for shard, fresh in leases:
             if fresh or time.monotonic() - self._swept.get(shard, -1e9) >= self.settings.sweepinterval:
@@ -102,8 +103,11 @@ class Scheduler:
                     log.info("swept shard %d: %d entries, %d rescheduled, %d bounced, %d removed, %d leftovers, "
                              "%d corrupt", shard, report.entries, report.scheduled, report.bounced, report.removed,
                              report.leftovers, len(report.corrupt))
-            work += self.settler.settle_batch(shard)
-            work += self.settler.release(shard)
+            settle, due = waiting.get(shard, (1, 1))
+            if settle:
+                work += self.settler.settle_batch(shard)
+            if due:
+                work += self.settler.release(shard)
         for shard in list(self._swept):
             if shard not in self.led:
                 del self._swept[shard]  # lost the lead: sweep again on taking it back

@@ -85,10 +85,14 @@ class Consumer:
         self.name = name or f"{socket.gethostname()}.{os.getpid()}"
 
     def _round(self) -> int:
-        """One pass over every queue; returns how many jobs it took."""
+        """One pass over every queue (one claim round trip per channel, up to ``batch`` jobs from
+        each of its shards); returns how many jobs it took."""
         taken = 0
+        by_channel: dict[Channel, list[int]] = {}
         for shard, channel in self.queues:
-            claims = self.jobs.claim(shard, channel, self.batch, self.name)
+            by_channel.setdefault(channel, []).append(shard)
+        for channel, shards in by_channel.items():
+            claims = self.jobs.claim_many(shards, channel, self.batch, self.name)
             if not claims:
                 continue
             taken += len(claims)

@@ -110,16 +110,14 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
                         await loop.run_in_executor(rpc, worker.heartbeat, int(HEARTBEAT * 3))
                     await loop.run_in_executor(rpc, jobs.extend, engine.claims())
                     beat = time.monotonic()
-                for shard in shards:
-                    room = settings.remoteactivelimit - engine.in_memory
-                    if room <= 0:
-                        break
-                    claims = await loop.run_in_executor(rpc, jobs.claim, shard, "remote", min(room, BATCH), name)
+                room = settings.remoteactivelimit - engine.in_memory
+                if room > 0:
+                    each = max(1, min(room, BATCH) // len(shards))
+                    claims = await loop.run_in_executor(rpc, jobs.claim_many, shards, "remote", each, name)
                     taken += len(claims)
-                    spool = shard_map.spool(shard)
                     for claim in claims:
                         try:
-                            envelope = spool.read(claim.message_id)
+                            envelope = shard_map.spool(claim.shard).read(claim.message_id)
                         except FileNotFoundError:
                             done.append(claim)  # delivered or withdrawn already
                             continue
