@@ -137,18 +137,7 @@ class Jobs:
 
     def claim(self, shard: int, channel: Channel, count: int, worker: str) -> list[Claim]:
         """Take up to ``count`` jobs in one round trip, recording them as started."""
-        queue = self.queue(shard, channel)
-        execution = uuid.uuid4().hex
-        ids = self._claim(
-            keys=[queue.key, StartedJobRegistry(queue=queue).key],
-            args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE, execution],
-        )
-        claims = []
-        for raw in ids:
-            text = raw.decode() if isinstance(raw, bytes) else raw
-            message_id = text.rpartition("-")[0]
-            claims.append(Claim(text, message_id, shard, channel, execution))
-        return claims
+        return self.claim_many([shard], channel, count, worker)
 
     def claim_many(self, shards: Iterable[int], channel: Channel, count: int, worker: str) -> list[Claim]:
         """``claim`` on several shards' queues in one round trip (up to ``count`` from each)."""
