@@ -92,7 +92,6 @@ class Message:
     envelope: Envelope
     outstanding: int  # deliveries not yet marked
     marks: list[Mark] = field(default_factory=list)
-    started: bool = False  # a delivery of it has begun (a stop must then let it finish or mark it)
 
 
 @dataclass(slots=True)
@@ -207,7 +206,6 @@ class RemoteEngine:
         try:
             while destination.queue and not self.stopping:
                 delivery = destination.queue.popleft()
-                delivery.message.started = True
                 if session is None:
                     session = self._take_idle(destination)
                 session = await self._deliver(destination, delivery, session)
@@ -327,7 +325,6 @@ class RemoteEngine:
         while destination.queue:
             delivery = destination.queue.popleft()
             if delivery.domain == domain:
-                delivery.message.started = True
                 self._record(delivery, [outcome] * len(delivery.indexes))
             else:
                 keep.append(delivery)
