@@ -53,6 +53,8 @@ unlink per message made each create (spool *and* Maildir) cost 0.3-0.6 ms of CPU
 is garbage in every crash state: a rename into or out of free/ that a crash loses leaves a tmp/
 leftover or an entry that is again in queue/ (both handled as above); a name in queue/ whose
 envelope names another id is such a leftover too (``scan`` reports it, it is never delivered).
+A reader that opened an entry just before it was recycled may read the next message in that file:
+every read checks the id inside against the name asked for (``Recycled``, a FileNotFoundError).
 
 Writes come in batches (``write_batch``, used by ingress's group commit): every file of a batch is
 durable before its rename, and each split directory touched is durable before the batch returns;
@@ -115,6 +117,10 @@ class Leftover:
     path: Path
     age: float
     committed: bool  # the same id is already in queue/
+
+
+class Recycled(FileNotFoundError):
+    """A spool name whose file now holds another message: for every reader, that entry is gone."""
 
 
 class _DirSync:
@@ -321,10 +327,16 @@ class Spool:
                 data = b"".join(chunks)
         finally:
             os.close(fd)
-        return _parse(data)
+        parsed = _parse(data)
+        if parsed[0].id != message_id:
+            # the file was recycled between the open and the read (the entry is gone), or, after a
+            # crash without a journal, a stale second name of a reused file (scan reports it)
+            raise Recycled(errno.ENOENT, f"spool entry {message_id} now holds {parsed[0].id}")
+        return parsed
 
     def read(self, message_id: str) -> Envelope:
-        """The envelope with every durable mark. Raises FileNotFoundError or EnvelopeError."""
+        """The envelope with every durable mark. Raises FileNotFoundError (also ``Recycled``: the
+        name now leads to another message's file) or EnvelopeError."""
         return self._load(message_id)[0]
 
     def body(self, message_id: str) -> bytes:
@@ -407,13 +419,14 @@ class Spool:
             path = self.path(message_id)
             try:
                 envelope = self.read(message_id)
+            except Recycled as exc:
+                if path.exists():  # not recycled meanwhile: a stale name (see the crash notes)
+                    yield Entry(message_id, path, None, str(exc))
+                continue
             except FileNotFoundError:
                 continue  # delivered and removed while we looked
             except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
                 yield Entry(message_id, path, None, str(exc))
-                continue
-            if envelope.id != message_id:
-                yield Entry(message_id, path, None, f"envelope names id {envelope.id}")
                 continue
             yield Entry(message_id, path, envelope)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.envelope import Envelope, Mark, Recipient, encode_mark, new_id
-from core.spool import FREE_SLOTS, LEFTOVER_AGE, RECYCLE_MAX, Spool
+from core.spool import FREE_SLOTS, LEFTOVER_AGE, RECYCLE_MAX, Recycled, Spool
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = b"Subject: test\r\n\r\n" + b"".join(b"line %d of the body\r\n" % i for i in range(200))
@@ -145,6 +145,21 @@ def test_a_free_file_taken_by_another_writer_is_skipped(spool: Spool) -> None:
     envelope = make()
     spool.write(envelope, BODY)
     assert spool.body(envelope.id) == BODY and spool._free_names == []
+
+
+def test_a_name_leading_to_another_message_is_no_entry_for_readers(spool: Spool) -> None:
+    """A reader that opened an entry as it was recycled, or a stale second name after a crash:
+    the id inside decides; the scan reports a stale name that stays."""
+    envelope = make()
+    spool.write(envelope, BODY)
+    stale = make()
+    os.link(spool.path(envelope.id), spool.path(stale.id))
+    with pytest.raises(Recycled):
+        spool.load(stale.id)
+    with pytest.raises(FileNotFoundError):
+        spool.read(stale.id)
+    found = {entry.id: entry.error for entry in spool.scan()}
+    assert found[envelope.id] == "" and "holds" in found[stale.id]
 
 
 def test_withdraw(spool: Spool) -> None:
