@@ -83,7 +83,8 @@ class Settings:
     smtpgreeting: str = _setting("", "text after 220 in the greeting; default: me")
     smtp_listen: list[str] = _setting(["127.0.0.1:2525"], "SMTP listeners, host:port", _listen_list)
     ingress_processes: int = _setting(0, "SMTP processes sharing the port (0 = one per core)", NONNEGATIVE)
-    ingress_threads: int = _setting(2, "group-commit threads per SMTP process", POSITIVE)
+    ingress_threads: int = _setting(1, "group-commit threads per SMTP process (one commits bigger batches)",
+                                    POSITIVE)
     queuelifetime: int = _setting(604800, "seconds a message may stay queued", POSITIVE)
     concurrencylocal: int = _setting(10, "local deliveries in flight per local delivery process", POSITIVE)
     concurrencyremote: int = _setting(200, "SMTP sessions in flight per remote delivery process", POSITIVE)
