@@ -76,6 +76,20 @@ def test_mark_is_in_the_file_and_read_back(tmp_path: Path, spool: Spool) -> None
     assert reopened.body(envelope.id) == BODY
 
 
+def test_marks_of_several_entries_in_one_group_commit(spool: Spool) -> None:
+    envelopes = [make() for _ in range(3)]
+    for envelope in envelopes:
+        spool.write(envelope, BODY)
+    gone = make()
+    items = [(e.id, [Mark(0, "delivered", "2.0.0", f"250 ok {i}", 1_700_000_000.0)]) for i, e in enumerate(envelopes)]
+    results = spool.mark_many([*items[:2], (gone.id, items[0][1]), items[2]])
+    assert results[:2] == [None, None] and results[3] is None
+    assert isinstance(results[2], FileNotFoundError)  # only the missing entry fails
+    assert [spool.read(e.id).marks[0].text for e in envelopes] == ["250 ok 0", "250 ok 1", "250 ok 2"]
+    assert spool.mark_many([items[0]]) == [None]  # a single entry: an fdatasync of its own
+    assert len(spool.read(envelopes[0].id).marks) == 2
+
+
 def test_torn_mark_does_not_swallow_the_next(spool: Spool) -> None:
     envelope = make()
     spool.write(envelope, BODY)

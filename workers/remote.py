@@ -17,8 +17,9 @@ when the queue is empty. When every hop of a destination fails (refused, hanging
 everything queued for it is deferred at once with that reason, instead of each delivery waiting
 for the same timeouts in turn.
 
-Each delivery's outcomes are appended to the spool entry (one ``write`` + ``fdatasync``: the
-per-recipient checkpoint) on the ``io`` thread pool, off the loop; when all of a message's
+Each delivery's outcomes are appended to the spool entry (the per-recipient checkpoint) on the
+``io`` thread pool, off the loop, as group commits: the checkpoints that arrive while one flush
+runs go together in the next (Spool.mark_many: appends, then one flush); when all of a message's
 deliveries are marked and every recipient of every channel is delivered, the entry is removed (one
 with a failed recipient waits for its bounce), and then ``on_done(claim)`` lets the caller finish
 the job.
@@ -92,6 +93,7 @@ class Message:
     envelope: Envelope
     outstanding: int  # deliveries not yet marked
     marks: list[Mark] = field(default_factory=list)
+    unsafe: bool = False  # a checkpoint of it failed: it must not leave the spool
 
 
 @dataclass(slots=True)
@@ -106,7 +108,8 @@ class Destination:
     key: str
     static: Hop | None
     queue: deque[Delivery] = field(default_factory=deque)
-    active: int = 0
+    active: int = 0  # sessions running
+    starting: int = 0  # of those, the ones that have not taken their first delivery yet
     idle: list[tuple[Session, asyncio.TimerHandle]] = field(default_factory=list)
     hops: list[Hop] | None = None
     hops_until: float = 0.0
@@ -132,7 +135,9 @@ class RemoteEngine:
         self.room.set()
         self.stopping = False
         self._sessions: set[asyncio.Task[None]] = set()
-        self._marking: set[asyncio.Future[None]] = set()
+        self._marking: set[asyncio.Future[None]] = set()  # entries being finished (removed) on io threads
+        self._unmarked: list[tuple[Message, list[Mark]]] = []  # checkpoints waiting for the flusher
+        self._flusher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._messages: dict[str, Message] = {}
 
@@ -174,7 +179,9 @@ class RemoteEngine:
 
     # -- scheduling -----------------------------------------------------------------------------
     def _wake(self, destination: Destination) -> None:
-        while destination.queue and destination.active < self.per_destination and not self.stopping:
+        """Sessions for what is queued: one per delivery not yet taken by a session about to start."""
+        while (len(destination.queue) > destination.starting and destination.active < self.per_destination
+               and not self.stopping):
             if self.active >= self.limit:
                 if not destination.waiting:
                     destination.waiting = True
@@ -184,6 +191,7 @@ class RemoteEngine:
 
     def _start(self, destination: Destination) -> None:
         destination.active += 1
+        destination.starting += 1
         self.active += 1
         task = asyncio.get_running_loop().create_task(self._session(destination))
         self._sessions.add(task)
@@ -194,18 +202,22 @@ class RemoteEngine:
         while self.turns and self.active < self.limit and not self.stopping:
             destination = self.turns.popleft()
             destination.waiting = False
-            if destination.queue and destination.active < self.per_destination:
+            if len(destination.queue) > destination.starting and destination.active < self.per_destination:
                 self._start(destination)
-                if destination.queue and destination.active < self.per_destination:
+                if len(destination.queue) > destination.starting and destination.active < self.per_destination:
                     destination.waiting = True
                     self.turns.append(destination)
 
     # -- sessions -------------------------------------------------------------------------------
     async def _session(self, destination: Destination) -> None:
         session: Session | None = None
+        starting = True
         try:
             while destination.queue and not self.stopping:
                 delivery = destination.queue.popleft()
+                if starting:
+                    destination.starting -= 1
+                    starting = False
                 if session is None:
                     session = self._take_idle(destination)
                 session = await self._deliver(destination, delivery, session)
@@ -213,6 +225,8 @@ class RemoteEngine:
                     await session.quit()
                     session = None
         finally:
+            if starting:
+                destination.starting -= 1
             destination.active -= 1
             self.active -= 1
             if session is not None:
@@ -341,28 +355,48 @@ class RemoteEngine:
                      state, outcome.status, outcome.text)
             marks.append(Mark(index, state, outcome.status, outcome.text[:500], now))  # type: ignore[arg-type]
         message.marks.extend(marks)
-        future = asyncio.get_running_loop().run_in_executor(self.io, self._checkpoint, message, marks)
-        self._marking.add(future)
-        future.add_done_callback(lambda f: self._marked(f, message))
+        self._unmarked.append((message, marks))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    def _checkpoint(self, message: Message, marks: list[Mark]) -> None:
+    async def _flush(self) -> None:
+        """Checkpoints as group commits: one at a time, each taking every checkpoint that came in
+        meanwhile (appends, then one flush per shard; see Spool.mark_many)."""
+        loop = asyncio.get_running_loop()
+        while self._unmarked:
+            batch, self._unmarked = self._unmarked, []
+            try:
+                errors = await loop.run_in_executor(self.io, self._checkpoint, batch)
+            except Exception as exc:  # a bug, not a disk: no checkpoint of the batch is known durable
+                log.exception("checkpoints failed")
+                errors = [exc] * len(batch)  # type: ignore[list-item]
+            for (message, _), error in zip(batch, errors, strict=True):
+                self._marked(message, error)
+
+    def _checkpoint(self, batch: list[tuple[Message, list[Mark]]]) -> list[OSError | None]:
         """On an io thread: make the marks durable (the per-recipient checkpoint)."""
-        if marks:
-            with contextlib.suppress(FileNotFoundError):
-                self.map.spool(message.claim.shard).mark(message.envelope.id, marks)
+        errors: list[OSError | None] = [None] * len(batch)
+        by_shard: dict[int, list[int]] = {}
+        for i, (message, marks) in enumerate(batch):
+            if marks:
+                by_shard.setdefault(message.claim.shard, []).append(i)
+        for shard, indexes in by_shard.items():
+            results = self.map.spool(shard).mark_many([(batch[i][0].envelope.id, batch[i][1]) for i in indexes])
+            for i, error in zip(indexes, results, strict=True):
+                errors[i] = None if isinstance(error, FileNotFoundError) else error  # gone: nothing to keep
+        return errors
 
-    def _marked(self, future: asyncio.Future[None], message: Message) -> None:
-        self._marking.discard(future)
-        if future.exception() is not None:
-            log.error("checkpoint of %s failed: %s (the sweep will retry it)", message.envelope.id,
-                      future.exception())
+    def _marked(self, message: Message, error: BaseException | None) -> None:
+        if error is not None:
+            log.error("checkpoint of %s failed: %s (the sweep will come back to it)", message.envelope.id, error)
+            message.unsafe = True
         message.outstanding -= 1
         if message.outstanding:
             return
         self._messages.pop(message.claim.job_id, None)
         self._count(-1)
-        if future.exception() is not None:
-            self.on_done(message.claim)  # its marks are not durable: the sweep brings it back
+        if message.unsafe:
+            self.on_done(message.claim)  # some marks are not durable: the entry stays for the sweep
             return
         done = asyncio.get_running_loop().run_in_executor(self.io, self._finish_message, message)
         self._marking.add(done)
@@ -410,8 +444,8 @@ class RemoteEngine:
                 session, timer = destination.idle.pop()
                 timer.cancel()
                 session.abort()
-        while self._marking:
-            await asyncio.wait(set(self._marking))
+        while self._marking or (self._flusher is not None and not self._flusher.done()):
+            await asyncio.wait({*self._marking, *([self._flusher] if self._flusher else [])})
         left = [m.claim for m in self._messages.values()]
         self._messages.clear()
         return left

@@ -48,7 +48,7 @@ log = logging.getLogger("shardmail.remote")
 BATCH = 200  # jobs per claim round trip
 FINISH_EVERY = 0.05  # s
 STOP_GRACE = 10.0  # s for the transactions in flight when the pool stops
-IO_THREADS = 4  # spool checkpoints: fdatasyncs run side by side
+IO_THREADS = 2  # checkpoint group commits (one at a time) and removals of finished entries
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
