@@ -14,7 +14,8 @@ Routing is static on both sides (shardmail's ``smtproutes``, Postfix's ``transpo
 DNS is involved. shardmail: ``shardmail run`` with ``remoteprocesses = 0`` while loading, then one
 ``shardmail worker remote``; Postfix: a private instance (bench/postfix_peer.py) loading with
 ``defer_transports = smtp``, released by ``postfix reload`` + ``postqueue -f``. Peak memory is
-the sum of PSS: shardmail's remote pool and Redis, every Postfix process. Sides alternate for
+the sum of PSS: shardmail's remote pool and Redis, every Postfix process; CPU per message is theirs
+too, over the drain (a figure the machine's noise moves less than the rate). Sides alternate for
 ``--rounds`` rounds and the medians give the ratio. Loopback only; everything stops by itself.
 
     .venv/bin/python -m bench.remote_delivery [--scenario fast|slow|both] [--rounds 1]
@@ -36,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.ingress import wait_banner
+from bench.local_delivery import cpu_ticks
 from bench.postfix_peer import ensure_postfix_tools, peak_memory_sampler, postfix_instance, with_descendants
 from bench.smtp_load import run_load
 
@@ -104,7 +106,13 @@ def spooled(root: Path) -> int:
     return total
 
 
-def run_shardmail(workdir: Path, scenario: str, messages: int, args: argparse.Namespace) -> tuple[float, float]:
+def cpu_ms(pids: set[int]) -> float:
+    """User + system CPU of these processes, their threads and reaped children, in ms."""
+    return sum(sum(cpu_ticks(pid)) for pid in pids) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def run_shardmail(workdir: Path, scenario: str, messages: int, args: argparse.Namespace
+                  ) -> tuple[float, float, float]:
     port = 2529
     routes = ",".join(f"{domain}:{address}:{SINK_PORT}" for domain, address in destinations(scenario))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
@@ -129,10 +137,12 @@ def run_shardmail(workdir: Path, scenario: str, messages: int, args: argparse.Na
         started = time.perf_counter()
         pool = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "remote"], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
+        cpu_before = cpu_ms(set(redis_pid))
         with peak_memory_sampler(lambda: {pool.pid, *redis_pid}) as sampler:
             wait_until_empty(lambda: spooled(spool))
             seconds = time.perf_counter() - started
-        return messages / seconds, sampler.peak_mib
+            cpu = cpu_ms({pool.pid, *redis_pid}) - cpu_before  # the pool's start-up included
+        return messages / seconds, sampler.peak_mib, cpu / messages
     finally:
         for proc in (pool, supervisor):
             if proc is not None and proc.poll() is None:
@@ -148,7 +158,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def run_postfix(workdir: Path, scenario: str, messages: int) -> tuple[float, float]:
+def run_postfix(workdir: Path, scenario: str, messages: int) -> tuple[float, float, float]:
     port = 2530
     transport = workdir / "transport"
     transport.parent.mkdir(parents=True, exist_ok=True)
@@ -167,14 +177,17 @@ def run_postfix(workdir: Path, scenario: str, messages: int) -> tuple[float, flo
         deadline = time.monotonic() + 120
         while _incoming(inst.queue_dir) and time.monotonic() < deadline:  # every message through cleanup/qmgr
             time.sleep(0.1)
+        master = inst.master_pid()
+        cpu_before = cpu_ms({master}) if master else 0.0  # smtp and qmgr are its children, reaped by it
         started = time.perf_counter()
         inst.postfix("reload")
         subprocess.run([str(ensure_postfix_tools() / "postqueue"), "-c", str(inst.config_dir), "-f"], check=True,
-                       timeout=60)
+                       timeout=60, capture_output=True)
         with peak_memory_sampler(inst.pids) as sampler:
             inst.wait_queue_empty(DRAIN_TIMEOUT)
             seconds = time.perf_counter() - started
-        return messages / seconds, sampler.peak_mib
+            cpu = cpu_ms(inst.pids()) - cpu_before  # master, its reaped children, and those still running
+        return messages / seconds, sampler.peak_mib, cpu / messages
 
 
 def _incoming(queue_dir: Path) -> int:
@@ -182,7 +195,7 @@ def _incoming(queue_dir: Path) -> int:
 
 
 def scenario_run(scenario: str, messages: int, args: argparse.Namespace) -> None:
-    results: dict[str, list[tuple[float, float]]] = {"shardmail": [], "postfix": []}
+    results: dict[str, list[tuple[float, float, float]]] = {"shardmail": [], "postfix": []}
     with sinks(scenario):
         for round_no in range(args.rounds):
             order = ["shardmail", "postfix"] if round_no % 2 == 0 else ["postfix", "shardmail"]
@@ -193,18 +206,21 @@ def scenario_run(scenario: str, messages: int, args: argparse.Namespace) -> None
                     subprocess.run(["sync"], check=False)
                     time.sleep(2)
                     run = run_shardmail if side == "shardmail" else run_postfix
-                    rate, peak = (run(workdir, scenario, messages, args) if side == "shardmail"
-                                  else run(workdir, scenario, messages))  # type: ignore[call-arg]
-                    results[side].append((rate, peak))
-                    print(f"{scenario} round {round_no + 1} {side}: {rate:.1f} msg/s, peak PSS {peak:.0f} MiB",
-                          flush=True)
+                    rate, peak, cpu = (run(workdir, scenario, messages, args) if side == "shardmail"
+                                       else run(workdir, scenario, messages))  # type: ignore[call-arg]
+                    results[side].append((rate, peak, cpu))
+                    print(f"{scenario} round {round_no + 1} {side}: {rate:.1f} msg/s, peak PSS {peak:.0f} MiB, "
+                          f"CPU {cpu:.2f} ms/msg", flush=True)
                 finally:
                     shutil.rmtree(workdir, ignore_errors=True)
-    ours = statistics.median(r for r, _ in results["shardmail"])
-    theirs = statistics.median(r for r, _ in results["postfix"])
+    ours = statistics.median(r for r, _, _ in results["shardmail"])
+    theirs = statistics.median(r for r, _, _ in results["postfix"])
+    cpu_ours = statistics.median(c for _, _, c in results["shardmail"])
+    cpu_theirs = statistics.median(c for _, _, c in results["postfix"])
     print(f"{scenario}: shardmail {ours:.1f} msg/s, Postfix {theirs:.1f} msg/s, ratio {ours / theirs:.2f}x; "
-          f"peak PSS shardmail {max(p for _, p in results['shardmail']):.0f} MiB, "
-          f"Postfix {max(p for _, p in results['postfix']):.0f} MiB", flush=True)
+          f"peak PSS shardmail {max(p for _, p, _ in results['shardmail']):.0f} MiB, "
+          f"Postfix {max(p for _, p, _ in results['postfix']):.0f} MiB; CPU per message shardmail "
+          f"{cpu_ours:.2f} ms, Postfix {cpu_theirs:.2f} ms", flush=True)
 
 
 def main() -> None:
