@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from core.jobs import Item, Jobs
 from core.redis_conn import connect
 from core.submit import Draft, Submitter
 from tests.conftest import Node, wait_until
@@ -27,16 +26,12 @@ def test_killed_mid_delivery_then_retried_leaves_exactly_one_copy(
     envelopes = [submitter.accept(Draft(submitter.new_id(), "a@example.net", [f"user{i}@test.example"],
                                         f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())) for i in range(5)]
     inbox = tmp_path / "mail" / "catchall" / "new"
-    argv = [sys.executable, "-m", "ops.cli", "worker", "local"]
+    argv = [sys.executable, "-m", "ops.cli", "worker", "local", "--name", "local-0"]  # a supervisor's slot name
     crashed = subprocess.run(argv, env=dict(node.env, SHARDMAIL_CRASH_AT=checkpoint), capture_output=True, timeout=60)
     assert crashed.returncode == -9
     assert 1 <= len(list(inbox.iterdir())) <= 5
     assert len(node.spooled()) >= 1  # at least the message being marked is still queued
-    # the sweep's part (issue 5): a spooled message whose job is not waiting in a queue gets one back
-    jobs = Jobs(connect(settings), settings.redis_prefix)
-    waiting = {j for s in range(settings.shards) for j in jobs.queue(s, "local").get_job_ids()}
-    jobs.enqueue([Item(e.shard, e.id, "local") for e in envelopes
-                  if e.id in node.spooled() and f"{e.id}-local" not in waiting])
+    # restarted under its name, the pool takes back the jobs its killed predecessor had claimed
     worker = subprocess.Popen(argv, env=node.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: node.spooled() == [], timeout=30)
