@@ -4,8 +4,8 @@ Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-co
 ``run`` (supervisor), ``smtpd`` (one ingress process), ``worker local|remote`` (a delivery pool),
 ``sendmail`` (inject; also used when the
 program is invoked under the name ``sendmail``), ``scheduler`` (retries, bounces, sweeps),
-``recover`` (rebuild Redis from the spool), ``status`` (depth per shard), ``config`` (validate and
-print the effective settings).
+``recover`` (rebuild Redis from the spool), ``status`` (depth per shard), ``qshape`` (domains by
+age), ``config`` (validate and print the effective settings).
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -127,6 +127,22 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return recover(_settings(args.config))
 
 
+def cmd_qshape(args: argparse.Namespace) -> int:
+    import time
+
+    from ops.qshape import render, shape
+    from workers.pool import parse_shards
+
+    settings = _settings(args.config)
+    try:
+        shards = parse_shards(args.shard, settings.shards)
+    except ValueError as exc:
+        print(f"shardmail: --shard: {exc}", file=sys.stderr)
+        return 64
+    print(render(shape(settings, shards, args.which, args.by, time.time()), args.top))
+    return 0
+
+
 def cmd_ldaplookup(args: argparse.Namespace) -> int:
     from ops.ldaplookup import describe
 
@@ -170,6 +186,11 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     sub.add_parser("scheduler", help="run the retry scheduler (retries, bounces, sweeps; one leader per shard)")
     sub.add_parser("recover", help="rebuild every queue in Redis from the spool (after Redis lost its data)")
+    qshape = sub.add_parser("qshape", help="queued recipients by domain and age (like Postfix's qshape)")
+    qshape.add_argument("which", nargs="?", choices=["ready", "deferred", "all"], default="all")
+    qshape.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
+    qshape.add_argument("--by", choices=["recipient", "sender"], default="recipient")
+    qshape.add_argument("--top", type=int, default=0, help="only the N biggest domains")
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top
@@ -186,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
+        "qshape": cmd_qshape,
     }
     sys.exit(commands[args.command](args))
 
