@@ -31,6 +31,17 @@ def _settings(path: str | None) -> Settings:
         sys.exit(EX_CONFIG)
 
 
+def _shards(text: str, settings: Settings, option: str) -> list[int]:
+    """A shard list option ("0-3,5", "all"), or exit 64 (EX_USAGE) with one line saying why."""
+    from workers.pool import parse_shards
+
+    try:
+        return parse_shards(text, settings.shards)
+    except ValueError as exc:
+        print(f"shardmail: {option}: {exc}", file=sys.stderr)
+        sys.exit(64)
+
+
 def _logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -79,15 +90,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from workers.pool import parse_shards
-
     _logging(args.verbose)
     settings = _settings(args.config)
-    try:
-        shards = parse_shards(args.shards, settings.shards)
-    except ValueError as exc:
-        print(f"shardmail: --shards: {exc}", file=sys.stderr)
-        return 64
+    shards = _shards(args.shards, settings, "--shards")
     if args.processes > 1:
         import subprocess
 
@@ -131,14 +136,9 @@ def cmd_qshape(args: argparse.Namespace) -> int:
     import time
 
     from ops.qshape import render, shape
-    from workers.pool import parse_shards
 
     settings = _settings(args.config)
-    try:
-        shards = parse_shards(args.shard, settings.shards)
-    except ValueError as exc:
-        print(f"shardmail: --shard: {exc}", file=sys.stderr)
-        return 64
+    shards = _shards(args.shard, settings, "--shard")
     print(render(shape(settings, shards, args.which, args.by, time.time()), args.top))
     return 0
 
