@@ -1,7 +1,8 @@
 """The only place rq jobs and the scheduler's Redis structures are named, created and consumed.
 
 Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
-``Jobs(conn, prefix)`` with ``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many``,
+``pause_key(prefix, shard)``, ``Jobs(conn, prefix)`` with ``enqueue(items)``,
+``claim(shard, channel, count, worker)``, ``claim_many``,
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
 ``fail(claim, why)``, ``depths(shards)``;
 for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
@@ -13,6 +14,9 @@ Per shard, besides rq's queues and registries: ``<prefix>:settle:s<N>``, a list 
 it left), and ``<prefix>:retry:s<N>``, a sorted set of ``<id>:<channel>`` scored by the time of
 the next attempt (deferred mail, and mail recovered from the spool: about 100 bytes of Redis each,
 where an rq job costs about 540); the scheduler turns due entries into jobs.
+``<prefix>:tally:<unix minute>`` (a hash living ``TALLY_TTL`` seconds) counts jobs enqueued
+(``in:s<N>:<channel>``: new mail and released retries) and finished (``out:...``) per minute, one
+HINCRBY per shard and channel in the pipeline that does the work, for ``shardmail status``'s rates.
 
 Granularity and consumer (the decision the drain benchmark in ``bench/drain.py`` measures): one
 rq job per message and channel, with a deterministic id ``<message id>-<channel>``, a JSON
@@ -51,8 +55,10 @@ from core.envelope import CHANNELS, Channel
 DELIVER_FUNC = "workers.pool.deliver"
 CLAIM_LEASE = 600  # seconds a claim may run before rq's cleanup considers it abandoned
 FAILURE_TTL = 7 * 86400  # seconds a job that raised stays in rq's failed registry
+TALLY_TTL = 180  # seconds a per-minute tally hash lives (``shardmail status`` reads this minute's and the last)
 
 _CLAIM = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
 local ids = redis.call('LPOP', KEYS[1], ARGV[1])
 if not ids then return {} end
 for _, id in ipairs(ids) do
@@ -73,19 +79,28 @@ def queue_name(prefix: str, shard: int, channel: Channel) -> str:
     return f"{prefix}.s{shard}.{channel}"
 
 
+def pause_key(prefix: str, shard: int) -> str:
+    """While this key exists (the rebalancer holds it, with an expiry), nothing is claimed from the
+    shard's queues."""
+    return f"{prefix}:paused:s{shard}"
+
+
 def job_id(message_id: str, channel: Channel) -> str:
     return f"{message_id}-{channel}"
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A job taken from a queue by a consumer: which message, which channel, under which execution."""
+    """A job taken from a queue by a consumer: which message, which channel, under which execution.
+    ``settle=False`` (set by a consumer that removed the spool entry itself: nothing is left to
+    retry or bounce) finishes the job without ringing the scheduler's doorbell."""
 
     job_id: str
     message_id: str
     shard: int
     channel: Channel
     execution: str
+    settle: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +141,10 @@ class Jobs:
         object per message and took about 45 % of the ingress commit thread's Python time."""
         stamp = utcformat(now())
         queues: set[str] = set()
+        tally: dict[tuple[int, str], int] = {}
         with self.conn.pipeline(transaction=False) as pipe:
             for item in items:
+                tally[item.shard, item.channel] = tally.get((item.shard, item.channel), 0) + 1
                 ident = job_id(item.message_id, item.channel)
                 name = queue_name(self.prefix, item.shard, item.channel)
                 description = (f"deliver {item.message_id} ({item.recipients} rcpt) via {item.channel}"
@@ -141,6 +158,7 @@ class Jobs:
                 queues.add(f"rq:queue:{name}")
             if queues:
                 pipe.sadd("rq:queues", *queues)
+            self._tally(pipe, "in", tally)
             pipe.execute()
 
     def claim(self, shard: int, channel: Channel, count: int, worker: str) -> list[Claim]:
@@ -154,7 +172,7 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for shard in shards:
                 queue = self.queue(shard, channel)
-                self._claim(keys=[queue.key, StartedJobRegistry(queue=queue).key],
+                self._claim(keys=[queue.key, StartedJobRegistry(queue=queue).key, pause_key(self.prefix, shard)],
                             args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
                                   execution], client=pipe)
             answers = pipe.execute()
@@ -168,14 +186,33 @@ class Jobs:
     def finish(self, claims: Iterable[Claim]) -> None:
         """The jobs are done (whatever their messages' outcomes): forget them, and ring the
         scheduler's doorbell for each (``<id>:<channel>`` on the shard's settle list: it retries,
-        bounces or removes what the attempt left), in one round trip."""
+        bounces or removes what the attempt left) unless its claim says ``settle=False`` (the
+        entry is gone already: the scheduler would only find it missing), in one round trip."""
+        tally: dict[tuple[int, str], int] = {}
         with self.conn.pipeline(transaction=False) as pipe:
             for claim in claims:
+                tally[claim.shard, claim.channel] = tally.get((claim.shard, claim.channel), 0) + 1
                 registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
                 pipe.zrem(registry_key, f"{claim.job_id}:{claim.execution}")
                 pipe.delete(f"rq:job:{claim.job_id}")
-                pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
+                if claim.settle:
+                    pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
+            self._tally(pipe, "out", tally)
             pipe.execute()
+
+    def _tally(self, pipe: redis.client.Pipeline, kind: str, counts: dict[tuple[int, str], int]) -> None:
+        """Add to this minute's counters (``<prefix>:tally:<unix minute>``, field ``<kind>:s<N>:<channel>``)
+        inside the caller's pipeline: one HINCRBY per shard and channel, not per job; ``shardmail
+        status`` turns this minute's and the last into rates."""
+        if not counts:
+            return
+        key = self.tally_key(int(time.time()) // 60)
+        for (shard, channel), count in counts.items():
+            pipe.hincrby(key, f"{kind}:s{shard}:{channel}", count)
+        pipe.expire(key, TALLY_TTL)
+
+    def tally_key(self, minute: int) -> str:
+        return f"{self.prefix}:tally:{minute}"
 
     # -- the scheduler's structures ---------------------------------------------------------------
     def settle_key(self, shard: int) -> str:
