@@ -73,17 +73,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
     from core.redis_conn import connect
-    from ops.depth import as_json, render, shard_depths
+    from ops.depth import as_json, gather, render
 
     settings = _settings(args.config)
+    if args.watch is not None:
+        from ops.watch import watch
+
+        return watch(settings, max(0.1, args.watch), args.json)
     conn = connect(settings)
     try:
-        conn.ping()
+        status = gather(settings, conn)
     except redis.RedisError as exc:
         print(f"shardmail: Redis unavailable ({exc}); showing the spool only", file=sys.stderr)
         conn = None
-    rows = shard_depths(settings, conn)
-    print(as_json(rows) if args.json else render(rows))
+        status = gather(settings, None)
+    print(as_json(status) if args.json else render(status))
     return 0 if conn is not None else EX_TEMPFAIL
 
 
@@ -182,8 +186,10 @@ def parser() -> argparse.ArgumentParser:
     lookup = sub.add_parser("ldaplookup", help="show a user's entry and what would happen to mail for it")
     lookup.add_argument("-m", dest="mail", help="address")
     lookup.add_argument("-u", dest="uid", help="uid")
-    status = sub.add_parser("status", help="queue depth per shard and channel")
-    status.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", help="queue depth per shard and channel, rates, workers per pool")
+    status.add_argument("--json", action="store_true", help="machine-readable (field names in ops/depth.py)")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
     sub.add_parser("scheduler", help="run the retry scheduler (retries, bounces, sweeps; one leader per shard)")
     sub.add_parser("recover", help="rebuild every queue in Redis from the spool (after Redis lost its data)")
     qshape = sub.add_parser("qshape", help="queued recipients by domain and age (like Postfix's qshape)")

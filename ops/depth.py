@@ -1,78 +1,375 @@
 """Queue depth per shard and channel: the first view an operator wants (``shardmail status``).
 
-Interface: ``shard_depths(settings, conn) -> list[ShardDepth]``, ``render(rows) -> str``,
-``as_json(rows) -> str``. Counts come from rq's own structures (queue lists, started and failed
-registries: one pipelined round trip for all shards) and from the spool (messages on disk, the
-truth that Redis only rings the bell for).
+Interface: ``Census`` (spool figures, remembered between calls), ``gather(settings, conn, census,
+now) -> Status``, ``render(status) -> str``, ``as_dict(status)`` / ``as_json(status)`` (field names
+below are stable; ``version`` changes if one ever does).
 
-Failures: Redis down raises ``redis.RedisError``; the CLI reports it and still shows spool counts.
+Redis figures come from one pipelined round trip for every shard: rq's queue lists (ready), started
+registries (in flight) and failed registries, the retry set (deferred, and how many of those are
+due), the settle list, the per-minute tallies core.jobs keeps (rates over the last minute: this
+minute's count plus the last minute's weighted by the part of it still inside the window) and rq's
+worker registry (one small script lists the live workers with their queues). Spool figures come
+from directory listings only, never from reading a file: the spooled count, held mail, and the
+oldest message (ids start with their arrival time, so the smallest name is the oldest). A split
+directory whose mtime has not moved since a listing that began well after it is not listed again.
+
+JSON fields: ``version``, ``time``, ``redis`` (false: Redis unreachable, its figures are 0),
+``spool_age`` (s since the spool was listed), ``shards``: [{``shard``, ``state`` (open|draining),
+``draining``, ``spooled``, ``held``, ``oldest_age`` (s or null), ``deferred``, ``due``, ``settling``,
+``channels``: {local|remote: {``ready``, ``in_flight``, ``failed``, ``workers``, ``in_per_s``,
+``out_per_s``, ``head_age`` (s since the message at the head of the ready queue arrived, or null)}}],
+``total`` (the same sums, no ``shard``/``state``), ``pools``: [{``pool``, ``channel``, ``workers``,
+``names``, ``shards``}].
+
+Failures: Redis down raises ``redis.RedisError`` from ``gather``; the CLI then shows the spool alone
+(``gather(..., conn=None)``). A shard directory that vanishes counts 0.
 Settings: ``shards``, ``redis_prefix``, ``spool_dir``/``var_dir``, ``queue_split``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
 
 import redis
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from core.config import Settings
-from core.envelope import CHANNELS
+from core.envelope import CHANNELS, id_time
 from core.jobs import Jobs
 from core.shards import ShardMap
+
+VERSION = 1
+TRUST_AFTER_NS = 1_000_000_000  # a directory's mtime this much older than our listing's start is settled
+_ID = re.compile(r"[0-9A-F]{26}")
+_SLOT = re.compile(r"([.-]\d+)+$")  # a pool's slot or process number: mx.local-0 and mx.local-1.2 are "mx.local"
+
+# Every live rq worker (its hash still there, no death recorded): key, queues, state, last heartbeat.
+_WORKERS = """
+local out = {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local fields = redis.call('HMGET', key, 'queues', 'state', 'last_heartbeat', 'death')
+  if fields[1] and not fields[4] then
+    table.insert(out, key)
+    table.insert(out, fields[1])
+    table.insert(out, fields[2] or '')
+    table.insert(out, fields[3] or '')
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDepth:
+    ready: int = 0
+    in_flight: int = 0
+    failed: int = 0
+    workers: int = 0
+    in_per_s: float = 0.0
+    out_per_s: float = 0.0
+    head_age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ShardDepth:
     shard: int
+    state: str
     draining: bool
-    spooled: int  # messages on disk
-    ready: dict[str, int]  # per channel: jobs waiting in the rq queue
-    started: dict[str, int]
-    failed: dict[str, int]
+    spooled: int
+    held: int
+    oldest_age: float | None
+    deferred: int
+    due: int
+    settling: int
+    channels: dict[str, ChannelDepth]
 
 
-def shard_depths(settings: Settings, conn: redis.Redis | None) -> list[ShardDepth]:
+@dataclass(frozen=True, slots=True)
+class Pool:
+    pool: str
+    channel: str
+    workers: int
+    names: list[str]
+    shards: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    time: float
+    redis: bool
+    spool_age: float
+    shards: list[ShardDepth]
+    pools: list[Pool] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Listing:
+    mtime_ns: int
+    listed_ns: int
+    count: int
+    oldest: str | None
+
+
+class Census:
+    """Spool figures from directory listings, remembering each directory's last listing: one whose
+    mtime has not moved since a listing that started at least ``TRUST_AFTER_NS`` after that mtime
+    cannot have changed (a later create, rename or unlink would move it), so a refresh of an idle
+    queue costs a stat per directory."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, _Listing] = {}
+        self.listed_at = 0.0
+        self.cost = 0.0  # CPU seconds the last ``take`` spent
+        self.last: dict[int, tuple[int, int, str | None]] = {}
+
+    def _dir(self, path: str) -> _Listing:
+        started = time.time_ns()
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return _Listing(0, started, 0, None)
+        known = self._seen.get(path)
+        if known is not None and known.mtime_ns == mtime and known.listed_ns - mtime >= TRUST_AFTER_NS:
+            return known
+        try:
+            names = os.listdir(path)
+        except FileNotFoundError:
+            names = []
+        oldest = min(names, default=None)
+        if oldest is not None and not _ID.fullmatch(oldest):
+            oldest = min((n for n in names if _ID.fullmatch(n)), default=None)
+        listing = self._seen[path] = _Listing(mtime, started, len(names), oldest)
+        return listing
+
+    def take(self, shard_map: ShardMap, shards: list[int]) -> dict[int, tuple[int, int, str | None]]:
+        """Per shard: (spooled, held, oldest id)."""
+        cpu = time.process_time()
+        result = {}
+        for shard in shards:
+            base = f"{shard_map.root}/s{shard}"
+            spooled, oldest = 0, None
+            for split in range(shard_map.split):
+                listing = self._dir(f"{base}/queue/{split}")
+                spooled += listing.count
+                if listing.oldest is not None and (oldest is None or listing.oldest < oldest):
+                    oldest = listing.oldest
+            result[shard] = (spooled, _held(shard_map, shard, self), oldest)
+        self.listed_at = time.time()
+        self.cost = time.process_time() - cpu
+        self.last = result
+        return result
+
+
+def _held(shard_map: ShardMap, shard: int, census: Census) -> int:
+    """Messages on hold: the spool's own count where it has one, else the files in ``hold/``."""
+    spool = shard_map.spool(shard)
+    counter = getattr(spool, "held_count", None)
+    if callable(counter):
+        return int(counter())
+    return census._dir(f"{shard_map.root}/s{shard}/hold").count
+
+
+def _draining(shard_map: ShardMap, conn: redis.Redis | None) -> set[int]:
+    try:
+        return set(shard_map.draining())  # marker files in the shard directories
+    except TypeError:  # an older shard map keeps the set in Redis
+        return set(shard_map.draining(conn)) if conn is not None else set()  # type: ignore[call-arg]
+
+
+def _rate(current: int, previous: int, now: float) -> float:
+    """Jobs per second over the last 60 s, from two per-minute counters: all of this minute's, and
+    the share of the last minute still inside the window."""
+    inside = 1.0 - (now % 60) / 60
+    return (current + previous * inside) / 60
+
+
+def _pool_name(name: str) -> str:
+    return _SLOT.sub("", name) or name
+
+
+def _redis_figures(settings: Settings, conn: redis.Redis, shards: list[int], now: float) -> list:
+    """Per shard: per channel (ready, in flight, failed, head job), then (deferred, due, settling);
+    then this minute's and the last minute's tallies and the live workers. One round trip."""
+    jobs = Jobs(conn, settings.redis_prefix)
+    minute = int(now) // 60
+    with conn.pipeline(transaction=False) as pipe:
+        for shard in shards:
+            for channel in CHANNELS:
+                queue = jobs.queue(shard, channel)
+                pipe.llen(queue.key)
+                pipe.zcard(StartedJobRegistry(queue=queue).key)
+                pipe.zcard(FailedJobRegistry(queue=queue).key)
+                pipe.lindex(queue.key, 0)
+            pipe.zcard(jobs.retry_key(shard))
+            pipe.zcount(jobs.retry_key(shard), "-inf", now)
+            pipe.llen(jobs.settle_key(shard))
+        pipe.hgetall(jobs.tally_key(minute))
+        pipe.hgetall(jobs.tally_key(minute - 1))
+        pipe.eval(_WORKERS, 1, "rq:workers")
+        return pipe.execute()
+
+
+def gather(settings: Settings, conn: redis.Redis | None, census: Census | None = None, now: float | None = None,
+           spool: bool = True) -> Status:
+    """Every figure, in one Redis round trip and the spool listings (``spool=False``: the census's
+    last figures, for a watcher keeping its listing cost down)."""
+    now = time.time() if now is None else now
+    census = census or Census()
     shard_map = ShardMap(settings)
-    counts: list[int] = []
-    draining: set[int] = set()
+    shards = list(shard_map.ids())
+    disk = census.take(shard_map, shards) if spool or not census.listed_at else census.last
+    draining = _draining(shard_map, conn)
+    answers: list = []
     if conn is not None:
-        jobs = Jobs(conn, settings.redis_prefix)
-        with conn.pipeline(transaction=False) as pipe:
-            for shard in shard_map.ids():
-                for channel in CHANNELS:
-                    queue = jobs.queue(shard, channel)
-                    pipe.llen(queue.key)
-                    pipe.zcard(StartedJobRegistry(queue=queue).key)
-                    pipe.zcard(FailedJobRegistry(queue=queue).key)
-            pipe.smembers(shard_map.draining_key)
-            *counts, members = pipe.execute()
-        draining = {int(m) for m in members}
+        answers = _redis_figures(settings, conn, shards, now)
+    per_shard = len(CHANNELS) * 4 + 3
+    tallies = ({_text(k): int(v) for k, v in answers[-3].items()},
+               {_text(k): int(v) for k, v in answers[-2].items()}) if answers else ({}, {})
+    pools, workers_on = _pools(settings, answers[-1] if answers else [])
     rows = []
-    for shard in shard_map.ids():
-        ready, started, failed = {}, {}, {}
+    for index, shard in enumerate(shards):
+        spooled, held, oldest = disk.get(shard, (0, 0, None))
+        base = index * per_shard
+        channels = {}
         for c, channel in enumerate(CHANNELS):
-            base = (shard * len(CHANNELS) + c) * 3
-            ready[channel], started[channel], failed[channel] = counts[base : base + 3] if counts else (0, 0, 0)
-        rows.append(ShardDepth(shard, shard in draining, shard_map.spool(shard).count(), ready, started, failed))
-    return rows
+            ready, started, failed, head = answers[base + 4 * c : base + 4 * c + 4] if answers else (0, 0, 0, None)
+            key = f"s{shard}:{channel}"
+            channels[channel] = ChannelDepth(
+                ready, started, failed, workers_on.get((shard, channel), 0),
+                _rate(tallies[0].get(f"in:{key}", 0), tallies[1].get(f"in:{key}", 0), now),
+                _rate(tallies[0].get(f"out:{key}", 0), tallies[1].get(f"out:{key}", 0), now),
+                _age(_text(head).rpartition("-")[0], now) if head else None)
+        deferred, due, settling = answers[base + 4 * len(CHANNELS) : base + per_shard] if answers else (0, 0, 0)
+        rows.append(ShardDepth(shard, "draining" if shard in draining else "open", shard in draining, spooled, held,
+                               _age(oldest, now) if oldest else None, deferred, due, settling, channels))
+    return Status(now, conn is not None, max(0.0, now - census.listed_at), rows, pools)
 
 
-def render(rows: list[ShardDepth]) -> str:
-    head = f"{'shard':>5} {'state':<8} {'spooled':>8} " + " ".join(
-        f"{c + ' ' + k:>15}" for c in CHANNELS for k in ("ready", "active", "failed")
-    )
-    lines = [head]
-    for row in rows:
-        cells = " ".join(
-            f"{n:>15}" for c in CHANNELS for n in (row.ready[c], row.started[c], row.failed[c])
-        )
-        lines.append(f"{row.shard:>5} {'draining' if row.draining else 'open':<8} {row.spooled:>8} {cells}")
-    total = sum(r.spooled for r in rows)
-    lines.append(f"{'all':>5} {'':<8} {total:>8}")
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _age(message_id: str, now: float) -> float | None:
+    try:
+        return max(0.0, now - id_time(message_id))
+    except ValueError:
+        return None
+
+
+def _pools(settings: Settings, raw: list) -> tuple[list[Pool], dict[tuple[int, str], int]]:
+    """Live rq workers serving this deployment's queues, by pool; and workers per (shard, channel)."""
+    queue_re = re.compile(re.escape(settings.redis_prefix) + r"\.s(\d+)\.(local|remote)")
+    by_pool: dict[tuple[str, str], tuple[list[str], set[int]]] = {}
+    per_queue: dict[tuple[int, str], int] = {}
+    for i in range(0, len(raw) - 3, 4):
+        name = _text(raw[i]).removeprefix("rq:worker:")
+        served = [queue_re.fullmatch(q) for q in _text(raw[i + 1]).split(",")]
+        served_ok = [(int(m.group(1)), m.group(2)) for m in served if m]
+        if not served_ok:
+            continue  # a worker of another deployment (or a stock rq worker on other queues)
+        for shard, channel in served_ok:
+            per_queue[shard, channel] = per_queue.get((shard, channel), 0) + 1
+        channel = served_ok[0][1]
+        names, shards = by_pool.setdefault((_pool_name(name), channel), ([], set()))
+        names.append(name)
+        shards.update(s for s, _ in served_ok)
+    pools = [Pool(pool, channel, len(names), sorted(names), sorted(shards))
+             for (pool, channel), (names, shards) in sorted(by_pool.items())]
+    return pools, per_queue
+
+
+def _sum_channels(rows: list[ShardDepth]) -> dict[str, ChannelDepth]:
+    total = {}
+    for channel in CHANNELS:
+        parts = [r.channels[channel] for r in rows]
+        heads = [p.head_age for p in parts if p.head_age is not None]
+        total[channel] = ChannelDepth(sum(p.ready for p in parts), sum(p.in_flight for p in parts),
+                                      sum(p.failed for p in parts), sum(p.workers for p in parts),
+                                      sum(p.in_per_s for p in parts), sum(p.out_per_s for p in parts),
+                                      max(heads) if heads else None)
+    return total
+
+
+def as_dict(status: Status) -> dict:
+    ages = [r.oldest_age for r in status.shards if r.oldest_age is not None]
+    total = {key: sum(getattr(r, key) for r in status.shards)
+             for key in ("spooled", "held", "deferred", "due", "settling")}
+    total["oldest_age"] = max(ages) if ages else None
+    total["channels"] = {c: asdict(d) for c, d in _sum_channels(status.shards).items()}
+    return {"version": VERSION, "time": status.time, "redis": status.redis, "spool_age": status.spool_age,
+            "shards": [asdict(r) for r in status.shards], "total": total,
+            "pools": [asdict(p) for p in status.pools]}
+
+
+def as_json(status: Status, indent: int | None = 2) -> str:
+    return json.dumps(as_dict(status), indent=indent)
+
+
+def age_text(seconds: float | None) -> str:
+    """3s, 4m05s, 2h07m, 3d04h: an age in the two largest units."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+COLUMNS = ("shard", "state", "channel", "ready", "in-flight", "failed", "workers", "in/s", "out/s", "head",
+           "spooled", "held", "deferred", "due", "oldest")
+
+
+def render(status: Status) -> str:
+    """One line per shard and channel (the shard's spool and retry figures on its first line), a
+    total per channel, then the pools."""
+    table: list[tuple[str, ...]] = [COLUMNS]
+
+    def line(shard: str, state: str, channel: str, d: ChannelDepth, tail: tuple[str, ...]) -> tuple[str, ...]:
+        return (shard, state, channel, str(d.ready), str(d.in_flight), str(d.failed), str(d.workers),
+                f"{d.in_per_s:.1f}", f"{d.out_per_s:.1f}", age_text(d.head_age), *tail)
+
+    for row in status.shards:
+        for c, channel in enumerate(CHANNELS):
+            tail = (str(row.spooled), str(row.held), str(row.deferred), str(row.due),
+                    age_text(row.oldest_age)) if c == 0 else ("",) * 5
+            table.append(line(str(row.shard) if c == 0 else "", row.state if c == 0 else "", channel,
+                              row.channels[channel], tail))
+    totals = as_dict(status)["total"]
+    for c, (channel, d) in enumerate(_sum_channels(status.shards).items()):
+        tail = (str(totals["spooled"]), str(totals["held"]), str(totals["deferred"]), str(totals["due"]),
+                age_text(totals["oldest_age"])) if c == 0 else ("",) * 5
+        table.append(line("all" if c == 0 else "", "", channel, d, tail))
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    left = {1, 2}  # state and channel read left to right; numbers line up on the right
+    lines = [" ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in table]
+    if not status.redis:
+        lines.append("(Redis unavailable: queue figures are missing, spool figures only)")
+    lines.append("")
+    if status.pools:
+        width = max(len(p.pool) for p in status.pools)
+        lines.append(f"{'pool':<{width}} channel workers shards")
+        for p in status.pools:
+            lines.append(f"{p.pool:<{width}} {p.channel:<7} {p.workers:>7} {_ranges(p.shards)}")
+    else:
+        lines.append("no workers registered")
     return "\n".join(lines)
 
 
-def as_json(rows: list[ShardDepth]) -> str:
-    return json.dumps([asdict(r) for r in rows], indent=2)
+def _ranges(shards: list[int]) -> str:
+    """0-3,5: the shards a pool serves, as the --shards option writes them."""
+    parts: list[str] = []
+    for shard in shards:
+        if parts and shard == int(parts[-1].rpartition("-")[2]) + 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{shard}"
+        else:
+            parts.append(str(shard))
+    return ",".join(parts)
