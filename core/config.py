@@ -143,6 +143,8 @@ class Settings:
                                   POSITIVE)
     schedulerprocesses: int = _setting(1, "schedulers started by `shardmail run` (one leads each shard)",
                                        NONNEGATIVE)
+    metrics_listen: str = _setting("127.0.0.1:9525", "Prometheus endpoint of `shardmail run`, host:port (empty = off)",
+                                   lambda v: _listen_list([v]) if v else None)
 
     @property
     def spool_root(self) -> Path:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from core import metrics
 from core.config import Settings
 from core.outcome import Deferred, Failed
 
@@ -361,6 +362,7 @@ def lookup_outcome(directory: Directory, address: str) -> tuple[User | None, Fai
         user = directory.lookup(address)
     except DirectoryUnavailable as exc:
         log.warning("directory unavailable looking up %s: %s", address, exc)
+        metrics.directory_error(directory.backend)
         return None, Deferred("4.4.3", "Directory server unavailable, try again later")
     except AmbiguousAddress as exc:
         log.error("ambiguous directory entries: %s", exc)

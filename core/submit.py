@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from core import faults
+from core import faults, metrics
 from core.address import domain_matches, domain_of
 from core.config import Settings
 from core.envelope import Channel, Client, Envelope, Recipient, new_id, node_tag
@@ -106,6 +106,7 @@ class Submitter:
         if committed:
             self._enqueue(committed, results)
         faults.crash_point("after_enqueue")
+        metrics.committed(results, time.time() - now)
         return results  # type: ignore[return-value]
 
     def _enqueue(self, committed: dict[int, list[tuple[int, Envelope]]], results: list[Result | None]) -> None:
@@ -120,6 +121,7 @@ class Submitter:
             self.jobs.enqueue(items)
         except (redis.RedisError, OSError) as exc:
             log.error("enqueue failed for %d messages: %s", len(items), exc)
+            metrics.redis_error("ingress")
             for shard, entries in committed.items():
                 kept = set(self.map.spool(shard).withdraw([envelope.id for _, envelope in entries]))
                 for index, envelope in entries:

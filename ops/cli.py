@@ -5,7 +5,8 @@ Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-co
 ``sendmail`` (inject; also used when the
 program is invoked under the name ``sendmail``), ``scheduler`` (retries, bounces, sweeps),
 ``recover`` (rebuild Redis from the spool), ``status`` (depth per shard), ``qshape`` (domains by
-age), ``config`` (validate and print the effective settings).
+age), ``metrics`` (the Prometheus endpoint, or ``--once`` to print it), ``config`` (validate and print
+the effective settings).
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -155,6 +156,24 @@ def cmd_ldaplookup(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from ops.metrics import metrics_dir, registry, serve_forever
+
+    _logging(args.verbose)
+    settings = _settings(args.config)
+    if args.once:
+        from prometheus_client import generate_latest
+
+        sys.stdout.write(generate_latest(registry(settings, metrics_dir(settings))).decode())
+        return 0
+    listen = args.listen or settings.metrics_listen
+    if not listen:
+        print("shardmail: metrics: metrics_listen is empty; give --listen HOST:PORT", file=sys.stderr)
+        return 64
+    serve_forever(settings, listen)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     for key, _default, doc in describe():
@@ -197,6 +216,9 @@ def parser() -> argparse.ArgumentParser:
     qshape.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
     qshape.add_argument("--by", choices=["recipient", "sender"], default="recipient")
     qshape.add_argument("--top", type=int, default=0, help="only the N biggest domains")
+    metrics = sub.add_parser("metrics", help="serve the Prometheus metrics (what `run` serves on metrics_listen)")
+    metrics.add_argument("--listen", help="host:port (default: metrics_listen)")
+    metrics.add_argument("--once", action="store_true", help="print the metrics once, in Prometheus' text format")
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top
@@ -211,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_sendmail(argv[1:]))
     args = parser().parse_args(argv)
     commands = {
+        "metrics": cmd_metrics,
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
         "qshape": cmd_qshape,

@@ -12,7 +12,8 @@ Failures: a missing ``redis-server`` binary or a Redis that does not come up is 
 (exit 69, a clear message). A child that keeps crashing is restarted every 30 s at most.
 
 Settings: ``redis_url``, ``var_dir``, ``ingress_processes``, ``localprocesses``, ``remoteprocesses``,
-``schedulerprocesses``, plus everything the children read.
+``schedulerprocesses``, ``metrics_listen`` (ops.metrics: the children's counters summed, served from a
+thread here), plus everything the children read.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import redis
 
 from core.config import Settings
 from core.redis_conn import embedded_socket, url
+from ops.metrics import Exporter, child_env
 
 log = logging.getLogger("shardmail.run")
 EX_UNAVAILABLE = 69
@@ -62,6 +64,8 @@ class Supervisor:
         self.config_path = config_path
         self.children: list[Child] = []
         self._stopping = False
+        self.metrics: Exporter | None = None  # the Prometheus endpoint (metrics_listen)
+        self._metrics_dir: Path | None = None
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -70,6 +74,7 @@ class Supervisor:
         env["SHARDMAIL_ME"] = self.settings.me
         if self.config_path:
             env["SHARDMAIL_CONFIG"] = str(Path(self.config_path).resolve())
+        env.update(child_env(self._metrics_dir))
         return env
 
     def _redis_child(self) -> Child | None:
@@ -145,6 +150,8 @@ class Supervisor:
             self.shutdown()
             return EX_UNAVAILABLE
         self.ensure_users_file()
+        self._metrics_dir = Exporter.prepare(self.settings)  # before any child imports prometheus_client
+        self.metrics = Exporter.start(self.settings, self._metrics_dir)
         for child in self.plan():
             child.start()
             self.children.append(child)
@@ -173,6 +180,8 @@ class Supervisor:
             log.warning("%s (pid %d) died: %s; restarting in %.0f s", child.name, child.proc.pid, reason,
                         child.delay)
             child.history.append(status)
+            if self.metrics:
+                self.metrics.child_died(child.proc.pid)
             child.proc = None
             child.restart_at = now + child.delay
             child.delay = min(child.delay * 2, MAX_DELAY)
@@ -198,4 +207,6 @@ class Supervisor:
                     log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_GRACE)
                     child.proc.kill()
                     child.proc.wait()
+        if self.metrics:
+            self.metrics.stop()
         log.info("stopped")

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from core import faults
+from core import faults, metrics
 from core.config import Settings
 from core.envelope import Channel, Envelope, EnvelopeError, Mark
 from core.jobs import Jobs
@@ -91,6 +91,7 @@ class Settler:
         expiring = self._expire(envelope, now)
         if expiring:
             spool.mark(message_id, expiring)
+            metrics.settled(envelope, expiring)
             envelope = envelope.with_marks([*envelope.marks, *expiring])
         if envelope.unreported():
             envelope = self._bounce(envelope, now)
@@ -152,6 +153,7 @@ class Settler:
             log.info("%s: %s for %d recipient(s)", envelope.id, note, len(failed))
         marks = [Mark(i, "bounced", envelope.states()[i].status, note, now) for i in failed]  # type: ignore[union-attr]
         self.map.spool(envelope.shard).mark(envelope.id, marks)
+        metrics.settled(envelope, marks)
         return envelope.with_marks([*envelope.marks, *marks])
 
     def release(self, shard: int) -> int:

@@ -30,6 +30,7 @@ import time
 
 import redis
 
+from core import metrics
 from core.config import Settings
 from core.submit import Submitter
 from scheduler.retry import Settler
@@ -123,6 +124,7 @@ class Scheduler:
                     backoff = PASS_WAIT
                 except redis.RedisError as exc:
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                    metrics.redis_error("scheduler")
                     stop.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                     continue

@@ -39,6 +39,7 @@ import redis
 from rq import Worker
 from rq.serializers import JSONSerializer
 
+from core import metrics
 from core.envelope import Channel
 from core.jobs import Claim, Jobs
 
@@ -133,6 +134,7 @@ class Consumer:
                     backoff = IDLE_WAIT
                 except redis.RedisError as exc:
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                    metrics.redis_error("local")
                     worker = None
                     stop.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
-from core import faults
+from core import faults, metrics
 from core.config import Settings
 from core.directory import lookup_outcome, open_directory
 from core.envelope import Envelope, EnvelopeError, Mark
@@ -100,6 +100,7 @@ class LocalJobs:
             log.info("%s to <%s>: %s %s %s", envelope.id, envelope.recipients[index].address, _state(outcome),
                      outcome.status, outcome.text)
             marks.append(Mark(index, _state(outcome), outcome.status, outcome.text[:500], time.time()))
+        metrics.outcomes("local", marks)
         faults.crash_point("before_local_mark")
         pending = envelope.pending()
         if (len(marks) == len(pending) and not envelope.unreported()

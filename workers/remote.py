@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import dns.asyncresolver
 
-from core import faults
+from core import faults, metrics
 from core.address import domain_of
 from core.config import Settings
 from core.envelope import DOUBLE_BOUNCE_SENDER, Envelope, Mark
@@ -355,6 +355,7 @@ class RemoteEngine:
                      state, outcome.status, outcome.text)
             marks.append(Mark(index, state, outcome.status, outcome.text[:500], now))  # type: ignore[arg-type]
         message.marks.extend(marks)
+        metrics.outcomes("remote", marks)
         self._unmarked.append((message, marks))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from core import metrics
 from core.config import Settings
 from core.envelope import EnvelopeError
 from core.jobs import Claim, Jobs
@@ -67,6 +68,7 @@ async def _finisher(jobs: Jobs, done: list[Claim], rpc: ThreadPoolExecutor, stop
                 await loop.run_in_executor(rpc, jobs.finish, batch)
             except redis.RedisError as exc:
                 log.warning("finishing %d jobs failed (%s); will retry", len(batch), exc)
+                metrics.redis_error("remote")
                 done[:0] = batch
                 await _pause(stop, MAX_BACKOFF)
         if stop.is_set() and not done:
@@ -129,6 +131,7 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
                 backoff = IDLE_WAIT
             except redis.RedisError as exc:
                 log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                metrics.redis_error("remote")
                 worker = None
                 await _pause(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)

@@ -25,6 +25,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from core import metrics
 from core.config import Settings
 from core.outcome import Deferred, Failed
 
@@ -107,7 +108,8 @@ async def _addresses(host: str, resolver: dns.asyncresolver.Resolver) -> tuple[l
             answer = await resolver.resolve(host, kind, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             return found, temporary
-        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.NoAnswer):
+        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.NoAnswer) as exc:
+            metrics.dns_error(exc)
             temporary = True
             continue
         found.extend(r.to_text() for r in answer.rrset or [])
@@ -127,6 +129,7 @@ async def route(domain: str, resolver: dns.asyncresolver.Resolver, routes: list[
     except dns.resolver.NXDOMAIN:
         return Failed("5.1.2", f"{domain}: no such domain")
     except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+        metrics.dns_error(exc)
         return Deferred("4.4.3", f"{domain}: DNS lookup failed temporarily ({type(exc).__name__})")
     records = [(r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in answer.rrset or []]
     if len(records) == 1 and records[0][1] in ("", "."):
