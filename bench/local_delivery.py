@@ -84,8 +84,9 @@ def _role(pid: int) -> str:
         return "?"
     words = [a.decode(errors="replace") for a in argv if a]
     text = " ".join(words)
-    for key, name in (("ops.cli smtpd", "smtpd"), ("worker local", "local pool"), ("ops.cli run", "supervisor"),
-                      ("redis-server", "redis"), ("slapd", "slapd")):
+    for key, name in (("ops.cli smtpd", "smtpd"), ("worker local", "local pool"), ("worker remote", "remote pool"),
+                      ("ops.cli scheduler", "scheduler"), ("ops.cli run", "supervisor"), ("redis-server", "redis"),
+                      ("slapd", "slapd")):
         if key in text:
             return name
     return Path(words[0]).name if words else "?"
@@ -126,8 +127,8 @@ def cpu_report(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[s
         entry[1] += (system - system0) * tick_ms / messages
         entry[2] += 1
     total = sum(u + s for u, s, _ in roles.values())
-    parts = [f"{role} {u + s:.2f} ({u:.2f}u+{s:.2f}s, {n}p)" for role, (u, s, n) in sorted(roles.items())]
-    print(f"  {side} CPU ms/msg: total {total:.2f}; " + "; ".join(parts), flush=True)
+    parts = [f"{role} {u + s:.3f} ({u:.3f}u+{s:.3f}s, {n}p)" for role, (u, s, n) in sorted(roles.items())]
+    print(f"  {side} CPU ms/msg: total {total:.3f}; " + "; ".join(parts), flush=True)
     print(f"  {side} machine CPU ms/msg (all processes and kernel threads): {sum(machine):.2f} "
           f"({machine[0]:.2f}u+{machine[1]:.2f}s)", flush=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import redis
 from rq import Queue
@@ -50,6 +51,19 @@ def test_claim_records_started_and_finish_forgets(redis_url: str) -> None:
     assert FailedJobRegistry(queue=queue).get_job_ids(cleanup=False) == [claims[3].job_id]
     assert jobs.claim(0, "local", 100, "worker-1").__len__() == 6
     assert jobs.claim(0, "local", 100, "worker-1") == []
+
+
+def test_finish_rings_the_doorbell_only_for_claims_left_to_settle(redis_url: str) -> None:
+    """A consumer that removed an entry itself finishes its claim with settle=False: the job is
+    gone from rq as usual, and the scheduler's settle list only gets the others."""
+    conn = redis.Redis.from_url(redis_url)
+    jobs = Jobs(conn, "t")
+    jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(3)])
+    claims = jobs.claim(0, "local", 3, "worker-1")
+    jobs.finish([replace(claims[0], settle=False), *claims[1:]])
+    assert StartedJobRegistry(queue=jobs.queue(0, "local")).count == 0
+    assert not conn.exists(f"rq:job:{claims[0].job_id}")
+    assert jobs.settled(0, 10) == [(c.message_id, "local") for c in claims[1:]]
 
 
 def test_depths_count_ready_jobs_per_shard(redis_url: str) -> None:

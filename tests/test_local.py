@@ -7,7 +7,7 @@ import email
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -368,7 +368,8 @@ def test_a_claimed_batch_commits_plain_copies_together_and_runs_the_rest_alone(
     others = [rig.submitter.accept(Draft(rig.submitter.new_id(), "a@example.net", rcpts, b"Subject: x\r\n\r\nx\r\n"))
               for rcpts in (["keep@test.example"], ["small@test.example"], ["del@test.example"])]
     claims = [Claim(f"{e.id}-local", e.id, e.shard, "local", "x") for e in [*plain, *others]]
-    assert rig.jobs(claims) == claims
+    # entries removed here need no settling (their claims say so); the failed one waits for its bounce
+    assert rig.jobs(claims) == [replace(c, settle=False) for c in claims[:4]] + claims[4:]
     assert len(rig.inbox("alice")) == 3 and len(rig.inbox("bob")) == 1
     assert len(rig.inbox("keep")) == 1 and len(rig.queued_to("copy@elsewhere.example")) == 1
     assert len(rig.inbox("small")) == 1

@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Literal
 
 from core import faults, metrics
@@ -87,14 +88,14 @@ class LocalJobs:
         if loaded is not None:
             self._deliver_alone(loaded)
 
-    def _deliver_alone(self, loaded: tuple[Spool, Envelope, bytes]) -> None:
+    def _deliver_alone(self, loaded: tuple[Spool, Envelope, bytes]) -> bool:
         spool, envelope, body = loaded
         outcomes = [(index, self.delivery.deliver(envelope, index, body)) for index in envelope.pending("local")]
-        self._settle(spool, envelope, outcomes)  # type: ignore[arg-type]
+        return self._settle(spool, envelope, outcomes)  # type: ignore[arg-type]
 
-    def _settle(self, spool: Spool, envelope: Envelope, outcomes: list[tuple[int, Outcome]]) -> None:
+    def _settle(self, spool: Spool, envelope: Envelope, outcomes: list[tuple[int, Outcome]]) -> bool:
         """Log and checkpoint the outcomes, and drop the entry once every recipient is delivered or
-        bounced."""
+        bounced; whether it was dropped (then the scheduler has nothing to settle)."""
         marks = []
         for index, outcome in outcomes:
             log.info("%s to <%s>: %s %s %s", envelope.id, envelope.recipients[index].address, _state(outcome),
@@ -110,7 +111,7 @@ class LocalJobs:
             # Maildir name (saves an fdatasync). Forwards and programs are not idempotent, so their
             # messages take the marked path.
             spool.remove(envelope.id, envelope.size)
-            return
+            return True
         if marks:
             spool.mark(envelope.id, marks)
         if len(marks) == len(pending):  # pending was all local: the outcome is known without a re-read
@@ -119,6 +120,7 @@ class LocalJobs:
             done = spool.read(envelope.id).done()
         if done:  # every recipient delivered or bounced: a failed one waits for the scheduler's bounce
             spool.remove(envelope.id, envelope.size)
+        return done
 
     def _warm(self, address: str) -> None:
         """Fill the directory cache (best effort: any failure is met again, and handled, by the
@@ -140,7 +142,10 @@ class LocalJobs:
     def __call__(self, claims: list[Claim]) -> list[Claim]:
         """A claimed batch: plain Maildir copies are staged in this thread and committed together
         (workers.maildir.commit: two syncfs for the batch); everything else (directory misses,
-        forwards, programs, cluster hops, quotas) runs message by message on the thread pool."""
+        forwards, programs, cluster hops, quotas) runs message by message on the thread pool. The
+        claims of entries removed here come back with ``settle=False``: no doorbell for the
+        scheduler, which would only find them gone (everything else, deferred and failed
+        recipients included, is still settled)."""
         loaded = [item for item in map(self._load, claims) if item is not None]
         directory = self.delivery.directory
         unknown = {envelope.recipients[i].address for _, envelope, _ in loaded for i in envelope.pending("local")
@@ -150,7 +155,8 @@ class LocalJobs:
         fast, slow = [], []
         for item in loaded:
             (fast if self._batchable(item[1]) else slow).append(item)
-        pending = [self.executor.submit(self._deliver_alone, item) for item in slow]
+        pending = [(item[1].id, self.executor.submit(self._deliver_alone, item)) for item in slow]
+        removed: set[str] = set()
         try:
             batch: list[Staged] = []
             results = []
@@ -159,11 +165,13 @@ class LocalJobs:
                 results.append((spool, envelope, outcomes))
             committed = dict(zip(map(id, batch), commit(batch), strict=True)) if batch else {}
             for spool, envelope, outcomes in results:
-                self._settle(spool, envelope, [(i, _resolve(o, committed)) for i, o in outcomes])
+                if self._settle(spool, envelope, [(i, _resolve(o, committed)) for i, o in outcomes]):
+                    removed.add(envelope.id)
         finally:
-            for future in pending:
-                future.result()
-        return claims
+            for message_id, future in pending:
+                if future.result():
+                    removed.add(message_id)
+        return [replace(c, settle=False) if c.message_id in removed else c for c in claims]
 
 
 def _resolve(outcome: Outcome | Staged, committed: dict[int, bool | OSError]) -> Outcome:
