@@ -165,11 +165,8 @@ class Census:
 
 
 def _held(shard_map: ShardMap, shard: int, census: Census) -> int:
-    """Messages on hold: the spool's own count where it has one, else the files in ``hold/``."""
-    spool = shard_map.spool(shard)
-    counter = getattr(spool, "held_count", None)
-    if callable(counter):
-        return int(counter())
+    """Messages on hold: the files in the shard's ``hold/`` (what ``Spool.held`` lists), counted
+    through the census so that an unchanged directory costs a stat."""
     return census._dir(f"{shard_map.root}/s{shard}/hold").count
 
 
