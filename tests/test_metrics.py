@@ -1,0 +1,236 @@
+"""The Prometheus endpoint of a running node: real mail through ``shardmail run``, scraped over HTTP
+and parsed with prometheus_client's parser; the standalone ``shardmail metrics --once`` against an
+SMTP process whose LDAP server is stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Conversation, Node
+from tests.slapd import Slapd
+from tests.support import free_port, wait_until
+from tests.test_ldap import ldap_env
+
+REPO = Path(__file__).resolve().parent.parent
+USERS = """dn: mail=catchall@test.example,dc=test
+objectClass: inetOrgPerson
+objectClass: qmailUser
+cn: catchall
+sn: catchall
+mail: catchall@test.example
+mailMessageStore: catchall/
+
+dn: mail=quota@test.example,dc=test
+objectClass: inetOrgPerson
+objectClass: qmailUser
+cn: quota
+sn: quota
+mail: quota@test.example
+mailMessageStore: quota/
+mailQuotaCount: 1
+
+dn: mail=small@test.example,dc=test
+objectClass: inetOrgPerson
+objectClass: qmailUser
+cn: small
+sn: small
+mail: small@test.example
+mailMessageStore: small/
+mailSizeMax: 10
+"""
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of every sample of ``name`` whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def documented_names() -> set[str]:
+    """The metric names in the README's metrics table (first column)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(shardmail_[a-z_]+)", section, re.M))
+
+
+def missing(names: set[str], samples: Samples) -> set[str]:
+    """Names without a sample (a histogram's are its ``_bucket``, ``_sum`` and ``_count``)."""
+    present = {n for n, _ in samples}
+    return {n for n in names if n not in present and f"{n}_count" not in present}
+
+
+class MetricsNode:
+    """``shardmail run`` with two shards, no remote pool (remote mail stays queued) and known users."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.log = workdir / "run.log"
+        users = workdir / "users.ldif"
+        users.write_text(USERS)
+        stale = workdir / "var" / "metrics"
+        stale.mkdir(parents=True)
+        (stale / "counter_1.db").write_bytes(b"not a metrics file")  # the supervisor must wipe it
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDMAIL_", "PROMETHEUS_"))}
+        self.env.update({
+            "SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{self.port}",
+            "SHARDMAIL_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "SHARDMAIL_INGRESS_PROCESSES": "1", "SHARDMAIL_REMOTEPROCESSES": "0", "SHARDMAIL_SHARDS": "2",
+            "SHARDMAIL_ME": "mx.test.example", "SHARDMAIL_LOCALS": "test.example", "SHARDMAIL_USERS_LDIF": str(users),
+        })
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=workdir, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pids(self, name: str) -> list[int]:
+        return [int(p) for p in re.findall(rf"started {name}(?:-\d+)? \(pid (\d+)\)", self.text())]
+
+    def scrape(self) -> Samples:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
+            return parse(answer.read().decode())
+
+    def send(self, sender: str, recipient: str, body: bytes = b"Subject: m\r\n\r\nhello there\r\n") -> None:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+            client.sendmail(sender, [recipient], body)
+
+    def settle(self, what: str, check: Callable[[Samples], bool], timeout: float = 30) -> Samples:
+        """Scrape until ``check`` holds (deliveries are asynchronous), or fail naming ``what``."""
+        last: list[Samples] = []
+
+        def attempt() -> bool:
+            last[:] = [self.scrape()]
+            return check(last[0])
+
+        try:
+            wait_until(attempt, timeout=timeout, what=what, interval=0.1)
+        except TimeoutError:
+            pytest.fail(f"{what}: last scrape {sorted((n, ls, v) for (n, ls), v in last[0].items() if v)}")
+        return last[0]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[MetricsNode]:
+    running = MetricsNode(tmp_path)
+    wait_until(lambda: "shardmail is running" in running.text() or running.proc.poll() is not None, timeout=30)
+    assert running.proc.poll() is None, running.text()
+    wait_until(lambda: connectable(running.port), timeout=20, what="SMTP listening")
+    yield running
+    if running.proc.poll() is None:
+        running.proc.send_signal(signal.SIGTERM)
+        try:
+            running.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+            running.proc.wait()
+
+
+def connectable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def delivered(samples: Samples) -> float:
+    return value(samples, "shardmail_deliveries_total", channel="local", outcome="delivered")
+
+
+def test_a_running_node_counts_what_it_did_and_shows_its_queues(node: MetricsNode) -> None:
+    assert not (node.workdir / "var" / "metrics" / "counter_1.db").exists()
+    documented = documented_names() - {"shardmail_deferrals_total"}  # (a series appears with its first deferral)
+    assert len(documented) >= 12
+    first = node.settle("every documented name", lambda s: value(s, "shardmail_redis_up") == 1 and not missing(
+        documented, s))
+    assert delivered(first) == 0
+
+    for i in range(5):
+        node.send("a@example.net", f"user{i}@test.example")
+    node.send("a@example.net", "quota@test.example")
+    node.settle("6 local deliveries", lambda s: delivered(s) == 6)
+
+    node.send("a@example.net", "quota@test.example")  # over mailQuotaCount: 4.2.2, retried in 100 s
+    deferred = node.settle("the over-quota deferral, scheduled for its retry", lambda s: value(
+        s, "shardmail_deferrals_total", channel="local", reason="4.2") == 1
+        and value(s, "shardmail_queue_deferred") == 1)
+    assert value(deferred, "shardmail_deliveries_total", channel="local", outcome="deferred") == 1
+
+    node.send("sender@test.example", "small@test.example")  # over mailSizeMax: 5.2.3, bounced to the sender
+    node.settle("the failure, bounced and the bounce delivered", lambda s: value(
+        s, "shardmail_deliveries_total", channel="local", outcome="bounced") == 1 and delivered(s) == 7)
+
+    for i in range(3):
+        node.send("a@example.net", f"x{i}@remote.example")  # no remote pool: the jobs wait in the queues
+    samples = node.settle("3 remote jobs ready", lambda s: value(s, "shardmail_queue_ready", channel="remote") == 3)
+    assert value(samples, "shardmail_deliveries_total", channel="local", outcome="failed") == 1
+    assert value(samples, "shardmail_deliveries_total", channel="remote") == 0
+    assert value(samples, "shardmail_queue_ready", channel="local") == 0
+    assert value(samples, "shardmail_queue_in_flight") == 0 and value(samples, "shardmail_queue_failed") == 0
+    assert value(samples, "shardmail_queue_deferred") == 1
+    assert {ls for n, ls in samples if n == "shardmail_queue_ready"} == {
+        (("channel", c), ("shard", s)) for c in ("local", "remote") for s in ("0", "1")}
+    assert value(samples, "shardmail_submissions_total", result="queued") == 12  # 11 sent, 1 bounce
+    assert value(samples, "shardmail_submissions_total", result="tempfail") == 0
+    commits = value(samples, "shardmail_spool_commit_seconds_count")
+    assert 1 <= commits <= 12 and value(samples, "shardmail_spool_commit_seconds_sum") > 0
+    assert value(samples, "shardmail_spool_commit_seconds_bucket", le="+Inf") == commits
+    assert value(samples, "shardmail_redis_errors_total") == 0
+
+    # a killed pool's counts stay in the sums; its successor adds to them
+    old = node.pids("local")[-1]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: len(node.pids("local")) == 2, timeout=20, what="local pool restarted")
+    assert delivered(node.scrape()) == 7
+    node.send("a@example.net", "late@test.example")
+    node.settle("a delivery by the restarted pool", lambda s: delivered(s) == 8)
+
+
+def test_metrics_once_counts_directory_errors_of_a_separate_smtpd(
+        slapd_fresh: Slapd, node_factory: Callable[..., Node]) -> None:
+    node = node_factory(**{k[len("SHARDMAIL_"):].lower(): v for k, v in ldap_env(slapd_fresh).items()})
+    directory = node.var_dir / "metrics"
+    directory.mkdir(parents=True)
+    node.start_smtpd(PROMETHEUS_MULTIPROC_DIR=str(directory))  # as a unit file would start it
+
+    def scrape() -> Samples:
+        result = node.command("metrics", "--once")
+        assert result.returncode == 0, result.stderr
+        return parse(result.stdout.decode())
+
+    assert value(scrape(), "shardmail_directory_errors_total", backend="ldap") == 0
+    c = Conversation(node.port)
+    c.cmd("EHLO client.example")
+    c.cmd("MAIL FROM:<a@example.net>")
+    assert c.cmd("RCPT TO:<alice@test.example>").startswith("250 2.1.5")
+    slapd_fresh.stop()
+    assert c.cmd("RCPT TO:<heidi@test.example>").startswith("451 4.4.3")
+    c.close()
+    samples = scrape()
+    assert value(samples, "shardmail_directory_errors_total", backend="ldap") == 1
+    assert value(samples, "shardmail_directory_errors_total", backend="ldif") == 0
+    assert value(samples, "shardmail_redis_up") == 1
