@@ -4,7 +4,10 @@ Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``,
 ``withdraw(ids)``, ``read(id) -> Envelope``, ``body(id) -> bytes``, ``load(id)``, ``mark(id, marks)``,
 ``mark_many(items)`` (checkpoints of several entries, one flush), ``remove(id)``, ``scan() -> Iterator[Entry]``,
 ``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``; ``syncfs(fd)`` and
-``SYNCFS`` (whether it is available), the group commit of several files' writes.
+``SYNCFS`` (whether it is available), the group commit of several files' writes. Held mail
+(``shardmail queue``): ``hold(id)``, ``unhold(id)``, ``held()``, ``held_path(id)``, ``where(id)``,
+``peek(id, held=False)`` (envelope and marks without reading the body), ``load(id, held=True)``,
+``discard(id, held=False)`` (an admin's delete, durable).
 
 Layout of one shard (``<root>/s<shard>/``)::
 
@@ -12,6 +15,9 @@ Layout of one shard (``<root>/s<shard>/``)::
     queue/<split>/<id>       a committed message: one line of envelope JSON, the body (CRLF), then
                              the marks appended after each delivery attempt, one JSON line each
     corrupt/<id>             entries the sweep could not decode, moved aside for a human
+    hold/<id>                a committed message on hold (``shardmail queue hold``): the same file,
+                             renamed; no delivery, scan, sweep or recover looks here, so it is
+                             neither delivered nor expired nor bounced until ``unhold`` renames it back
     free/<slot>              spent files kept for reuse: contents meaningless, never read
 
 One file per message: a single rename commits envelope and body together, and a mark is one
@@ -43,6 +49,14 @@ file after id + recipient and finds it there (0 duplicates); a remote one whose 
 lost is sent again (at most one duplicate per crash). A tmp/<id> beside a committed queue/<s>/<id>
 (rename replayed after a crash) is removed at once. When the 250 cannot be given after state 3
 or 4 (Redis down), ``withdraw`` takes the message back to state 9 (unlink + directory fsync).
+
+Hold and release are one rename each between queue/<s>/ and hold/, then an fsync of the directory
+gained and of the one left: a rename is atomic, so a crash leaves the message in one of the two
+places, never in none (and an ``unhold`` that finds both names, a hard-link leftover, drops the
+hold/ one). A message held while a worker has it loaded is gone for that worker: its checkpoint
+finds no file and is dropped (the admin tool waits for attempts in flight unless forced; see
+ops.queue). ``discard`` (an admin's delete) is an unlink plus a directory fsync, so a deleted
+message does not come back after a crash.
 
 Spent files are recycled, not deleted: ``remove`` renames a small finished entry to one of
 ``FREE_SLOTS`` names in free/ (replacing what is there when the pool is full), and a write takes a
@@ -176,12 +190,14 @@ class Spool:
         self.queue = self.base / "queue"
         self.corrupt = self.base / "corrupt"
         self.free = self.base / "free"
+        self.hold_dir = self.base / "hold"
         self._syncers = {}
         self._free_names: list[str] = []
         self._free_listed = 0.0
         self._free_lock = threading.Lock()
         self._slots = itertools.count(random.randrange(FREE_SLOTS))
-        for directory in (self.tmp, self.corrupt, self.free, *(self.queue / str(i) for i in range(split))):
+        for directory in (self.tmp, self.corrupt, self.free, self.hold_dir,
+                          *(self.queue / str(i) for i in range(split))):
             directory.mkdir(parents=True, exist_ok=True)
         for i in range(split):
             self._syncers[i] = _DirSync(self.queue / str(i))
@@ -189,6 +205,8 @@ class Spool:
         # and its str() cost more than the call they name)
         self._tmp_s = f"{self.tmp}/"
         self._free_s = f"{self.free}/"
+        self._hold_s = f"{self.hold_dir}/"
+        self._hold_sync = _DirSync(self.hold_dir)
         self._queue_s = [f"{self.queue}/{i}/" for i in range(split)]
 
     def _bucket(self, message_id: str) -> int:
@@ -314,9 +332,9 @@ class Spool:
                     return None
             return self._free_names.pop()
 
-    def _load(self, message_id: str) -> tuple[Envelope, int, bytes]:
-        """Envelope (with marks), body offset, and the file's bytes."""
-        fd = os.open(self._path(message_id), os.O_RDONLY)
+    def _load(self, message_id: str, path: str | None = None) -> tuple[Envelope, int, bytes]:
+        """Envelope (with marks), body offset, and the file's bytes (of ``path``: default, queue/)."""
+        fd = os.open(path or self._path(message_id), os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
             data = os.read(fd, size + 1)  # a short read of a regular file is its end
@@ -342,9 +360,9 @@ class Spool:
     def body(self, message_id: str) -> bytes:
         return self.load(message_id)[1]
 
-    def load(self, message_id: str) -> tuple[Envelope, bytes]:
-        """Envelope and body with one read of the file (what a delivery needs)."""
-        envelope, offset, data = self._load(message_id)
+    def load(self, message_id: str, held: bool = False) -> tuple[Envelope, bytes]:
+        """Envelope and body with one read of the file (what a delivery needs); ``held``: from hold/."""
+        envelope, offset, data = self._load(message_id, self._hold_s + message_id if held else None)
         return envelope, data[offset : offset + envelope.size]
 
     def mark(self, message_id: str, marks: list[Mark]) -> None:
@@ -414,6 +432,75 @@ class Spool:
                 os.rename(path, f"{self._free_s}{next(self._slots) % FREE_SLOTS:04d}")
         except FileNotFoundError:
             pass
+
+    # -- held mail and an admin's delete (ops.queue) --------------------------------------------------
+    def held_path(self, message_id: str) -> Path:
+        return self.hold_dir / message_id
+
+    def held(self) -> Iterator[str]:
+        """Ids of the messages on hold."""
+        try:
+            yield from os.listdir(self.hold_dir)
+        except FileNotFoundError:
+            return
+
+    def where(self, message_id: str) -> str | None:
+        """"queue", "hold", or None when neither name exists here (no read: see ``peek``)."""
+        if os.path.lexists(self._path(message_id)):
+            return "queue"
+        if os.path.lexists(self._hold_s + message_id):
+            return "hold"
+        return None
+
+    def hold(self, message_id: str) -> None:
+        """queue/ -> hold/, durable (both directories fsync'd). FileNotFoundError if not queued."""
+        os.rename(self._path(message_id), self._hold_s + message_id)
+        self._hold_sync.sync()
+        self._syncers[self._bucket(message_id)].sync()
+
+    def unhold(self, message_id: str) -> None:
+        """hold/ -> queue/, durable. FileNotFoundError if not held."""
+        held = self._hold_s + message_id
+        os.rename(held, self._path(message_id))
+        if os.path.lexists(held):  # both names led to one file (rename then does nothing): keep queue/'s
+            os.unlink(held)
+        self._syncers[self._bucket(message_id)].sync()
+        self._hold_sync.sync()
+
+    def peek(self, message_id: str, held: bool = False) -> Envelope:
+        """The envelope with its marks, reading the envelope line and what follows the body but not
+        the body itself (``size`` says where the marks begin): for listing big queues. Raises as
+        ``read`` does."""
+        fd = os.open(self._hold_s + message_id if held else self._path(message_id), os.O_RDONLY)
+        try:
+            head = os.read(fd, 4096)
+            while b"\n" not in head:
+                more = os.read(fd, 65536)
+                if not more:
+                    raise EnvelopeError("no envelope line")
+                head += more
+            line = head[: head.index(b"\n")]
+            envelope = decode(line)
+            start = len(line) + 1 + envelope.size
+            size = os.fstat(fd).st_size
+            if size < start:
+                raise EnvelopeError(f"body truncated: {size - len(line) - 1} of {envelope.size} bytes")
+            tail = os.pread(fd, size - start, start) if size > start else b""
+        finally:
+            os.close(fd)
+        if envelope.id != message_id:
+            raise Recycled(errno.ENOENT, f"spool entry {message_id} now holds {envelope.id}")
+        return envelope.with_marks(decode_marks(tail))
+
+    def discard(self, message_id: str, held: bool = False) -> None:
+        """Delete an entry for good (an admin's delete): unlink, then the directory fsync'd, so it
+        does not come back after a crash. FileNotFoundError if it is not there."""
+        if held:
+            os.unlink(self._hold_s + message_id)
+            self._hold_sync.sync()
+        else:
+            os.unlink(self._path(message_id))
+            self._syncers[self._bucket(message_id)].sync()
 
     def quarantine(self, message_id: str) -> Path:
         """Move an undecodable entry aside, out of the queue but kept for a human."""
