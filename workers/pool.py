@@ -7,10 +7,11 @@ one claimed batch: ``__call__(claims) -> claims``), ``parse_shards("0-3,5") -> [
 One process claims batches of jobs from its shards' local queues (workers.consumer): no fork per
 job. Per message: read the spool entry, deliver each pending local recipient, append all their
 marks with one fdatasync (the per-recipient checkpoint), and remove the entry once every
-recipient of every channel is final. A message whose spool entry is gone (withdrawn, delivered)
-is a finished job. In a batch, the messages whose recipients are all plain Maildir copies of
-known entries are written by the consumer's thread and made durable together (two syncfs for the
-batch, see workers.maildir); the rest, and the directory look-ups the cache cannot answer, run on
+recipient of every channel is final. A message whose spool entry is gone (withdrawn, delivered,
+held or deleted by an admin, also between its read and its checkpoint) is a finished job. In a
+batch, the messages whose recipients are all plain Maildir copies of known entries are written
+by the consumer's thread and made durable together (two syncfs for the batch, see
+workers.maildir); the rest, and the directory look-ups the cache cannot answer, run on
 a pool of ``concurrencylocal`` threads. Nothing is marked or removed before its copies are durable.
 
 Failures: outcomes per recipient (see workers.local); a deferred recipient stays pending in the
@@ -112,12 +113,16 @@ class LocalJobs:
             # messages take the marked path.
             spool.remove(envelope.id, envelope.size)
             return True
-        if marks:
-            spool.mark(envelope.id, marks)
-        if len(marks) == len(pending):  # pending was all local: the outcome is known without a re-read
-            done = envelope.with_marks([*envelope.marks, *marks]).done()
-        else:  # the remote channel marks the same file: read what it has recorded
-            done = spool.read(envelope.id).done()
+        try:
+            if marks:
+                spool.mark(envelope.id, marks)
+            if len(marks) == len(pending):  # pending was all local: the outcome is known without a re-read
+                done = envelope.with_marks([*envelope.marks, *marks]).done()
+            else:  # the remote channel marks the same file: read what it has recorded
+                done = spool.read(envelope.id).done()
+        except FileNotFoundError:  # held or deleted by an admin meanwhile (shardmail queue): a finished job
+            log.warning("%s left the queue during its delivery (held or deleted): outcome not recorded", envelope.id)
+            return True
         if done:  # every recipient delivered or bounced: a failed one waits for the scheduler's bounce
             spool.remove(envelope.id, envelope.size)
         return done
