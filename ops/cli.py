@@ -5,7 +5,8 @@ Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-co
 ``sendmail`` (inject; also used when the
 program is invoked under the name ``sendmail``), ``scheduler`` (retries, bounces, sweeps),
 ``recover`` (rebuild Redis from the spool), ``status`` (depth per shard), ``qshape`` (domains by
-age), ``metrics`` (the Prometheus endpoint, or ``--once`` to print it), ``config`` (validate and print
+age), ``metrics`` (the Prometheus endpoint, or ``--once`` to print it), ``queue`` (list, show, hold,
+release, requeue, delete, flush queued mail: ops.queue), ``config`` (validate and print
 the effective settings).
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
@@ -148,6 +149,49 @@ def cmd_qshape(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    import redis
+
+    from core.redis_conn import connect
+    from ops.queue import Filter, QueueAdmin, parse_ids
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings(args.config)
+    conn = connect(settings)
+    try:
+        conn.ping()
+    except redis.RedisError:
+        conn = None
+    admin = QueueAdmin(settings, conn)
+    flt = Filter(_shards(getattr(args, "shard", "all"), settings, "--shard"), getattr(args, "held", False),
+                 getattr(args, "domain", "") or "")
+    if args.action == "list":
+        return admin.list(flt, args.json)
+    if args.action == "flush":
+        return admin.flush(flt)
+    ids = parse_ids(args.ids, sys.stdin)
+    if args.action == "delete" and "ALL" in ids:
+        if not args.all or ids != ["ALL"]:
+            print("shardmail queue: delete ALL takes no other ids, and needs --all to say you mean it", file=sys.stderr)
+            return 64
+        return admin.delete_all(flt)
+    if args.action == "delete" and (args.all or args.shard != "all" or args.domain or args.held):
+        print("shardmail queue: --all, --shard, --domain and --held go with delete ALL only", file=sys.stderr)
+        return 64
+    if not ids:
+        print(f"shardmail queue {args.action}: no message ids given", file=sys.stderr)
+        return 64
+    if args.action == "show":
+        return admin.show(ids, args.body)
+    if args.action == "hold":
+        return admin.hold(ids, args.force, args.wait)
+    if args.action == "release":
+        return admin.release(ids)
+    if args.action == "requeue":
+        return admin.requeue(ids)
+    return admin.delete(ids)
+
+
 def cmd_ldaplookup(args: argparse.Namespace) -> int:
     from ops.ldaplookup import describe
 
@@ -219,9 +263,36 @@ def parser() -> argparse.ArgumentParser:
     metrics = sub.add_parser("metrics", help="serve the Prometheus metrics (what `run` serves on metrics_listen)")
     metrics.add_argument("--listen", help="host:port (default: metrics_listen)")
     metrics.add_argument("--once", action="store_true", help="print the metrics once, in Prometheus' text format")
+    _queue_parser(sub)
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top
+
+
+def _queue_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    queue = sub.add_parser("queue", help="list, show, hold, release, requeue, delete or flush queued mail")
+    actions = queue.add_subparsers(dest="action", required=True)
+    ids_help = "message ids; - reads them from stdin (the first word of each line, as `queue list` prints)"
+    listing = actions.add_parser("list", help="queued messages with their waiting recipients (like mailq)")
+    listing.add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="a message's envelope, marks and headers (like postcat)")
+    show.add_argument("--body", action="store_true", help="the body too")
+    hold = actions.add_parser("hold", help="put messages on hold: no delivery, no expiry, until released")
+    hold.add_argument("--wait", type=float, default=10.0, help="seconds to wait for an attempt in flight to end")
+    hold.add_argument("--force", action="store_true",
+                      help="hold even while an attempt is in flight (its outcome is then not recorded)")
+    release = actions.add_parser("release", help="take messages off hold and queue them now")
+    requeue = actions.add_parser("requeue", help="rebuild messages' jobs from the spool now (after a failed job)")
+    delete = actions.add_parser("delete", help="delete messages (ALL --all: every message the filters take)")
+    delete.add_argument("--all", action="store_true", help="confirms delete ALL")
+    flush = actions.add_parser("flush", help="bring deferred mail forward: due now")
+    for action in (show, hold, release, requeue, delete):
+        action.add_argument("ids", nargs="*", metavar="ID", help=ids_help)
+    for action in (listing, delete, flush):
+        action.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
+        action.add_argument("--domain", default="", help="only messages with a waiting recipient in this domain")
+    for action in (listing, delete):
+        action.add_argument("--held", action="store_true", help="only messages on hold")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": cmd_metrics,
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
-        "qshape": cmd_qshape,
+        "qshape": cmd_qshape, "queue": cmd_queue,
     }
     sys.exit(commands[args.command](args))
 

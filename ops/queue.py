@@ -1,0 +1,593 @@
+"""``shardmail queue``: look at and act on queued mail, message by message (postqueue/postsuper for shards).
+
+Interface: ``QueueAdmin(settings, conn, out, err)`` (``conn`` None when Redis is down) with
+``list(filter, as_json)``, ``show(ids, body)``, ``hold(ids, force, wait)``, ``release(ids)``,
+``requeue(ids)``, ``delete(ids)``, ``delete_all(filter)``, ``flush(filter)``, each returning the
+exit status; ``Filter`` (shards, held only, recipient domain), ``parse_ids(words, stdin)``.
+
+The spool is the truth and Redis only rings the bell, so every command starts from the spool
+entry and treats Redis as something to tidy: a job whose entry is gone (held, deleted) ends
+harmlessly wherever it turns up (the pools finish it, the scheduler's settle calls it "gone").
+Ids are unique per node and say nothing about their shard, so a message is looked for in each
+shard of the shard map (two stats each: queue/<split>/<id> and hold/<id>).
+
+- ``list`` reads each entry's envelope line and marks, never its body (core.spool's ``peek``); it
+  streams shard by shard in directory order, so it stays flat on big queues. Held messages are
+  flagged ``!``, messages with a delivery in flight ``*`` (from the started registries, when
+  Redis answers). The first word of each message line is its id, so its output can be piped into
+  the other commands with ``-``.
+- ``hold`` renames the entry into hold/ (durable) and drops its doorbells: queued jobs, retry-set
+  and failed-registry entries (one script per channel, which also reports a claim in flight). A
+  message with a delivery in flight is held when that attempt ends: the command waits up to
+  ``--wait`` seconds, and otherwise refuses (exit 75, nothing changed); ``--force`` holds it at
+  once, and then the attempt's outcome is not recorded (its checkpoint finds no file), so its
+  recipients may get that copy once more after release (local Maildir copies are recognised by
+  name). After the rename it looks once more for a claim taken meanwhile, and if there is one,
+  renames the entry back and waits again: a claim is recorded before its worker reads the file.
+- Lifetime: hold stops the clock of nothing. Expiry is judged only after an attempt (a deferral
+  at or after ``birth + queuelifetime`` fails, scheduler.retry), so mail released after its
+  lifetime gets one normal attempt at once, and bounces only if that attempt defers too.
+- ``release`` renames it back and rings its doorbells at once: a job per channel with pending
+  recipients (none for a channel with a claim in flight); an entry with nothing left to deliver
+  (all failed or bounced) gets a settle entry instead, so the scheduler bounces or removes it.
+- ``requeue`` rebuilds the doorbells the same way for a queued message (stale jobs, failed jobs,
+  retry entries and abandoned claims dropped first; a claim in flight is left alone); for a
+  held message it releases it (as ``postsuper -r`` does).
+- ``delete`` unlinks the entry (durably), then drops its doorbells; an attempt in flight ends with
+  a checkpoint that finds nothing. One line per message (id, shard, sender, pending recipients)
+  is logged and printed. ``delete ALL`` needs ``--all`` and takes the list filters.
+- ``flush`` brings deferred mail forward: retry-set entries rescored to now (only lowered), so the
+  scheduler's next pass releases them; with ``--domain`` only the entries of channels that have
+  a pending recipient in that domain (their envelopes are read).
+
+Exit status: 0 done; 1 a message not found (the others are still done); 64 usage; 75 Redis
+unavailable or a refusal (see below), with the spool left consistent:
+``list``/``show`` need no Redis; ``hold`` refuses without it (it cannot see attempts in flight)
+unless ``--force``; ``release`` renames anyway and exits 75 (the scheduler's next sweep rings the
+bell instead); ``delete`` deletes anyway and exits 0 (the doorbells left behind end harmlessly);
+``requeue`` and ``flush`` change nothing and exit 75.
+
+Failures: a disk error on one message is reported for it (exit 75) and the others go on.
+Settings: ``shards`` (through core.shards), ``redis_prefix``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+import redis
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from core.address import domain_of
+from core.config import Settings
+from core.envelope import CHANNELS, Channel, Envelope, EnvelopeError, valid_id
+from core.jobs import Item, Jobs, job_id
+from core.outcome import EX_OK, EX_TEMPFAIL
+from core.shards import ShardMap
+
+log = logging.getLogger("shardmail.queue")
+EX_NOTFOUND = 1
+WAIT_STEP = 0.1  # s between two looks at an attempt in flight
+FLUSH_BATCH = 1000  # retry entries rescored per round trip
+
+# One (message, channel): drop its queued job, retry entry and failed job, and an abandoned claim;
+# a claim in flight is left alone and reported. KEYS: queue list, started registry, failed
+# registry, job hash, retry set; ARGV: job id, retry member, now. Returns {dropped, claim}:
+# dropped > 0 if a queued job or retry entry went; claim 0 none, 1 in flight, 2 abandoned (cleared).
+_DROP = """
+local dropped = redis.call('LREM', KEYS[1], 0, ARGV[1]) + redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local status = redis.call('HGET', KEYS[4], 'status')
+if status == 'started' then
+  local prefix = ARGV[1] .. ':'
+  local members = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #members, 2 do
+    if string.sub(members[i], 1, #prefix) == prefix then
+      if tonumber(members[i + 1]) > tonumber(ARGV[3]) then return {dropped, 1} end
+      redis.call('ZREM', KEYS[2], members[i])
+    end
+  end
+  redis.call('DEL', KEYS[4])
+  return {dropped, 2}
+end
+if status then redis.call('DEL', KEYS[4]) end
+return {dropped, 0}
+"""
+
+# Retry entries due later, rescored to now (ARGV[1]), up to ARGV[2] of them; returns them.
+_FLUSH = """
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(members) do redis.call('ZADD', KEYS[1], ARGV[1], member) end
+return members
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A message where it lies: its shard, whether it is on hold, its envelope with marks."""
+
+    shard: int
+    held: bool
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which messages a listing (or ``delete ALL``, ``flush``) takes."""
+
+    shards: list[int]
+    held_only: bool = False
+    domain: str = ""
+
+    def matches(self, found: Found) -> bool:
+        if self.held_only and not found.held:
+            return False
+        return not self.domain or bool(domain_channels(found.envelope, self.domain))
+
+
+def domain_channels(envelope: Envelope, domain: str) -> set[Channel]:
+    """Channels with a pending recipient in ``domain`` (compared without case or a trailing dot)."""
+    wanted = domain.rstrip(".").lower()
+    return {envelope.recipients[i].channel for i in envelope.pending()
+            if domain_of(envelope.recipients[i].address) == wanted}
+
+
+def parse_ids(words: Iterable[str], stdin: TextIO) -> list[str]:
+    """The ids named, ``-`` standing for those read from ``stdin``: the first word of each line,
+    with a ``!``/``*`` flag stripped, so that ``shardmail queue list`` output can be piped in (its
+    recipient and total lines are skipped)."""
+    ids: list[str] = []
+    for word in words:
+        if word != "-":
+            ids.append(word.rstrip("!*"))
+            continue
+        for line in stdin:
+            first = line.split(None, 1)[0].rstrip("!*") if line.strip() and not line[0].isspace() else ""
+            if valid_id(first):
+                ids.append(first)
+    return list(dict.fromkeys(ids))
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def waiting(envelope: Envelope) -> list[int]:
+    """Recipients still to be settled: pending ones, and failed ones whose bounce is due."""
+    return [i for i, mark in enumerate(envelope.states()) if mark is None or mark.state not in ("delivered", "bounced")]
+
+
+def _recipient(envelope: Envelope, index: int) -> dict[str, object]:
+    mark = envelope.states()[index]
+    recipient = envelope.recipients[index]
+    state = "ready" if mark is None or mark.state == "pending" else mark.state
+    entry: dict[str, object] = {"address": recipient.address, "channel": recipient.channel, "state": state}
+    if mark is not None and mark.state != "pending":
+        entry.update(status=mark.status, reason=mark.text, at=mark.at)
+    return entry
+
+
+@dataclass
+class Totals:
+    messages: int = 0
+    held: int = 0
+    active: int = 0
+    size: int = 0
+    recipients: int = 0
+
+
+class QueueAdmin:
+    def __init__(self, settings: Settings, conn: redis.Redis | None, out: TextIO = sys.stdout,
+                 err: TextIO = sys.stderr) -> None:
+        self.map = ShardMap(settings)
+        self.conn = conn
+        self.jobs = Jobs(conn, settings.redis_prefix) if conn is not None else None
+        self.out = out
+        self.err = err
+        self.missing = 0  # ids asked for that were not found
+        self._drop_script = conn.register_script(_DROP) if conn is not None else None
+        self._flush_script = conn.register_script(_FLUSH) if conn is not None else None
+
+    # -- finding messages -------------------------------------------------------------------------
+    def locate(self, message_id: str) -> Found | None:
+        """The message in whichever shard (queue/ or hold/) holds it; None if none does."""
+        if not valid_id(message_id):
+            return None
+        for shard in self.map.ids():
+            spool = self.map.spool(shard)
+            where = spool.where(message_id)
+            if where is None:
+                continue
+            try:
+                return Found(shard, where == "hold", spool.peek(message_id, held=where == "hold"))
+            except FileNotFoundError:  # delivered (or moved) while we looked: look on
+                continue
+            except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
+                self._say_err(f"{message_id}: unreadable spool entry in shard {shard}: {exc}")
+                return None
+        return None
+
+    def messages(self, flt: Filter) -> Iterator[Found]:
+        """Every message the filter takes, shard by shard (queue/ then hold/), bodies unread."""
+        for shard in flt.shards:
+            spool = self.map.spool(shard)
+            sources = [(True, spool.held())] if flt.held_only else [(False, spool.ids()), (True, spool.held())]
+            for held, ids in sources:
+                for message_id in ids:
+                    try:
+                        envelope = spool.peek(message_id, held=held)
+                    except FileNotFoundError:
+                        continue  # gone while we looked (or a recycled name)
+                    except (EnvelopeError, OSError, UnicodeDecodeError):
+                        continue  # the sweep moves it aside and reports it
+                    found = Found(shard, held, envelope)
+                    if flt.matches(found):
+                        yield found
+
+    def active(self, shards: Iterable[int]) -> set[str]:
+        """Ids of messages with a claim in flight (a live lease), from the started registries."""
+        if self.jobs is None:
+            return set()
+        now = time.time()
+        with self.jobs.conn.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                for channel in CHANNELS:
+                    pipe.zrangebyscore(StartedJobRegistry(queue=self.jobs.queue(shard, channel)).key, now, "+inf")
+            answers = pipe.execute()
+        return {raw.decode().partition(":")[0].rpartition("-")[0] for members in answers for raw in members}
+
+    def _each(self, ids: list[str]) -> Iterator[Found]:
+        """The messages named, in order; each unknown one reported (self.missing counts them)."""
+        for message_id in ids:
+            found = self.locate(message_id)
+            if found is None:
+                self.missing += 1
+                self._say_err(f"{message_id}: no such message in the queue")
+                continue
+            yield found
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def _say_err(self, text: str) -> None:
+        print(f"shardmail queue: {text}", file=self.err, flush=True)
+
+    def _status(self, worst: int) -> int:
+        return worst if worst != EX_OK else (EX_NOTFOUND if self.missing else EX_OK)
+
+    # -- list and show ----------------------------------------------------------------------------
+    def list(self, flt: Filter, as_json: bool = False) -> int:
+        active: set[str] = set()
+        try:
+            if self.conn is None:
+                raise redis.ConnectionError("no answer")
+            active = self.active(flt.shards)
+        except redis.RedisError as exc:
+            self._say_err(f"Redis unavailable ({exc}): deliveries in flight are not flagged")
+        totals = Totals()
+        if as_json:
+            self.out.write('{"messages": [')
+        for found in self.messages(flt):
+            envelope = found.envelope
+            rcpts = waiting(envelope)
+            is_active = envelope.id in active
+            totals.messages += 1
+            totals.held += found.held
+            totals.active += is_active
+            totals.size += envelope.size
+            totals.recipients += len(rcpts)
+            if as_json:
+                doc = {"id": envelope.id, "shard": found.shard, "held": found.held, "active": is_active,
+                       "size": envelope.size, "arrival": envelope.birth, "sender": envelope.sender,
+                       "recipients": [_recipient(envelope, i) for i in rcpts]}
+                self.out.write(("\n  " if totals.messages == 1 else ",\n  ") + json.dumps(doc))
+                continue
+            flag = "!" if found.held else "*" if is_active else " "
+            self.out.write(f"{envelope.id}{flag} s{found.shard:<3} {envelope.size:>9}  {_when(envelope.birth)}  "
+                           f"<{envelope.sender}>\n")
+            for index in rcpts:
+                entry = _recipient(envelope, index)
+                line = f"    <{entry['address']}>  {entry['state']}"
+                if entry["state"] == "failed":
+                    line += " (bounce due)"
+                if "status" in entry and entry["state"] != "ready":
+                    line += f"  {entry['status']} {entry['reason']} (at {_when(float(entry['at']))})"  # type: ignore[arg-type]
+                self.out.write(line + "\n")
+        if as_json:
+            total = {"messages": totals.messages, "held": totals.held, "active": totals.active,
+                     "size": totals.size, "recipients": totals.recipients}
+            self.out.write(("\n" if totals.messages else "") + f'], "total": {json.dumps(total)}}}\n')
+        elif totals.messages:
+            self.out.write(f"-- {totals.messages} message(s), {_size(totals.size)}, {totals.recipients} "
+                           f"recipient(s) waiting; {totals.held} held (!), {totals.active} in flight (*)\n")
+        else:
+            self.out.write("-- the queue is empty" + (" (for this selection)\n" if flt.domain or flt.held_only
+                                                       or len(flt.shards) < len(self.map.ids()) else "\n"))
+        self.out.flush()
+        return EX_OK
+
+    def show(self, ids: list[str], body: bool = False) -> int:
+        first = True
+        for found in self._each(ids):
+            envelope = found.envelope
+            try:
+                envelope, content = self.map.spool(found.shard).load(envelope.id, held=found.held)
+            except FileNotFoundError:
+                self.missing += 1
+                self._say_err(f"{envelope.id}: left the queue while we looked")
+                continue
+            if not first:
+                self._say("")
+            first = False
+            client = envelope.client
+            lines = [
+                f"*** envelope of {envelope.id} (shard {found.shard}, {'on hold' if found.held else 'queued'})",
+                f"arrival: {_when(envelope.birth)} ({envelope.birth:.3f})",
+                f"size: {envelope.size} bytes",
+                f"sender: <{envelope.sender}>",
+                f"client: {client.address or '-'} helo={client.helo or '-'} {client.protocol}"
+                + (f" user={client.user}" if client.user else "") + (" smtputf8" if envelope.smtputf8 else ""),
+                "*** recipients",
+            ]
+            for index, recipient in enumerate(envelope.recipients):
+                entry = _recipient(envelope, index)
+                lines.append(f"{index}: <{recipient.address}> via {recipient.channel}: {entry['state']}")
+            lines.append("*** marks")
+            for mark in envelope.marks:
+                address = (envelope.recipients[mark.index].address if 0 <= mark.index < len(envelope.recipients)
+                           else f"#{mark.index}")
+                lines.append(f"{_when(mark.at)} <{address}> {mark.state} {mark.status} {mark.text}".rstrip())
+            if not envelope.marks:
+                lines.append("(none: never attempted)")
+            end = content.find(b"\r\n\r\n")
+            headers = content if end < 0 else content[: end + 2]
+            lines.append("*** headers")
+            lines.append(headers.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n"))
+            if body:
+                lines.append("*** body")
+                lines.append(("" if end < 0 else content[end + 4:].decode("utf-8", "replace"))
+                             .replace("\r\n", "\n").rstrip("\n"))
+            self._say("\n".join(lines))
+        return self._status(EX_OK)
+
+    # -- doorbells --------------------------------------------------------------------------------
+    def _drop(self, shard: int, message_id: str) -> dict[Channel, tuple[bool, int]]:
+        """Drop every doorbell of the message but a claim in flight: per channel (dropped, claim)."""
+        assert self.jobs is not None and self._drop_script is not None
+        now = time.time()
+        with self.jobs.conn.pipeline(transaction=False) as pipe:
+            for channel in CHANNELS:
+                queue = self.jobs.queue(shard, channel)
+                ident = job_id(message_id, channel)
+                self._drop_script(keys=[queue.key, StartedJobRegistry(queue=queue).key,
+                                        FailedJobRegistry(queue=queue).key, f"rq:job:{ident}",
+                                        self.jobs.retry_key(shard)],
+                                  args=[ident, f"{message_id}:{channel}", now], client=pipe)
+            answers = pipe.execute()
+        return {channel: (int(dropped) > 0, int(claim)) for channel, (dropped, claim) in zip(CHANNELS, answers,
+                                                                                               strict=True)}
+
+    def _ring(self, shard: int, envelope: Envelope, live: set[Channel]) -> list[Channel]:
+        """Doorbells for a message with none (its old ones dropped): a job now for each channel with
+        pending recipients and no attempt in flight; for an entry with nothing left to deliver, a
+        settle entry (the scheduler bounces or removes it). Returns the channels given jobs."""
+        assert self.jobs is not None
+        channels = [c for c in envelope.channels() if c not in live]
+        if channels:
+            self.jobs.enqueue(Item(shard, envelope.id, c, len(envelope.pending(c))) for c in channels)
+        elif not envelope.channels():
+            self.jobs.conn.rpush(self.jobs.settle_key(shard), f"{envelope.id}:local")
+        return channels
+
+    def _settle_later(self, shard: int, message_id: str, channels: Iterable[Channel]) -> None:
+        """Give back doorbells dropped by a hold that did not happen: the scheduler's settle puts
+        each channel into the retry set at its computed time."""
+        assert self.jobs is not None
+        channels = list(channels)
+        if channels:
+            self.jobs.conn.rpush(self.jobs.settle_key(shard), *(f"{message_id}:{c}" for c in channels))
+
+    # -- hold, release, requeue -------------------------------------------------------------------
+    def hold(self, ids: list[str], force: bool = False, wait: float = 10.0) -> int:
+        worst = EX_OK
+        for found in self._each(ids):
+            worst = max(worst, self._hold_one(found, force, wait))
+        return self._status(worst)
+
+    def _hold_one(self, found: Found, force: bool, wait: float) -> int:
+        message_id = found.envelope.id
+        spool = self.map.spool(found.shard)
+        if found.held:
+            self._say(f"{message_id}: already on hold")
+            return EX_OK
+        if self.conn is None and not force:
+            self._say_err(f"{message_id}: not held: Redis is unavailable, so an attempt in flight cannot be "
+                          "seen (--force holds it anyway)")
+            return EX_TEMPFAIL
+        deadline = time.monotonic() + wait
+        dropped: set[Channel] = set()
+        live: set[Channel] = set()
+        try:
+            while True:
+                if self.conn is not None:
+                    result = self._drop(found.shard, message_id)
+                    dropped |= {c for c, (gone, _) in result.items() if gone}
+                    live = {c for c, (_, claim) in result.items() if claim == 1}
+                if live and not force:
+                    if time.monotonic() < deadline:
+                        time.sleep(WAIT_STEP)
+                        continue
+                    self._settle_later(found.shard, message_id, dropped - live)
+                    self._say_err(f"{message_id}: not held: a delivery attempt is in flight ({', '.join(sorted(live))})"
+                                  f"; try again, wait longer (--wait), or --force")
+                    return EX_TEMPFAIL
+                try:
+                    spool.hold(message_id)
+                except FileNotFoundError:
+                    self.missing += 1
+                    self._say_err(f"{message_id}: left the queue before it could be held")
+                    return EX_OK
+                if live or self.conn is None:
+                    break
+                # a claim taken between the drop and the rename may have read the entry before it
+                # moved: give it back to that attempt, and hold when the attempt is over
+                again = self._drop(found.shard, message_id)
+                dropped |= {c for c, (gone, _) in again.items() if gone}
+                if not any(claim == 1 for _, claim in again.values()):
+                    break
+                spool.unhold(message_id)
+        except redis.RedisError as exc:
+            self._say_err(f"{message_id}: Redis failed during the hold ({exc}); "
+                          f"it is {'on hold' if spool.where(message_id) == 'hold' else 'still queued'}")
+            return EX_TEMPFAIL
+        except OSError as exc:
+            self._say_err(f"{message_id}: not held: {exc}")
+            return EX_TEMPFAIL
+        note = f" (an attempt in flight on {', '.join(sorted(live))}: its outcome is not recorded)" if live else ""
+        if self.conn is None:
+            note = " (Redis unavailable: its doorbells end harmlessly when they ring)"
+        log.info("%s: held (shard %d)%s", message_id, found.shard, note)
+        self._say(f"{message_id}: held{note}")
+        return EX_OK
+
+    def release(self, ids: list[str]) -> int:
+        worst = EX_OK
+        for found in self._each(ids):
+            if not found.held:
+                self._say(f"{found.envelope.id}: not on hold")
+                continue
+            worst = max(worst, self._release_one(found, "released"))
+        return self._status(worst)
+
+    def _release_one(self, found: Found, verb: str) -> int:
+        message_id = found.envelope.id
+        try:
+            self.map.spool(found.shard).unhold(message_id)
+        except FileNotFoundError:
+            self.missing += 1
+            self._say_err(f"{message_id}: left hold/ before it could be released")
+            return EX_OK
+        except OSError as exc:
+            self._say_err(f"{message_id}: not released: {exc}")
+            return EX_TEMPFAIL
+        log.info("%s: %s from hold (shard %d)", message_id, verb, found.shard)
+        if self.conn is None:
+            self._say(f"{message_id}: {verb}; Redis is unavailable: the scheduler's next sweep queues it")
+            return EX_TEMPFAIL
+        return self._rebuild(Found(found.shard, False, found.envelope), verb)
+
+    def _rebuild(self, found: Found, verb: str) -> int:
+        try:
+            result = self._drop(found.shard, found.envelope.id)
+            live = {c for c, (_, claim) in result.items() if claim == 1}
+            channels = self._ring(found.shard, found.envelope, live)
+        except redis.RedisError as exc:
+            self._say_err(f"{found.envelope.id}: Redis failed ({exc}): the scheduler's next sweep queues it")
+            return EX_TEMPFAIL
+        parts = [f"queued for {', '.join(channels)}"] if channels else []
+        parts += [f"{c} in flight, left alone" for c in sorted(live)]
+        if not parts:
+            parts = ["nothing left to deliver: handed to the scheduler"]
+        self._say(f"{found.envelope.id}: {verb} ({'; '.join(parts)})")
+        return EX_OK
+
+    def requeue(self, ids: list[str]) -> int:
+        if self.conn is None:
+            self._say_err("Redis unavailable: nothing requeued")
+            return EX_TEMPFAIL
+        worst = EX_OK
+        for found in self._each(ids):
+            if found.held:
+                worst = max(worst, self._release_one(found, "released and requeued"))
+                continue
+            log.info("%s: requeued (shard %d)", found.envelope.id, found.shard)
+            worst = max(worst, self._rebuild(found, "requeued"))
+        return self._status(worst)
+
+    # -- delete -----------------------------------------------------------------------------------
+    def delete(self, ids: list[str]) -> int:
+        return self._delete(self._each(ids))
+
+    def delete_all(self, flt: Filter) -> int:
+        return self._delete(self.messages(flt), summary=True)
+
+    def _delete(self, found_messages: Iterable[Found], summary: bool = False) -> int:
+        worst = EX_OK
+        count = 0
+        warned = False
+        for found in found_messages:
+            envelope = found.envelope
+            try:
+                self.map.spool(found.shard).discard(envelope.id, held=found.held)
+            except FileNotFoundError:
+                continue  # gone meanwhile: nothing to delete
+            except OSError as exc:
+                self._say_err(f"{envelope.id}: not deleted: {exc}")
+                worst = EX_TEMPFAIL
+                continue
+            count += 1
+            pending = ", ".join(f"<{envelope.recipients[i].address}>" for i in waiting(envelope)) or "none"
+            line = (f"{envelope.id}: deleted (shard {found.shard}{', on hold' if found.held else ''}, "
+                    f"from <{envelope.sender}>, recipients pending: {pending})")
+            log.info("%s", line)
+            self._say(line)
+            if self.conn is None:
+                if not warned:
+                    self._say_err("Redis unavailable: doorbells of deleted messages stay, and end harmlessly")
+                    warned = True
+                continue
+            try:
+                self._drop(found.shard, envelope.id)
+            except redis.RedisError as exc:
+                self._say_err(f"{envelope.id}: its doorbells stay in Redis ({exc}) and end harmlessly")
+        if summary:
+            self._say(f"-- {count} message(s) deleted")
+        return self._status(worst)
+
+    # -- flush ------------------------------------------------------------------------------------
+    def flush(self, flt: Filter) -> int:
+        if self.conn is None or self.jobs is None or self._flush_script is None:
+            self._say_err("Redis unavailable: nothing flushed")
+            return EX_TEMPFAIL
+        now = time.time()
+        brought: set[str] = set()
+        try:
+            for shard in flt.shards:
+                key = self.jobs.retry_key(shard)
+                if not flt.domain:
+                    while True:
+                        members = self._flush_script(keys=[key], args=[repr(now), FLUSH_BATCH])
+                        brought.update(m.decode().rpartition(":")[0] for m in members)
+                        if len(members) < FLUSH_BATCH:
+                            break
+                    continue
+                wanted = [(found.envelope.id, channel) for found in self.messages(Filter([shard], False, flt.domain))
+                          if not found.held for channel in domain_channels(found.envelope, flt.domain)]
+                for start in range(0, len(wanted), FLUSH_BATCH):
+                    chunk = wanted[start:start + FLUSH_BATCH]
+                    with self.conn.pipeline(transaction=False) as pipe:
+                        for message_id, channel in chunk:
+                            pipe.zadd(key, {f"{message_id}:{channel}": now}, xx=True, lt=True, ch=True)
+                        changed = pipe.execute()
+                    brought.update(m for (m, _), n in zip(chunk, changed, strict=True) if n)
+        except redis.RedisError as exc:
+            self._say_err(f"Redis failed ({exc}) after {len(brought)} message(s) were brought forward")
+            return EX_TEMPFAIL
+        log.info("flush: %d deferred message(s) due now%s", len(brought),
+                 f" (domain {flt.domain})" if flt.domain else "")
+        self._say(f"{len(brought)} deferred message(s) due now: the scheduler releases them on its next pass")
+        return EX_OK
