@@ -1,35 +1,56 @@
 """The shard map: which shards exist, where their spools are, how ingress picks one.
 
-Interface: ``ShardMap(settings)`` with ``spool(shard)``, ``ids()``, ``draining_key``;
-``Picker(shard_map, jobs)`` with ``pick() -> int``.
+Interface: ``ShardMap(settings)`` with ``spool(shard)``, ``ids()``, ``draining()``, ``drain(shard)``,
+``reopen(shard)``, ``add() -> int``, ``pause_key(shard)``; ``Picker(shard_map, jobs)`` with
+``pick() -> int``.
 
-A shard is one spool directory plus its rq queues (``queue_name`` in core.jobs) and Redis keys.
+A shard is one spool directory ``<spool root>/s<N>`` plus its rq queues (``queue_name`` in
+core.jobs) and Redis keys. The spool root is the truth about which shards exist: the shards are
+``0 .. shards-1`` from the settings plus every ``s<N>`` directory found there, so ``shards add``
+(a new directory, built aside and renamed into place, then the root fsync'd) is seen by every
+running process within ``REFRESH_SECONDS`` without a restart, and lowering ``shards`` in the
+settings never hides a shard that still holds mail. A shard is *draining* while its directory holds
+a ``draining`` file (durable, so a Redis restart does not reopen it): ingress never picks it, its
+workers go on emptying it.
+
+``pause_key(shard)`` names the Redis key (with an expiry, renewed by its holder) under which the
+rebalancer has a shard to itself: consumers claim nothing from a paused shard and the scheduler
+leaves it alone (core.jobs' claim script, scheduler.serve's lease script check it atomically).
+
 Ingress picks per message: round robin (default), random, or least loaded by queue depth
-(IndiMail's modes); a shard listed in the Redis set ``<prefix>:draining`` is never picked. The
-draining set and the depths are refreshed at most once a second per process, off the per-message
-path, so picking costs no Redis round trip.
+(IndiMail's modes), never a draining shard. The shard list, the draining markers and the depths
+are refreshed at most once a second per process, off the per-message path, so picking costs no
+system call and no Redis round trip.
 
-Failures: Redis errors while refreshing keep the last known view (the enqueue that follows will
-report Redis being down). When every shard is draining, ``pick``
-raises ``NoShardAvailable`` and ingress answers 451.
+Failures: Redis errors while refreshing depths keep the last known view (the enqueue that follows
+will report Redis being down). When every shard is draining, ``pick`` raises ``NoShardAvailable``
+and ingress answers 451. ``add`` raises OSError (disk) and leaves no half-built shard visible.
 
 Settings: ``shards``, ``shard_policy``, ``queue_split``, ``spool_dir``/``var_dir``, ``redis_prefix``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
+import os
 import random
+import re
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import redis
 
 from core import jobs
 from core.config import Settings
-from core.spool import Spool
+from core.spool import Spool, fsync_dir
 
 REFRESH_SECONDS = 1.0
+DRAINING = "draining"  # the marker file in a shard's directory
+_SHARD_DIR = re.compile(r"s(\d+)")
 
 
 class NoShardAvailable(Exception):
@@ -39,15 +60,27 @@ class NoShardAvailable(Exception):
 class ShardMap:
     def __init__(self, settings: Settings) -> None:
         self.count = settings.shards
-        self.root = settings.spool_root
+        self.root = Path(settings.spool_root)
         self.split = settings.queue_split
         self.prefix = settings.redis_prefix
-        self.draining_key = f"{self.prefix}:draining"
         self._spools: dict[int, Spool] = {}
         self._lock = threading.Lock()
+        self._ids: list[int] = list(range(self.count))
+        self._listed = -1e9
 
-    def ids(self) -> range:
-        return range(self.count)
+    def ids(self, fresh: bool = False) -> list[int]:
+        """Every shard, ascending: the configured ones and any other the spool root holds."""
+        now = time.monotonic()
+        if fresh or now - self._listed >= REFRESH_SECONDS:
+            self._listed = now
+            found = set(range(self.count))
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(self.root):
+                    match = _SHARD_DIR.fullmatch(name)
+                    if match:
+                        found.add(int(match.group(1)))
+            self._ids = sorted(found)
+        return self._ids
 
     def spool(self, shard: int) -> Spool:
         spool = self._spools.get(shard)
@@ -58,8 +91,60 @@ class ShardMap:
                     spool = self._spools[shard] = Spool(self.root, shard, self.split)
         return spool
 
-    def draining(self, conn: redis.Redis) -> set[int]:
-        return {int(x) for x in conn.smembers(self.draining_key)}
+    def pause_key(self, shard: int) -> str:
+        return jobs.pause_key(self.prefix, shard)
+
+    def _marker(self, shard: int) -> Path:
+        return self.root / f"s{shard}" / DRAINING
+
+    def draining(self) -> set[int]:
+        return {shard for shard in self.ids() if self._marker(shard).exists()}
+
+    def drain(self, shard: int) -> bool:
+        """Mark the shard draining (durably); False if it already was."""
+        marker = self._marker(self._existing(shard))
+        if marker.exists():
+            return False
+        marker.write_text("ingress picks no new mail for this shard; `shardmail shards open` undoes it\n")
+        fsync_dir(marker.parent)
+        return True
+
+    def reopen(self, shard: int) -> bool:
+        """Undo ``drain``; False if the shard was not draining."""
+        marker = self._marker(self._existing(shard))
+        try:
+            marker.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(marker.parent)
+        return True
+
+    def _existing(self, shard: int) -> int:
+        if shard not in self.ids(fresh=True):
+            raise KeyError(f"no such shard: {shard}")
+        self.spool(shard)  # a configured shard's directories may not exist yet
+        return shard
+
+    def add(self) -> int:
+        """Create the next shard online: its spool is built under a temporary name, made durable,
+        then renamed into place (one atomic step: a crash leaves either no new shard or a whole one;
+        a leftover ``.adding-*`` directory is removed by the next ``add``). Returns its number."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".shards.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            shard = max(self.ids(fresh=True), default=-1) + 1
+            for leftover in self.root.glob(".adding-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging = self.root / f".adding-{os.getpid()}"
+            built = Spool(staging, shard, self.split)
+            for directory in (built.queue, built.base):
+                fsync_dir(directory)
+            fsync_dir(staging)
+            os.rename(built.base, self.root / f"s{shard}")
+            fsync_dir(self.root)
+            os.rmdir(staging)
+            self.ids(fresh=True)
+            return shard
 
 
 class Picker:
@@ -69,10 +154,10 @@ class Picker:
         self.map = shard_map
         self.queues = queues
         self.policy = policy
-        self._cycle = itertools.count(random.randrange(shard_map.count))
-        self._draining: set[int] = set()
+        self._cycle = itertools.count(random.randrange(max(1, shard_map.count)))
+        self._open: list[int] = shard_map.ids()
         self._depth: dict[int, int] = {}
-        self._refreshed = 0.0
+        self._refreshed = -1e9
         self._lock = threading.Lock()
 
     def _refresh(self) -> None:
@@ -83,16 +168,15 @@ class Picker:
             if now - self._refreshed < REFRESH_SECONDS:
                 return
             self._refreshed = now
-            try:
-                self._draining = self.map.draining(self.queues.conn)
-                if self.policy == "leastloaded":
-                    self._depth = self.queues.depths(self.map.ids())
-            except redis.RedisError:
-                pass
+            draining = self.map.draining()
+            self._open = [s for s in self.map.ids() if s not in draining]
+            if self.policy == "leastloaded":
+                with contextlib.suppress(redis.RedisError):
+                    self._depth = self.queues.depths(self._open)
 
     def pick(self) -> int:
         self._refresh()
-        open_shards = [s for s in self.map.ids() if s not in self._draining]
+        open_shards = self._open
         if not open_shards:
             raise NoShardAvailable("every shard is draining")
         if self.policy == "random":

@@ -2,7 +2,8 @@
 
 Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``, ``write_batch(items)``,
 ``withdraw(ids)``, ``read(id) -> Envelope``, ``body(id) -> bytes``, ``load(id)``, ``mark(id, marks)``,
-``mark_many(items)`` (checkpoints of several entries, one flush), ``remove(id)``, ``scan() -> Iterator[Entry]``,
+``mark_many(items)`` (checkpoints of several entries, one flush), ``move_to(spool, ids)`` (into
+another shard, for the rebalancer), ``remove(id)``, ``scan() -> Iterator[Entry]``,
 ``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``; ``syncfs(fd)`` and
 ``SYNCFS`` (whether it is available), the group commit of several files' writes. Held mail
 (``shardmail queue``): ``hold(id)``, ``unhold(id)``, ``held()``, ``held_path(id)``, ``where(id)``,
@@ -58,6 +59,10 @@ finds no file and is dropped (the admin tool waits for attempts in flight unless
 ops.queue). ``discard`` (an admin's delete) is an unlink plus a directory fsync, so a deleted
 message does not come back after a crash.
 
+A rebalance moves a committed entry to another shard's queue/ with one rename (atomic: after a
+crash the file has exactly one of its two names, each a committed entry of its shard), then makes
+the directories durable; readers take the shard an entry lies in, not the one its envelope names.
+
 Spent files are recycled, not deleted: ``remove`` renames a small finished entry to one of
 ``FREE_SLOTS`` names in free/ (replacing what is there when the pool is full), and a write takes a
 file from free/ (rename to tmp/<id>, overwrite, truncate to size) before it creates one. On this
@@ -100,7 +105,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core import faults
@@ -350,6 +355,8 @@ class Spool:
             # the file was recycled between the open and the read (the entry is gone), or, after a
             # crash without a journal, a stale second name of a reused file (scan reports it)
             raise Recycled(errno.ENOENT, f"spool entry {message_id} now holds {parsed[0].id}")
+        if parsed[0].shard != self.shard:  # moved here by a rebalance: where it lies is its shard
+            parsed = (replace(parsed[0], shard=self.shard), *parsed[1:])
         return parsed
 
     def read(self, message_id: str) -> Envelope:
@@ -432,6 +439,35 @@ class Spool:
                 os.rename(path, f"{self._free_s}{next(self._slots) % FREE_SLOTS:04d}")
         except FileNotFoundError:
             pass
+
+    def move_to(self, target: Spool, message_ids: list[str]) -> list[str]:
+        """Move committed entries into another shard's spool (the rebalancer): one rename each,
+        then the directories made durable (one ``syncfs``, else an fsync of each directory
+        touched, the target's first). A rename is atomic, so a crash leaves each message in exactly
+        one of the two shards. Returns the ids moved (one that vanished meanwhile is skipped);
+        raises OSError when the move could not be made durable."""
+        moved = []
+        for message_id in message_ids:
+            try:
+                os.rename(self._path(message_id), target._path(message_id))
+            except FileNotFoundError:
+                continue
+            moved.append(message_id)
+        faults.crash_point("after_move_rename")
+        if not moved:
+            return moved
+        if SYNCFS:
+            anchor = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                syncfs(anchor)
+            finally:
+                os.close(anchor)
+        else:
+            for bucket in sorted({target._bucket(m) for m in moved}):
+                target._syncers[bucket].sync()
+            for bucket in sorted({self._bucket(m) for m in moved}):
+                self._syncers[bucket].sync()
+        return moved
 
     # -- held mail and an admin's delete (ops.queue) --------------------------------------------------
     def held_path(self, message_id: str) -> Path:
@@ -545,6 +581,15 @@ class Spool:
             except FileNotFoundError:
                 continue
             yield Leftover(path, age, self.path(name).exists())
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries durable (after a create, rename or unlink in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:

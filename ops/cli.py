@@ -35,10 +35,11 @@ def _settings(path: str | None) -> Settings:
 
 def _shards(text: str, settings: Settings, option: str) -> list[int]:
     """A shard list option ("0-3,5", "all"), or exit 64 (EX_USAGE) with one line saying why."""
+    from core.shards import ShardMap
     from workers.pool import parse_shards
 
     try:
-        return parse_shards(text, settings.shards)
+        return parse_shards(text, max(ShardMap(settings).ids(fresh=True), default=-1) + 1)
     except ValueError as exc:
         print(f"shardmail: {option}: {exc}", file=sys.stderr)
         sys.exit(64)
@@ -98,7 +99,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     _logging(args.verbose)
     settings = _settings(args.config)
-    shards = _shards(args.shards, settings, "--shards")
+    shards = None if args.shards == "all" else _shards(args.shards, settings, "--shards")
     if args.processes > 1:
         import subprocess
 
@@ -200,6 +201,92 @@ def cmd_ldaplookup(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    import redis
+
+    from core.redis_conn import connect
+    from core.shards import ShardMap
+    from ops import shards as shard_admin
+
+    settings = _settings(args.config)
+    shard_map = ShardMap(settings)
+    if args.action == "list":
+        conn = connect(settings)
+        try:
+            conn.ping()
+        except redis.RedisError as exc:
+            print(f"shardmail: Redis unavailable ({exc}); showing the spool only", file=sys.stderr)
+            conn = None
+        print(shard_admin.render(shard_admin.listing(settings, conn)))
+        return 0
+    if args.action == "add":
+        shard = shard_map.add()
+        print(f"shard {shard} added ({shard_map.spool(shard).base}); ingress, the scheduler and pools on all "
+              "shards take it up within seconds")
+        return 0
+    if args.action in ("drain", "open"):
+        if args.shard is None:
+            print(f"shardmail: shards {args.action}: which shard?", file=sys.stderr)
+            return 64
+        try:
+            changed = shard_map.drain(args.shard) if args.action == "drain" else shard_map.reopen(args.shard)
+        except KeyError as exc:
+            print(f"shardmail: {exc.args[0]}", file=sys.stderr)
+            return 64
+        state = "draining" if args.action == "drain" else "open"
+        print(f"shard {args.shard} {'is now' if changed else 'was already'} {state}")
+        if args.action == "drain" and args.wait is not None:
+            return 0 if shard_admin.wait_empty(settings, connect(settings), args.shard, args.wait, sys.stdout) else 1
+        return 0
+    return _rebalance(args, settings)
+
+
+def _rebalance(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from core.redis_conn import connect
+    from ops.rebalance import Rebalancer, ShardBusy
+    from scheduler.recover import Progress
+
+    if args.source is None or not args.to:
+        print("shardmail: shards rebalance needs --from S and --to T[,U]", file=sys.stderr)
+        return 64
+    targets = _shards(args.to, settings, "--to")
+    conn = connect(settings)
+    total = min(args.count or 10**12, _spooled(settings, args.source))
+    progress = Progress(total, sys.stderr, "rebalance")
+    try:
+        report = Rebalancer(settings, conn).run(args.source, targets, args.count, progress)
+    except (KeyError, ValueError) as exc:
+        print(f"shardmail: shards rebalance: {exc.args[0]}", file=sys.stderr)
+        return 64
+    except ShardBusy as exc:
+        print(f"shardmail: shards rebalance: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except redis.RedisError as exc:
+        print(f"shardmail: Redis unavailable ({exc}); what was moved is consistent, run again", file=sys.stderr)
+        return EX_TEMPFAIL
+    finally:
+        progress.close()
+    where = ", ".join(f"{n} to shard {t}" for t, n in report.moved.items())
+    print(f"rebalance: moved {report.total} messages from shard {args.source} ({where}) in {report.seconds:.1f} s")
+    left = report.in_flight + report.young + report.settling + report.unreadable
+    if left:
+        print(f"rebalance: left {left} in shard {args.source}: {report.in_flight} being delivered, {report.young} "
+              f"just arrived, {report.settling} waiting for their bounce, {report.unreadable} unreadable")
+    if report.replayed or report.stale_jobs:
+        print(f"rebalance: completed {report.replayed} moves of an interrupted run; took {report.stale_jobs} stale "
+              f"jobs out of shard {args.source}'s queues")
+    return 0
+
+
+def _spooled(settings: Settings, shard: int) -> int:
+    from core.shards import ShardMap
+
+    shard_map = ShardMap(settings)
+    return shard_map.spool(shard).count() if shard in shard_map.ids(fresh=True) else 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from ops.metrics import metrics_dir, registry, serve_forever
 
@@ -260,6 +347,14 @@ def parser() -> argparse.ArgumentParser:
     qshape.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
     qshape.add_argument("--by", choices=["recipient", "sender"], default="recipient")
     qshape.add_argument("--top", type=int, default=0, help="only the N biggest domains")
+    shards = sub.add_parser("shards", help="list, drain, reopen, add and rebalance queue shards")
+    shards.add_argument("action", choices=["list", "drain", "open", "add", "rebalance"])
+    shards.add_argument("shard", nargs="?", type=int, help="the shard to drain or open")
+    shards.add_argument("--wait", nargs="?", type=float, const=86400.0, metavar="SECONDS",
+                        help="drain: wait until the shard's spool is empty (exit 1 if not within SECONDS)")
+    shards.add_argument("--from", dest="source", type=int, help="rebalance: the shard to move messages from")
+    shards.add_argument("--to", help="rebalance: the shards to move them to, e.g. 2,3")
+    shards.add_argument("--count", type=int, help="rebalance: move at most this many messages")
     metrics = sub.add_parser("metrics", help="serve the Prometheus metrics (what `run` serves on metrics_listen)")
     metrics.add_argument("--listen", help="host:port (default: metrics_listen)")
     metrics.add_argument("--once", action="store_true", help="print the metrics once, in Prometheus' text format")
@@ -307,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": cmd_metrics,
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
-        "qshape": cmd_qshape, "queue": cmd_queue,
+        "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards,
     }
     sys.exit(commands[args.command](args))
 

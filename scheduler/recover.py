@@ -41,7 +41,8 @@ PROGRESS_STEP = 500  # entries a worker reads between two progress reports
 class Progress:
     """A one-line progress bar on a terminal (plain lines elsewhere, every 10 %)."""
 
-    def __init__(self, total: int, out: TextIO) -> None:
+    def __init__(self, total: int, out: TextIO, label: str = "recover") -> None:
+        self.label = label
         self.total = max(total, 1)
         self.done = 0
         self.out = out
@@ -59,7 +60,7 @@ class Progress:
             self.out.flush()
         elif not self.tty and tenth != self._shown:
             self._shown = tenth
-            self.out.write(f"recover: {self.done}/{self.total} messages\n")
+            self.out.write(f"{self.label}: {self.done}/{self.total} messages\n")
 
     def close(self) -> None:
         if self.tty:

@@ -7,7 +7,8 @@ Interface: ``Scheduler(settings, conn, name)`` with ``run(stop)`` (until the eve
 Several schedulers may run (on one node or many): each shard is led by whoever holds its Redis
 lease ``<prefix>:lease:s<N>`` (SET NX with a ``LEASE_MS`` expiry, renewed on every pass by a
 script that renews only a lease still held, so a holder that dies or stalls loses it within
-``LEASE_MS`` and another takes over). For each shard it leads, a pass settles finished attempts
+``LEASE_MS`` and another takes over; and a shard whose pause key exists, held by the rebalancer,
+is given up rather than renewed). For each shard it leads, a pass settles finished attempts
 from the settle list (scheduler.retry), releases due retries into the queues, and every
 ``sweepinterval`` seconds, and whenever it takes a lease afresh (a new lead, or its own again after
 Redis lost everything), sweeps the shard's spool (scheduler.sweep).
@@ -27,11 +28,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 import redis
 
 from core import metrics
 from core.config import Settings
+from core.jobs import pause_key
 from core.submit import Submitter
 from scheduler.retry import Settler
 from scheduler.sweep import Sweeper
@@ -41,6 +44,10 @@ LEASE_MS = 15_000
 PASS_WAIT = 0.2  # s between passes when there was nothing to do (an idle pass: two round trips)
 MAX_BACKOFF = 5.0
 _RENEW = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
@@ -48,18 +55,22 @@ return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 2 or 0
 """
 
 
+def lease_key(prefix: str, shard: int) -> str:
+    return f"{prefix}:lease:s{shard}"
+
+
 class Leases:
     """Which shards this scheduler leads, renewed (or taken) in one round trip per pass."""
 
-    def __init__(self, conn: redis.Redis, prefix: str, name: str, shards: range) -> None:
+    def __init__(self, conn: redis.Redis, prefix: str, name: str, shards: Callable[[], Sequence[int]]) -> None:
         self.conn = conn
         self.prefix = prefix
         self.name = name
-        self.shards = shards
+        self.shards = shards  # asked on every pass: shards added online are led from the next one
         self._renew = conn.register_script(_RENEW)
 
     def key(self, shard: int) -> str:
-        return f"{self.prefix}:lease:s{shard}"
+        return lease_key(self.prefix, shard)
 
     def held(self) -> list[int]:
         return [shard for shard, fresh in self.renew() if fresh is not None]
@@ -67,12 +78,13 @@ class Leases:
     def renew(self) -> list[tuple[int, bool | None]]:
         """Per shard: None (another leads it), False (still ours) or True (just taken: a new
         lead, or ours again after Redis forgot everything)."""
+        shards = list(self.shards())
         with self.conn.pipeline(transaction=False) as pipe:
-            for shard in self.shards:
-                self._renew(keys=[self.key(shard)], args=[self.name, LEASE_MS], client=pipe)
+            for shard in shards:
+                self._renew(keys=[self.key(shard), pause_key(self.prefix, shard)], args=[self.name, LEASE_MS],
+                            client=pipe)
             answers = pipe.execute()
-        return [(shard, None if not answer else answer == 2) for shard, answer in zip(self.shards, answers,
-                                                                                      strict=True)]
+        return [(shard, None if not answer else answer == 2) for shard, answer in zip(shards, answers, strict=True)]
 
     def give_up(self, shards: list[int]) -> None:
         for shard in shards:
@@ -86,7 +98,7 @@ class Scheduler:
         self.settler = Settler(settings, conn, Submitter(settings, conn))
         self.sweeper = Sweeper(self.settler)
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.scheduler"
-        self.leases = Leases(conn, settings.redis_prefix, self.name, range(settings.shards))
+        self.leases = Leases(conn, settings.redis_prefix, self.name, self.settler.map.ids)
         self._swept: dict[int, float] = {}
         self.led: list[int] = []
 
@@ -116,7 +128,7 @@ class Scheduler:
 
     def run(self, stop: threading.Event) -> None:
         backoff = PASS_WAIT
-        log.info("scheduler %s for shards 0-%d", self.name, self.settings.shards - 1)
+        log.info("scheduler %s for shards %s", self.name, self.settler.map.ids())
         try:
             while not stop.is_set():
                 try:

@@ -78,7 +78,7 @@ def test_picker_round_robin_skips_draining_shards(node_factory: Callable[..., No
     settings = node.settings()
     conn = redis.Redis.from_url(settings.redis_url)
     shard_map = ShardMap(settings)
-    conn.sadd(shard_map.draining_key, 2)
+    assert shard_map.drain(2)
     picker = Picker(shard_map, Jobs(conn, settings.redis_prefix), "roundrobin")
     picks = [picker.pick() for _ in range(30)]
     assert 2 not in picks
@@ -106,7 +106,7 @@ def test_picker_refuses_when_all_shards_drain(node_factory: Callable[..., Node])
     settings = node.settings()
     conn = redis.Redis.from_url(settings.redis_url)
     shard_map = ShardMap(settings)
-    conn.sadd(shard_map.draining_key, 0, 1)
+    assert shard_map.drain(0) and shard_map.drain(1)
     with pytest.raises(NoShardAvailable):
         Picker(shard_map, Jobs(conn, settings.redis_prefix)).pick()
 

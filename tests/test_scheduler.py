@@ -181,8 +181,8 @@ def test_the_sweep_rebuilds_lost_doorbells_and_keeps_going(node_factory: Callabl
 
 def test_each_shard_has_one_leader_and_a_dead_one_is_replaced(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
-    first = Leases(conn, "t", "first", range(4))
-    second = Leases(conn, "t", "second", range(4))
+    first = Leases(conn, "t", "first", lambda: range(4))
+    second = Leases(conn, "t", "second", lambda: range(4))
     assert first.held() == [0, 1, 2, 3]
     assert second.held() == []
     assert first.held() == [0, 1, 2, 3]  # renewed, still its own

@@ -4,9 +4,10 @@ Interface: ``Consumer(jobs, queues, handle, batch=100, name=...)`` with ``run(st
 event is set) and ``drain() -> int`` (until the queues are empty; for tests and benchmarks);
 ``announce(jobs, queues, name)`` (the rq worker registration, for pools with a loop of their own),
 ``take_back(jobs, queues, name)`` (requeue what a killed process of the same name held).
-``queues`` is a list of (shard, channel); ``handle(claims)`` does the work for a batch and returns
-the claims it is done with (the rest stay started, e.g. while an asynchronous delivery is in
-flight, and are finished later through ``Jobs.finish``).
+``queues`` is a list of (shard, channel) (or ``follow``, a function giving the current list, for
+a pool on every shard: shards added online are taken up within a heartbeat); ``handle(claims)``
+does the work for a batch and returns the claims it is done with (the rest stay started, e.g.
+while an asynchronous delivery is in flight, and are finished later through ``Jobs.finish``).
 
 Why not rq's stock worker: it runs one job at a time with several Redis round trips and its own
 bookkeeping per job (about 250 jobs/s per process, measured). Claiming N jobs per round trip with
@@ -78,9 +79,10 @@ def take_back(jobs: Jobs, queues: Sequence[tuple[int, Channel]], name: str) -> N
 
 class Consumer:
     def __init__(self, jobs: Jobs, queues: Sequence[tuple[int, Channel]], handle: Handler, batch: int = 100,
-                 name: str | None = None) -> None:
+                 name: str | None = None, follow: Callable[[], Sequence[tuple[int, Channel]]] | None = None) -> None:
         self.jobs = jobs
-        self.queues = list(queues)
+        self.follow = follow  # asked again every heartbeat: a pool on "all" shards takes up added ones
+        self.queues = list(follow() if follow is not None else queues)
         self.handle = handle
         self.batch = batch
         self.name = name or f"{socket.gethostname()}.{os.getpid()}"
@@ -109,6 +111,16 @@ class Consumer:
                 self.jobs.finish(done)
         return taken
 
+    def _refollow(self) -> bool:
+        if self.follow is None:
+            return False
+        queues = list(self.follow())
+        if queues == self.queues:
+            return False
+        log.info("now consuming %s", ", ".join(f"s{shard}.{channel}" for shard, channel in queues))
+        self.queues = queues
+        return True
+
     def _rq_worker(self) -> Worker | None:
         return announce(self.jobs, self.queues, self.name)
 
@@ -127,8 +139,12 @@ class Consumer:
                         reclaimed = True
                     if worker is None:
                         worker = self._rq_worker()
-                    if worker is not None and time.monotonic() - beat > HEARTBEAT:
-                        worker.heartbeat(int(HEARTBEAT * 3))
+                    if time.monotonic() - beat > HEARTBEAT:
+                        if self._refollow() and worker is not None:
+                            worker.register_death()
+                            worker = self._rq_worker()  # registered again with its new queues
+                        if worker is not None:
+                            worker.heartbeat(int(HEARTBEAT * 3))
                         beat = time.monotonic()
                     taken = self._round()
                     backoff = IDLE_WAIT

@@ -210,16 +210,19 @@ def deliver(shard: int, message_id: str, channel: str) -> None:
     _stock.message(Claim(f"{message_id}-{channel}", message_id, shard, "local", ""))
 
 
-def run_local(settings: Settings, shards: list[int], name: str | None = None) -> None:
-    """Until SIGTERM; under a stable ``name`` it first takes back what a killed predecessor held."""
+def run_local(settings: Settings, shards: list[int] | None, name: str | None = None) -> None:
+    """Until SIGTERM; under a stable ``name`` it first takes back what a killed predecessor held.
+    ``shards`` None: every shard, including those added while it runs."""
     conn = connect(settings, max_connections=settings.concurrencylocal + 4)
     submitter = Submitter(settings, conn)
     delivery = LocalDelivery(settings, open_directory(settings), submitter, conn)
     handler = LocalJobs(settings, delivery, submitter, settings.concurrencylocal)
-    consumer = Consumer(Jobs(conn, settings.redis_prefix), [(s, "local") for s in shards], handler,
-                        batch=settings.concurrencylocal * 4, name=name)
+    follow = None if shards is not None else lambda: [(s, "local") for s in submitter.map.ids()]
+    consumer = Consumer(Jobs(conn, settings.redis_prefix), [(s, "local") for s in shards or []], handler,
+                        batch=settings.concurrencylocal * 4, name=name, follow=follow)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    log.info("local pool on shards %s, %d threads", shards, settings.concurrencylocal)
+    log.info("local pool on shards %s, %d threads", shards if shards is not None else "all",
+             settings.concurrencylocal)
     consumer.run(stop, stable_name=name is not None)

@@ -76,9 +76,10 @@ async def _finisher(jobs: Jobs, done: list[Claim], rpc: ThreadPoolExecutor, stop
         await asyncio.sleep(FINISH_EVERY)
 
 
-async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name: str | None = None) -> None:
+async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Event, name: str | None = None) -> None:
     """The pool; ``name`` (stable across restarts, e.g. the supervisor's slot) lets it take back
-    at start the jobs a killed previous process of that name held."""
+    at start the jobs a killed previous process of that name held. ``shards`` None: every shard,
+    including those added while it runs (looked up again every heartbeat)."""
     stable = name is not None
     name = name or f"{socket.gethostname()}.{os.getpid()}.remote"
     conn = connect(settings, max_connections=8)
@@ -91,6 +92,8 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
     engine = RemoteEngine(settings, shard_map, done.append, io)
     finishing = asyncio.Event()
     finisher = loop.create_task(_finisher(jobs, done, rpc, finishing))
+    follow = shards is None
+    shards = shard_map.ids() if shards is None else shards
     queues = [(s, "remote") for s in shards]
     worker = None
     beat = 0.0
@@ -108,6 +111,13 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
                 if worker is None:
                     worker = await loop.run_in_executor(rpc, announce, jobs, queues, name)
                 if time.monotonic() - beat > HEARTBEAT:
+                    if follow and shard_map.ids() != shards:
+                        shards = shard_map.ids()
+                        queues = [(s, "remote") for s in shards]
+                        log.info("now consuming shards %s", shards)
+                        if worker is not None:
+                            await loop.run_in_executor(rpc, worker.register_death)
+                        worker = await loop.run_in_executor(rpc, announce, jobs, queues, name)
                     if worker is not None:
                         await loop.run_in_executor(rpc, worker.heartbeat, int(HEARTBEAT * 3))
                     await loop.run_in_executor(rpc, jobs.extend, engine.claims())
@@ -155,7 +165,7 @@ async def serve(settings: Settings, shards: list[int], stop: asyncio.Event, name
         io.shutdown()
 
 
-def run_remote(settings: Settings, shards: list[int], name: str | None = None) -> None:
+def run_remote(settings: Settings, shards: list[int] | None, name: str | None = None) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
