@@ -29,8 +29,9 @@ import inspect
 import ipaddress
 import logging
 import re
+import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -81,13 +82,18 @@ class _CachedInspect:
         self._auth_names: dict[type, list[str]] = {}
         self._signatures: dict[object, inspect.Signature] = {}
         self._dir: dict[type, list[str]] = {}
+        self._methods: dict[tuple[type, str], dict[str, str]] = {}
 
-    def getmembers(self, obj: object) -> list[tuple[str, Any]]:
+    def auth_names(self, obj: object) -> list[str]:
         names = self._auth_names.get(type(obj))
         if names is None:
-            names = [n for n, _ in inspect.getmembers(obj) if n.startswith("auth_")]
-            self._auth_names[type(obj)] = names
-        return [(name, getattr(obj, name)) for name in names]
+            names = self._auth_names[type(obj)] = [n for n, _ in inspect.getmembers(obj) if n.startswith("auth_")]
+        return names
+
+    def getmembers(self, obj: object) -> list[tuple[str, Any]]:
+        if _wiring.skips(obj):
+            return []
+        return [(name, getattr(obj, name)) for name in self.auth_names(obj)]
 
     def signature(self, func: Any) -> inspect.Signature:
         key = getattr(func, "__func__", func)
@@ -99,15 +105,117 @@ class _CachedInspect:
     def dir(self, obj: object) -> list[str]:
         """aiosmtpd scans dir() of the server and the handler for smtp_*/handle_* methods (its only
         use of dir()): the names it keeps, without the 200 others it would test each time."""
+        if _wiring.skips(obj):
+            return []
         names = self._dir.get(type(obj))
         if names is None:
             names = self._dir[type(obj)] = [n for n in dir(obj) if n.startswith(("smtp_", "handle_"))]
+        return names
+
+    def methods(self, obj: object, prefix: str) -> dict[str, str]:
+        """aiosmtpd's key (the name without ``prefix``) -> attribute name, once per class."""
+        key = (type(obj), prefix)
+        names = self._methods.get(key)
+        if names is None:
+            names = self._methods[key] = {n.replace(prefix, ""): n for n in self.dir(obj) if n.startswith(prefix)}
         return names
 
     def __getattr__(self, name: str) -> Any:
         return getattr(inspect, name)
 
 
+class _Wiring(threading.local):
+    """The server and handler a ``Server`` is constructing in this thread: aiosmtpd's constructor
+    sees no methods on them (it would build three dicts of bound methods, about 60 % of its
+    cost per connection, and a reference cycle through every bound method), and ``Server`` sets
+    mappings that bind on access instead."""
+
+    server: object = None
+    handler: object = None
+
+    def skips(self, obj: object) -> bool:
+        return obj is not None and (obj is self.server or obj is self.handler)
+
+
+class _Bound(Mapping[str, Any]):
+    """aiosmtpd's ``{"MAIL": server.smtp_MAIL, ...}`` (or hooks, or AUTH mechanisms), with each
+    method looked up when it is used rather than bound up front for every connection."""
+
+    __slots__ = ("_names", "_obj")
+
+    def __init__(self, obj: object, names: dict[str, str]) -> None:
+        self._obj = obj
+        self._names = names
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self._obj, self._names[key])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        name = self._names.get(key)
+        return default if name is None else getattr(self._obj, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _Auth(Mapping[str, Any]):
+    """aiosmtpd's AUTH mechanisms of a server and its handler, built only when a client asks (EHLO
+    offering AUTH, or an AUTH command), as aiosmtpd's constructor builds them."""
+
+    __slots__ = ("_built", "_exclude", "_handler", "_server")
+
+    def __init__(self, server: SMTP, handler: object, exclude: Iterable[str]) -> None:
+        self._server, self._handler, self._exclude = server, handler, tuple(exclude)
+        self._built: dict[str, Any] | None = None
+
+    def _table(self) -> dict[str, Any]:
+        if self._built is None:
+            table = {}
+            for obj in (self._server, self._handler):
+                for name in _cached.auth_names(obj):
+                    method = getattr(obj, name)
+                    mechanism = getattr(method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-"))
+                    table[mechanism] = aiosmtpd.smtp._AuthMechAttr(method, obj is self._server)  # type: ignore[attr-defined]
+            for mechanism in self._exclude:
+                table.pop(mechanism, None)
+            self._built = table
+        return self._built
+
+    def __getitem__(self, key: str) -> Any:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+_EHLO_VERSIONS: dict[type, str | None] = {}
+
+
+def _ehlo_version(handler: object) -> str | None:
+    """aiosmtpd's check of the handler's EHLO hook (4 or 5 parameters), once per handler class."""
+    cls = type(handler)
+    if cls not in _EHLO_VERSIONS:
+        hook = getattr(handler, "handle_EHLO", None)
+        if hook is None:
+            _EHLO_VERSIONS[cls] = None
+        else:
+            count = len(inspect.signature(hook).parameters)
+            if count not in (4, 5):
+                raise RuntimeError("Unsupported EHLO Hook")
+            _EHLO_VERSIONS[cls] = "old" if count == 4 else "new"
+    return _EHLO_VERSIONS[cls]
+
+
+_wiring = _Wiring()
 _cached = _CachedInspect()
 aiosmtpd.smtp.inspect = _cached  # type: ignore[attr-defined]
 aiosmtpd.smtp.dir = _cached.dir  # type: ignore[attr-defined]  # shadows the builtin in that module only
@@ -129,6 +237,19 @@ class Server(SMTP):
 
     _raw_replies = False
     _held: list[bytes] | None = None
+
+    def __init__(self, handler: Any, *, auth_exclude_mechanism: Iterable[str] | None = None, **kwargs: Any) -> None:
+        """aiosmtpd's constructor, with the tables of command, hook and AUTH methods set up once
+        per class and bound on use (see ``_Wiring``)."""
+        _wiring.server, _wiring.handler = self, handler
+        try:
+            super().__init__(handler, **kwargs)
+        finally:
+            _wiring.server = _wiring.handler = None
+        self._smtp_methods = _Bound(self, _cached.methods(self, "smtp_"))  # type: ignore[assignment]
+        self._handle_hooks = _Bound(handler, _cached.methods(handler, "handle_"))  # type: ignore[assignment]
+        self._auth_methods = _Auth(self, handler, auth_exclude_mechanism or ())  # type: ignore[assignment]
+        self._ehlo_hook_ver = _ehlo_version(handler)
 
     async def push(self, status: Any) -> None:
         """aiosmtpd's push (encode, write, drain), with enhanced codes; lines of a multi-line reply
