@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from collections import Counter
+from bisect import bisect_right
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from core.config import Settings
-from core.envelope import FINAL_STATES, FORMAT_VERSION, decode_marks
+from core.envelope import FORMAT_VERSION, decode_marks
 from core.shards import ShardMap
 
 BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # upper bounds, minutes; the last column is beyond
@@ -51,10 +51,8 @@ class Row:
 
 
 def bucket(age_minutes: float) -> int:
-    for index, bound in enumerate(BUCKETS):
-        if age_minutes < bound:
-            return index
-    return len(BUCKETS)
+    """The column of an age: the first bound it is under, or the last column (beyond them all)."""
+    return bisect_right(BUCKETS, age_minutes)
 
 
 def _head_and_marks(dir_fd: int, name: str) -> tuple[dict, bytes] | None:
@@ -111,43 +109,59 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].rstrip(".").lower() or "(local)"
 
 
-def _shape_dir(path: str, which: str, by: str, now: float) -> Counter[tuple[str, int]]:
-    """(domain, bucket) -> pending recipients, for one split directory."""
-    counts: Counter[tuple[str, int]] = Counter()
+Tally = list[dict[str, int]]  # per age bucket: domain -> pending recipients
+
+
+def _shape_dir(path: str, which: str, by: str, now: float) -> Tally:
+    """The counts of one split directory. The per-message path is kept lean (a million entries
+    pass through it): per-bucket dicts instead of (domain, bucket) keys, a cache of host parts
+    already normalised, marks decoded only where there are any."""
+    tally: Tally = [{} for _ in range(len(BUCKETS) + 1)]
     try:
         dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
-        return counts
+        return tally
+    hosts: dict[str, str] = {}
+    want_ready, want_deferred, by_sender = which != "deferred", which != "ready", by == "sender"
     try:
         for name in os.listdir(dir_fd):
             found = _head_and_marks(dir_fd, name)
             if found is None:
                 continue
             doc, blob = found
+            if not blob and not want_ready:
+                continue  # never tried: nothing deferred here
             try:
-                recipients = doc["rcpt"]
-                age = bucket(max(0.0, now - float(doc["birth"])) / 60)
-                sender = _domain(str(doc["sender"])) if by == "sender" else ""
-                states: dict[int, str] = {}
-                if blob:
-                    for mark in decode_marks(blob):
-                        states[mark.index] = mark.state
-                for index, (address, _channel) in enumerate(recipients):
-                    state = states.get(index)
-                    if state in FINAL_STATES:
-                        continue
-                    ready = state is None or state == "pending"
-                    if (which == "ready" and not ready) or (which == "deferred" and ready):
-                        continue
-                    counts[sender or _domain(str(address)), age] += 1
-            except (ValueError, KeyError, TypeError):
+                counts = tally[bisect_right(BUCKETS, max(0.0, now - float(doc["birth"])) / 60)]
+                sender = _domain(str(doc["sender"])) if by_sender else ""
+                states = {mark.index: mark.state for mark in decode_marks(blob)} if blob else None
+                for index, pair in enumerate(doc["rcpt"]):
+                    if states is not None:
+                        state = states.get(index)
+                        if state is None or state == "pending":
+                            if not want_ready:
+                                continue
+                        elif state != "deferred" or not want_deferred:
+                            continue  # final (delivered, failed, bounced), or deferred and not asked for
+                    if by_sender:
+                        domain = sender
+                    else:
+                        address = pair[0]
+                        at = address.rfind("@")
+                        if at < 0:
+                            domain = "<>" if not address else "(local)"
+                        else:
+                            host = address[at + 1 :]
+                            domain = hosts.get(host) or hosts.setdefault(host, host.rstrip(".").lower() or "(local)")
+                    counts[domain] = counts.get(domain, 0) + 1
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
                 continue
     finally:
         os.close(dir_fd)
-    return counts
+    return tally
 
 
-def _shape_dir_args(args: tuple[str, str, str, float]) -> Counter[tuple[str, int]]:
+def _shape_dir_args(args: tuple[str, str, str, float]) -> Tally:
     return _shape_dir(*args)
 
 
@@ -159,19 +173,25 @@ def shape(settings: Settings, shards: Iterable[int], which: str, by: str, now: f
     units = [(f"{shard_map.root}/s{shard}/queue/{split}", which, by, now)
              for shard in shards for split in range(shard_map.split)]
     processes = processes or os.cpu_count() or 1
-    merged: Counter[tuple[str, int]] = Counter()
-    if processes <= 1 or len(units) <= 1:
-        for unit in units:
-            merged.update(_shape_dir(*unit))
-    else:
-        with ProcessPoolExecutor(min(processes, len(units)), mp_context=multiprocessing.get_context("fork")) as pool:
-            for counts in pool.map(_shape_dir_args, units):
-                merged.update(counts)
     total = Row("TOTAL")
     rows: dict[str, Row] = {}
-    for (domain, age), count in merged.items():
-        rows.setdefault(domain, Row(domain)).add(age, count)
-        total.add(age, count)
+
+    def merge(tally: Tally) -> None:
+        for age, counts in enumerate(tally):
+            for domain, count in counts.items():
+                row = rows.get(domain)
+                if row is None:
+                    row = rows[domain] = Row(domain)
+                row.add(age, count)
+                total.add(age, count)
+
+    if processes <= 1 or len(units) <= 1:
+        for unit in units:
+            merge(_shape_dir(*unit))
+    else:
+        with ProcessPoolExecutor(min(processes, len(units)), mp_context=multiprocessing.get_context("fork")) as pool:
+            for tally in pool.map(_shape_dir_args, units):
+                merge(tally)
     return [total, *sorted(rows.values(), key=lambda r: (-r.total, r.domain))]
 
 
