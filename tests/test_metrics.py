@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Conversation, Node
+from tests.conftest import Conversation, Node, RedisServer
 from tests.slapd import Slapd
 from tests.support import die_with_parent, free_port, wait_until
 from tests.test_ldap import ldap_env
+from tests.test_smtp import transaction
 
 REPO = Path(__file__).resolve().parent.parent
 USERS = """dn: mail=catchall@test.example,dc=test
@@ -287,3 +288,34 @@ def test_every_dashboard_query_runs_on_a_real_prometheus_scraping_the_node(node:
     finally:
         server.terminate()
         server.wait(20)
+
+
+def test_redis_down_counts_the_tempfail_and_the_scrape_says_so(node_factory: Callable[..., Node],
+                                                                own_redis: RedisServer) -> None:
+    node = node_factory(redis_url=own_redis.url)
+    directory = node.var_dir / "metrics"
+    directory.mkdir(parents=True)
+    node.start_smtpd(PROMETHEUS_MULTIPROC_DIR=str(directory))
+    c = Conversation(node.port)
+    c.cmd("EHLO client.example")
+    assert transaction(c, ["x@test.example"])[-1].startswith("250")
+    own_redis.stop()
+    assert transaction(c, ["y@test.example"])[-1].startswith("451 4.3.0")
+    c.close()
+    result = node.command("metrics", "--once")
+    assert result.returncode == 0, result.stderr
+    samples = parse(result.stdout.decode())
+    assert value(samples, "shardmail_redis_up") == 0
+    assert value(samples, "shardmail_submissions_total", result="queued") == 1
+    assert value(samples, "shardmail_submissions_total", result="tempfail") == 1
+    assert value(samples, "shardmail_redis_errors_total", role="ingress") == 1
+    assert not [n for n, _ in samples if n.startswith("shardmail_queue_")]  # no depth without Redis
+
+
+@pytest.mark.parametrize(("status", "reason"), [("4.4.1", "4.4"), ("4.2.2", "4.2"), ("4.7.0", "4.7"), ("4.3", "4.3"),
+                                                 ("4.10.1", "other"), ("4.9.1", "other"), ("", "other"),
+                                                 ("5.1.1", "other")])
+def test_reason_class_is_a_bounded_label(status: str, reason: str) -> None:
+    from core.metrics import reason_class
+
+    assert reason_class(status) == reason
