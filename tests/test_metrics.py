@@ -319,3 +319,40 @@ def test_reason_class_is_a_bounded_label(status: str, reason: str) -> None:
     from core.metrics import reason_class
 
     assert reason_class(status) == reason
+
+
+def test_a_dns_server_that_never_answers_shows_as_dns_errors_and_remote_deferrals(
+        node_factory: Callable[..., Node]) -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, read by no one: every query times out
+    silent.bind(("127.0.0.1", 0))
+    node = node_factory(dnsresolvers=f"127.0.0.1:{silent.getsockname()[1]}", dnstimeout="1")
+    directory = node.var_dir / "metrics"
+    directory.mkdir(parents=True)
+    env = dict(node.env, PROMETHEUS_MULTIPROC_DIR=str(directory))
+    node.start_smtpd(PROMETHEUS_MULTIPROC_DIR=str(directory))
+    c = Conversation(node.port)
+    c.cmd("EHLO client.example")
+    assert transaction(c, ["x@far.example", "y@far.example"])[-1].startswith("250")
+    c.close()
+    pool = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "remote"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node.procs.append(pool)
+
+    def scrape() -> Samples:
+        result = node.command("metrics", "--once")
+        assert result.returncode == 0, result.stderr
+        return parse(result.stdout.decode())
+
+    def both_deferred() -> Samples | None:
+        samples = scrape()
+        return samples if value(samples, "shardmail_deliveries_total", channel="remote", outcome="deferred") == 2 \
+            else None
+
+    try:
+        samples: Samples = wait_until(both_deferred, timeout=30, what="both remote recipients deferred",
+                                      interval=0.2)  # type: ignore[assignment]
+    finally:
+        silent.close()
+    assert value(samples, "shardmail_dns_errors_total", error="timeout") >= 1
+    assert value(samples, "shardmail_deferrals_total", channel="remote", reason="4.4") == 2
+    assert value(samples, "shardmail_deliveries_total", channel="remote", outcome="delivered") == 0
