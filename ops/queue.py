@@ -66,7 +66,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from core.address import domain_of
 from core.config import Settings
-from core.envelope import CHANNELS, Channel, Envelope, EnvelopeError, valid_id
+from core.envelope import CHANNELS, Channel, Envelope, EnvelopeError, Mark, valid_id
 from core.jobs import Item, Jobs, job_id
 from core.outcome import EX_OK, EX_TEMPFAIL
 from core.shards import ShardMap
@@ -171,8 +171,8 @@ def waiting(envelope: Envelope) -> list[int]:
     return [i for i, mark in enumerate(envelope.states()) if mark is None or mark.state not in ("delivered", "bounced")]
 
 
-def _recipient(envelope: Envelope, index: int) -> dict[str, object]:
-    mark = envelope.states()[index]
+def _recipient(envelope: Envelope, index: int, states: list[Mark | None]) -> dict[str, object]:
+    mark = states[index]
     recipient = envelope.recipients[index]
     state = "ready" if mark is None or mark.state == "pending" else mark.state
     entry: dict[str, object] = {"address": recipient.address, "channel": recipient.channel, "state": state}
@@ -284,6 +284,7 @@ class QueueAdmin:
         for found in self.messages(flt):
             envelope = found.envelope
             rcpts = waiting(envelope)
+            states = envelope.states()
             is_active = envelope.id in active
             totals.messages += 1
             totals.held += found.held
@@ -293,14 +294,14 @@ class QueueAdmin:
             if as_json:
                 doc = {"id": envelope.id, "shard": found.shard, "held": found.held, "active": is_active,
                        "size": envelope.size, "arrival": envelope.birth, "sender": envelope.sender,
-                       "recipients": [_recipient(envelope, i) for i in rcpts]}
+                       "recipients": [_recipient(envelope, i, states) for i in rcpts]}
                 self.out.write(("\n  " if totals.messages == 1 else ",\n  ") + json.dumps(doc))
                 continue
             flag = "!" if found.held else "*" if is_active else " "
             self.out.write(f"{envelope.id}{flag} s{found.shard:<3} {envelope.size:>9}  {_when(envelope.birth)}  "
                            f"<{envelope.sender}>\n")
             for index in rcpts:
-                entry = _recipient(envelope, index)
+                entry = _recipient(envelope, index, states)
                 line = f"    <{entry['address']}>  {entry['state']}"
                 if entry["state"] == "failed":
                     line += " (bounce due)"
@@ -343,8 +344,9 @@ class QueueAdmin:
                 + (f" user={client.user}" if client.user else "") + (" smtputf8" if envelope.smtputf8 else ""),
                 "*** recipients",
             ]
+            states = envelope.states()
             for index, recipient in enumerate(envelope.recipients):
-                entry = _recipient(envelope, index)
+                entry = _recipient(envelope, index, states)
                 lines.append(f"{index}: <{recipient.address}> via {recipient.channel}: {entry['state']}")
             lines.append("*** marks")
             for mark in envelope.marks:
