@@ -56,6 +56,26 @@ def _listen_list(values: list[str]) -> str | None:
     return None
 
 
+def _address_patterns(values: list[str]) -> str | None:
+    """badmailfrom-style entries: user@domain, @domain, .domain (subdomains), <> (the null sender)."""
+    for value in values:
+        if value == "<>":
+            continue
+        _, at, domain = value.rpartition("@")
+        shaped = (value.startswith(".") and len(value) > 1) or bool(at and domain.strip("."))
+        if not shaped or any(c.isspace() or c in "<>" for c in value):
+            return f"a list of user@domain, @domain, .domain or <> (bad entry {value!r})"
+    return None
+
+
+def _rbl_list(values: list[str]) -> str | None:
+    for value in values:
+        zone, _, action = value.partition(":")
+        if not zone.strip(".") or any(c.isspace() or c in "@[]" for c in zone) or action not in ("", "reject", "tag"):
+            return f"a list of zone[:reject|:tag] (bad entry {value!r})"
+    return None
+
+
 def _setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
     meta = {"doc": doc, "check": check}
     if isinstance(default, list):
@@ -131,6 +151,20 @@ class Settings:
     smtproutes: list[str] = _setting([], "static routes, qmail's format host:relay:port (cluster peers too)")
     dnsresolvers: list[str] = _setting([], "DNS resolvers for MX lookups, address[:port]; empty = the system's")
     dnstimeout: int = _setting(10, "seconds a DNS lookup may take before it counts as a temporary failure", POSITIVE)
+    badmailfrom: list[str] = _setting([], "refused envelope senders: user@domain, @domain, .domain (subdomains), "
+                                          "<> (the null sender)", _address_patterns)
+    badrcptto: list[str] = _setting([], "refused recipients, same forms as badmailfrom", _address_patterns)
+    relaymailfrom: list[str] = _setting([], "envelope senders that may relay (weak: senders are forged at will)",
+                                        lambda v: "a list without <> (the null sender never relays)" if "<>" in v
+                                        else _address_patterns(v))
+    rbllist: list[str] = _setting([], "DNS blocklists, zone[:reject|:tag] (default reject)", _rbl_list)
+    rbltimeout: int = _setting(5, "seconds all DNSBL look-ups of one client may take together (then: not listed)",
+                               POSITIVE)
+    ratelimitip: int = _setting(0, "messages per ratelimitwindow from one client address (IPv6: its /64); 0 = off",
+                                NONNEGATIVE)
+    ratelimitsender: int = _setting(0, "messages per ratelimitwindow from one authenticated user; 0 = off",
+                                    NONNEGATIVE)
+    ratelimitwindow: int = _setting(3600, "seconds over which the rate limits count", POSITIVE)
     deliveryprograms: bool = _setting(False, "run deliveryProgramPath programs at all")
     deliveryprogramuser: str = _setting("nobody", "user the delivery programs run as")
     deliveryprogramtimeout: int = _setting(60, "seconds a delivery program may run", POSITIVE)
