@@ -159,15 +159,19 @@ def test_held_mail_is_never_delivered_until_released_then_once(
     for envelope in held:
         assert rig.where(envelope) == "hold" and rig.doorbells(envelope) == []
     rig.start("scheduler")
-    rig.start("worker", "remote")
+    pool = rig.start("worker", "remote")
     wait_until(lambda: len(sink.transactions) >= 5, 30, "the others delivered")
-    # Redis forgets everything; recover and the scheduler's sweeps rebuild the queue from the spool
+    wait_until(lambda: rig.node.spooled() == [], 20, "their entries removed")
+    pool.send_signal(signal.SIGTERM)
+    pool.wait(20)
+    # Redis forgets everything, and two more messages are in the spool alone; recover and the
+    # scheduler's sweeps (its leases are taken afresh) rebuild the queue from the spool
     rig.conn.flushall()
     more = [rig.send([f"v{i}@d44.test"]) for i in range(2)]
     rig.conn.flushall()
     result = rig.node.command("recover")
-    # (the scheduler's own sweep, on its lease taken afresh, may queue some of them first)
     assert result.returncode == 0 and "recover: 2 messages in 2 shards" in result.stderr.decode(), result.stderr
+    rig.start("worker", "remote")
     wait_until(lambda: len(sink.transactions) >= 7, 30, "recovered mail delivered")
     wait_until(lambda: rig.node.spooled() == [], 20, "queue/ empty")
     assert sorted(sink.recipients()) == sorted([f"u{i}@d44.test" for i in range(3, 8)] + ["v0@d44.test",
