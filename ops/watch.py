@@ -12,13 +12,14 @@ figures are. On a terminal each refresh clears the screen and redraws; elsewhere
 refreshes follow each other, each after its header line; with ``--json`` one JSON document a line.
 
 Failures: Redis unavailable → the spool figures alone and the error in the header; the watcher goes
-on and picks Redis up again when it is back. Ctrl-C (SIGINT) ends it with status 0.
+on and picks Redis up again when it is back. Ctrl-C (SIGINT) or SIGTERM ends it with status 0.
 
 Settings: those of ops.depth.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import TextIO
@@ -33,8 +34,16 @@ SPOOL_BUDGET = 0.01  # share of one core the spool listings may take
 CLEAR = "\x1b[H\x1b[2J"
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def watch(settings: Settings, interval: float, json_lines: bool = False, out: TextIO = sys.stdout,
           refreshes: int = 0) -> int:
+    # Ctrl-C and SIGTERM end it cleanly, also where it was started with SIGINT ignored (a shell's
+    # background job, a supervisor): a watcher holds nothing that must not be interrupted.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     conn = connect(settings)
     census = Census()
     tty = out.isatty()

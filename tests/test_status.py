@@ -171,12 +171,19 @@ def test_a_running_pool_shows_with_its_workers_and_rates(node_factory: Callable[
     assert lines[lines.index("") + 2].split() == ["mx.test.example.local", "local", "1", "0-1"]
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job starts it
+
+
 def test_watch_redraws_until_sigint(node_factory: Callable[..., Node]) -> None:
+    """Two refreshes at least, then SIGINT (also when started with SIGINT ignored) or SIGTERM: status 0."""
     node = node_factory()
     queue(node, [["catchall@test.example"]] * 3)
-    for extra in ([], ["--json"]):
+    for extra, signum, ignored in (([], signal.SIGINT, False), (["--json"], signal.SIGINT, True),
+                                   ([], signal.SIGTERM, False)):
         proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "status", "--watch", "0.2", *extra], env=node.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_ignore_sigint if ignored else None)
         seen = b""
         deadline = time.monotonic() + 20
         marker = b'"version": 1' if extra else b"shardmail status"
@@ -185,7 +192,7 @@ def test_watch_redraws_until_sigint(node_factory: Callable[..., Node]) -> None:
             if ready:
                 seen += os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
         assert seen.count(marker) >= 2, (seen, proc.poll())
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
         assert b"Traceback" not in err
