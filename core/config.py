@@ -102,6 +102,21 @@ class Settings:
     timeoutsmtpd: int = _setting(300, "seconds an SMTP client may stay silent", POSITIVE)
     smtpgreeting: str = _setting("", "text after 220 in the greeting; default: me")
     smtp_listen: list[str] = _setting(["127.0.0.1:2525"], "SMTP listeners, host:port", _listen_list)
+    smtps_listen: list[str] = _setting([], "implicit-TLS SMTP listeners (port 465 style), host:port", _listen_list)
+    submission_listen: list[str] = _setting([], "submission listeners (port 587 style: AUTH required), host:port",
+                                            _listen_list)
+    tlscert: str = _setting("", "certificate (PEM chain) for STARTTLS and smtps; default <var_dir>/tls/cert.pem "
+                                "when that file exists; none = no TLS offered")
+    tlskey: str = _setting("", "private key (PEM) of tlscert; default <var_dir>/tls/key.pem")
+    concurrencyincoming: int = _setting(1000, "SMTP connections per ingress process; 421 4.7.0 beyond", POSITIVE)
+    concurrencyperip: int = _setting(20, "SMTP connections from one client address per ingress process "
+                                         "(relaynets exempt); 421 4.7.0 beyond", POSITIVE)
+    timeoutconnection: int = _setting(3600, "most seconds one SMTP session may last in all", POSITIVE)
+    maxerrors: int = _setting(10, "refused commands in one SMTP session before 421 4.7.0 and disconnect",
+                              POSITIVE)
+    tarpitcount: int = _setting(50, "refused recipients in one session before each further RCPT reply is "
+                                    "delayed (0 = never)", NONNEGATIVE)
+    tarpitdelay: int = _setting(5, "seconds each RCPT reply is delayed once tarpitting", NONNEGATIVE)
     ingress_processes: int = _setting(0, "SMTP processes sharing the port (0 = one per core)", NONNEGATIVE)
     ingress_threads: int = _setting(1, "group-commit threads per SMTP process (one commits bigger batches)",
                                     POSITIVE)
@@ -141,6 +156,16 @@ class Settings:
     ldapobjectclass: str = _setting("", "only entries of this objectClass are users (e.g. qmailUser)")
     ldapcachettl: int = _setting(30, "seconds a found user is cached", NONNEGATIVE)
     ldapnegcachettl: int = _setting(10, "seconds an unknown address is cached", NONNEGATIVE)
+    ldaprebind: bool = _setting(False, "SMTP AUTH binds to LDAP as the user instead of comparing userPassword")
+    authcleartext: bool = _setting(False, "SMTP AUTH accepts {CLEARTEXT}/{PLAIN} userPassword values")
+    authfailmaxip: int = _setting(20, "failed SMTP AUTHs per client IP (IPv6: per /64) per authfailwindow, "
+                                      "then 454 4.7.0 (0 = no limit)", NONNEGATIVE)
+    authfailmaxuser: int = _setting(10, "failed SMTP AUTHs per login per authfailwindow, then 454 4.7.0 "
+                                        "(0 = no limit)", NONNEGATIVE)
+    authfailwindow: int = _setting(900, "seconds the SMTP AUTH failure counts are kept (from the first failure)",
+                                   POSITIVE)
+    authfaildelay: int = _setting(500, "milliseconds a failed SMTP AUTH takes at least (hides hash cost, "
+                                       "slows guessing)", NONNEGATIVE)
     users_ldif: str = _setting("", "embedded directory when no ldapserver: default <var_dir>/users.ldif")
     ldapmessagestore: str = _setting("", "root of the Maildirs (mailMessageStore is relative); default <var_dir>/mail")
     ldapdefaultquotasize: int = _setting(0, "quota in bytes for users without mailQuotaSize (0 = none)", NONNEGATIVE)
@@ -191,6 +216,15 @@ class Settings:
     @property
     def message_store_root(self) -> Path:
         return Path(self.ldapmessagestore) if self.ldapmessagestore else Path(self.var_dir) / "mail"
+
+    @property
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """(certificate, key) for incoming TLS, or None when none is configured or generated."""
+        cert = Path(self.tlscert) if self.tlscert else Path(self.var_dir) / "tls" / "cert.pem"
+        key = Path(self.tlskey) if self.tlskey else cert.with_name("key.pem")
+        if self.tlscert or cert.exists():
+            return cert, key
+        return None
 
     @property
     def greeting(self) -> str:

@@ -5,10 +5,15 @@ in progress finish for up to ``GRACE`` seconds. ``shardmail smtpd`` calls it; ``
 starts ``ingress_processes`` of them. Each binds its listeners with SO_REUSEPORT, so the kernel
 spreads connections over the processes and every core takes a share.
 
-Failures: a listener that cannot bind is fatal at start (a clear message, exit 78); everything
-after that is per session (see ingress.smtpd).
+Three kinds of listener: ``smtp_listen`` (port 25 style: STARTTLS offered when a certificate is
+configured, AUTH only after it), ``submission_listen`` (587: STARTTLS, then AUTH before any mail,
+RFC 6409) and ``smtps_listen`` (465: TLS from the first byte, then AUTH before any mail, RFC 8314).
 
-Settings: ``smtp_listen``, ``ingress_threads``, ``timeoutsmtpd``, ``databytes``, ``me``,
+Failures: a listener that cannot bind, or an unusable certificate, is fatal at start (a clear
+message, exit 78); everything after that is per session (see ingress.smtpd, ingress.guard).
+
+Settings: ``smtp_listen``, ``submission_listen``, ``smtps_listen``, ``tlscert``, ``tlskey``,
+``ingress_threads``, ``timeoutsmtpd``, ``databytes``, ``me``,
 ``smtpgreeting``, plus those of ingress.smtpd and core.submit.
 """
 
@@ -18,13 +23,17 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 from core.config import Settings
 from core.directory import open_directory
 from core.redis_conn import connect
 from core.submit import Submitter
 from ingress.committer import Committer
-from ingress.smtpd import Handler, Server
+from ingress.gate import GatedHandler
+from ingress.guard import ConnectionLimits, SessionGuard
+from ingress.smtpd import Server
+from ingress.tls import TLSConfigError, server_context
 
 log = logging.getLogger("shardmail.ingress")
 GRACE = 10.0
@@ -43,28 +52,57 @@ def listening_socket(spec: str) -> socket.socket:
     return sock
 
 
+class IngressServer(SessionGuard, Server):
+    """The SMTP server of every listener: shardmail's replies (ingress.smtpd) with its limits
+    (ingress.guard)."""
+
+
 async def serve(settings: Settings) -> None:
     # aiosmtpd logs every command line at INFO: per-message cost with no value over our own log line.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
+    tls = server_context(settings)
+    if tls is None and (settings.submission_listen or settings.smtps_listen):
+        raise TLSConfigError("submission_listen and smtps_listen need a certificate (tlscert, or `shardmail "
+                             "gencert`): AUTH is only offered over TLS")
     conn = connect(settings, max_connections=settings.ingress_threads + 4)
     submitter = Submitter(settings, conn)
     committer = Committer(submitter, settings.ingress_threads)
-    handler = Handler(settings, submitter, committer, open_directory(settings))
+    handler = GatedHandler(settings, submitter, committer, open_directory(settings))
+    IngressServer.limits = ConnectionLimits(settings)
+    IngressServer.guard_settings = settings
 
-    def factory() -> Server:
-        return Server(
-            handler,
-            data_size_limit=settings.databytes or None,
-            enable_SMTPUTF8=True,
-            hostname=settings.greeting,
-            ident="ESMTP shardmail",
-            timeout=settings.timeoutsmtpd,
-            loop=loop,
-        )
+    def factory(kind: str) -> Callable[[], Server]:
+        """Port 25 style (STARTTLS offered when there is a certificate), submission (STARTTLS, then
+        AUTH before any mail) or smtps (TLS from the first byte, then AUTH before any mail)."""
+        options = {
+            "smtp": {"tls_context": tls},
+            "submission": {"tls_context": tls, "auth_required": True},
+            "smtps": {"auth_required": True, "auth_require_tls": False},  # the socket is TLS already
+        }[kind]
 
-    servers = [await loop.create_server(factory, sock=listening_socket(s)) for s in settings.smtp_listen]
-    log.info("listening on %s", ", ".join(settings.smtp_listen))
+        def make() -> Server:
+            return IngressServer(
+                handler,
+                data_size_limit=settings.databytes or None,
+                enable_SMTPUTF8=True,
+                hostname=settings.greeting,
+                ident="ESMTP shardmail",
+                timeout=settings.timeoutsmtpd,
+                loop=loop,
+                **options,
+            )
+
+        return make
+
+    listeners = [(spec, "smtp") for spec in settings.smtp_listen]
+    listeners += [(spec, "submission") for spec in settings.submission_listen]
+    listeners += [(spec, "smtps") for spec in settings.smtps_listen]
+    servers = [await loop.create_server(factory(kind), sock=listening_socket(spec),
+                                        ssl=tls if kind == "smtps" else None)
+               for spec, kind in listeners]
+    log.info("listening on %s%s", ", ".join(f"{spec} ({kind})" for spec, kind in listeners),
+             "" if tls is None else "; STARTTLS offered")
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

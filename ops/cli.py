@@ -64,10 +64,15 @@ def cmd_smtpd(args: argparse.Namespace) -> int:
 
     _logging(args.verbose)
     settings = _settings(args.config)
+    from ingress.tls import TLSConfigError
+
     try:
         serve(settings)
     except OSError as exc:
         logging.getLogger("shardmail.ingress").error("cannot listen: %s", exc)
+        return EX_CONFIG
+    except TLSConfigError as exc:
+        logging.getLogger("shardmail.ingress").error("TLS: %s", exc)
         return EX_CONFIG
     return 0
 
@@ -305,6 +310,27 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gencert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingress.tls import TLSConfigError, gencert
+
+    settings = _settings(args.config)
+    cert = Path(settings.tlscert) if settings.tlscert else Path(settings.var_dir) / "tls" / "cert.pem"
+    key = Path(settings.tlskey) if settings.tlskey else cert.with_name("key.pem")
+    if (cert.exists() or key.exists()) and not args.force:
+        print(f"shardmail: {cert} or {key} exists; --force replaces them", file=sys.stderr)
+        return 1
+    try:
+        gencert(cert, key, args.host or settings.me, args.days)
+    except TLSConfigError as exc:
+        print(f"shardmail: gencert: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"self-signed certificate for {args.host or settings.me}: {cert} (key {key}); the SMTP processes offer "
+          "STARTTLS with it from their next start")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     for key, _default, doc in describe():
@@ -359,6 +385,10 @@ def parser() -> argparse.ArgumentParser:
     metrics.add_argument("--listen", help="host:port (default: metrics_listen)")
     metrics.add_argument("--once", action="store_true", help="print the metrics once, in Prometheus' text format")
     _queue_parser(sub)
+    cert = sub.add_parser("gencert", help="make a self-signed certificate and key for STARTTLS and smtps (testing)")
+    cert.add_argument("--host", help="the name in the certificate (default: me)")
+    cert.add_argument("--days", type=int, default=365)
+    cert.add_argument("--force", action="store_true", help="replace an existing pair")
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top
@@ -402,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": cmd_metrics,
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
-        "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards,
+        "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,
     }
     sys.exit(commands[args.command](args))
 

@@ -112,12 +112,17 @@ class Node:
                               timeout=60, **kwargs)  # type: ignore[call-overload]
 
     def start_smtpd(self, **extra_env: str) -> subprocess.Popen[bytes]:
+        """An SMTP process logging to ``smtpd-N.log`` beside the var dir (a pipe nobody reads would
+        block it once a busy test filled the pipe's buffer)."""
         env = dict(self.env, **extra_env)
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "smtpd"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = self.var_dir.parent / f"smtpd-{len(self.procs)}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "smtpd"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
         self.procs.append(proc)
         wait_until(lambda: proc.poll() is not None or _connectable(self.port), timeout=20)
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "smtpd died"
+        assert proc.poll() is None, log.read_text(errors="replace")
         return proc
 
     def stop(self) -> None:
