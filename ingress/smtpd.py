@@ -367,7 +367,23 @@ class Server(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         await self._verbatim(super().smtp_HELO(hostname))
 
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        task = self._handler_coroutine
+        if task is not None:
+            task.add_done_callback(self._unlink)
 
+    def _unlink(self, _task: object) -> None:
+        """Once the session is over (connection lost, its task ended), drop the references that
+        lead back to this object (method tables, task, timer, streams, callback): then a session's
+        objects go with their last reference instead of waiting as cyclic garbage for the
+        collector (about 5 % of an SMTP process's CPU here)."""
+        for name in _SESSION_LINKS:
+            setattr(self, name, None)
+
+
+_SESSION_LINKS = ("_smtp_methods", "_handle_hooks", "_auth_methods", "_handler_coroutine", "_timeout_handle",
+                  "_reader", "_writer", "_client_connected_cb", "session", "envelope")
 _enhanced: dict[str, str] = {}
 
 
