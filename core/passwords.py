@@ -2,6 +2,7 @@
 
 Interface: ``verify(stored, password, *, cleartext=False) -> bool``; ``scheme(stored) -> str`` (the
 upper-case scheme name, ``CRYPT`` for a bare crypt(3) string, ``""`` when unrecognisable);
+``signature(stored) -> str`` (what sets its cost: scheme, method, rounds, salt length);
 ``imitation(stored) -> str`` (a hash of a random password in the same scheme and at the same cost,
 for making an unknown user cost what a known one does). Schemes, case-insensitive: ``{SHA}``,
 ``{SSHA}``, ``{SHA256}``, ``{SSHA256}``, ``{SHA384}``, ``{SSHA384}``, ``{SHA512}``, ``{SSHA512}``,
@@ -154,6 +155,18 @@ def _crypt_setting(value: str) -> str:
     if parts[1].startswith("2"):  # bcrypt: $2y$NN$ then 22 salt characters packed with the hash
         return f"${parts[1]}${parts[2]}${_random_text(22)}"
     return "$".join(["", parts[1], *parts[2:-2], _random_text(max(1, len(parts[-2])))]) + "$"
+
+
+def signature(stored: str) -> str:
+    """What sets a value's cost: its scheme, crypt(3) method and rounds, salt length (not the salt)."""
+    name = scheme(stored)
+    rest = _split(stored)[1] if name else ""
+    if name == "CRYPT" and rest.startswith("$"):
+        parts = rest.split("$")
+        if parts[1].startswith("2") and len(parts) > 2:  # bcrypt: $2y$NN$, salt and hash in one
+            return "$".join(["CRYPT", *parts[1:3]])
+        return "$".join(["CRYPT", *parts[1:-2], str(len(parts[-2]))])
+    return f"{name}:{len(rest)}"
 
 
 def imitation(stored: str) -> str:
