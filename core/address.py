@@ -1,12 +1,15 @@
 """Mail address syntax and domain matching (pure functions).
 
 Interface: ``check_mailbox(address, smtputf8) -> str | None`` (None when valid, else why not),
-``domain_of(address)``, ``domain_matches(domain, patterns)`` (qmail's rcpthosts rule: an entry
-``.example.com`` matches every subdomain), ``clean_for_header(text)``.
+``domain_of(address)``, ``without_root_dot(address)``, ``routes_elsewhere(address)``,
+``domain_matches(domain, patterns)`` (qmail's rcpthosts rule: an entry ``.example.com`` matches
+every subdomain), ``clean_for_header(text)``.
 
-The checks are deliberately strict where a loose parser would open a relay: source routes
-(``@a:b@c``), bang paths and percent hacks are not addresses we route, so they are refused here
-rather than interpreted somewhere downstream.
+The checks are deliberately strict where a loose parser would open a relay: a source route
+(``@a:b@c``) is refused here (aiosmtpd's parser already drops a route in ``<...>``, as RFC 5321
+4.1.1.3 allows: the mail goes to ``b@c``); bang paths, percent hacks and quoted ``@`` are valid
+syntax but routes of their own (``routes_elsewhere``), taken only from clients allowed to relay,
+and never interpreted here.
 
 Failures: none raised; callers map "invalid" to 501 5.1.3 (recipient) or 501 5.1.7 (sender).
 Settings: none.
@@ -18,7 +21,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-_ATEXT = r"[A-Za-z0-9!#$&'*+/=?^_`{|}~-]"
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
@@ -75,9 +78,21 @@ def check_mailbox(address: str, smtputf8: bool = False) -> str | None:
         return "address too long"
     if not (_DOT_ATOM.match(local) or _QUOTED.match(local) or (smtputf8 and _UTF8_ATEXT.match(local))):
         return "bad local-part syntax"
-    if "!" in local or "%" in local:
-        return "bang paths and percent hacks are not accepted"
     return check_domain(domain[:-1] if domain.endswith(".") else domain, smtputf8)
+
+
+def without_root_dot(address: str) -> str:
+    """``user@example.com.`` is ``user@example.com`` (the root's dot names no other domain): the
+    form the directory, the routing and the Maildir names all see."""
+    return address[:-1] if address.endswith(".") and "@" in address else address
+
+
+def routes_elsewhere(address: str) -> bool:
+    """Whether the local part carries a route of its own: a percent hack (``a%b@ours``), a bang
+    path (``b!a@ours``) or a quoted ``@`` (``"a@b"@ours``). Such an address is only taken from a
+    client allowed to relay (a host that would interpret it could be made to relay)."""
+    local = address.rpartition("@")[0]
+    return "%" in local or "!" in local or "@" in local
 
 
 def domain_matches(domain: str, patterns: Iterable[str]) -> bool:

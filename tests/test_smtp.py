@@ -111,8 +111,7 @@ def test_commands_out_of_order_get_503_5_5_1(smtp: Callable[[], Conversation]) -
     assert c.cmd("DATA").startswith("503 5.5.1")
 
 
-@pytest.mark.parametrize("address", ["a@@test.example", "no-at-sign", "x@-bad-.example",
-                                     "a%b@test.example", "bang!path@test.example", "x@test..example"])
+@pytest.mark.parametrize("address", ["a@@test.example", "no-at-sign", "x@-bad-.example", "x@test..example"])
 def test_malformed_recipient_gets_501_5_1_3(smtp: Callable[[], Conversation], address: str) -> None:
     c = smtp()
     c.cmd("EHLO client.example")
