@@ -18,8 +18,8 @@ JSON fields: ``version``, ``time``, ``redis`` (false: Redis unreachable, its fig
 ``draining``, ``spooled``, ``held``, ``oldest_age`` (s or null), ``deferred``, ``due``, ``settling``,
 ``channels``: {local|remote: {``ready``, ``in_flight``, ``failed``, ``workers``, ``in_per_s``,
 ``out_per_s``, ``head_age`` (s since the message at the head of the ready queue arrived, or null)}}],
-``total`` (the same sums, no ``shard``/``state``), ``pools``: [{``pool``, ``channel``, ``workers``,
-``names``, ``shards``}].
+``total`` (the same sums, no ``shard``/``state``; ``workers`` counts each worker once), ``pools``:
+[{``pool``, ``channel``, ``workers``, ``names``, ``shards``}].
 
 Failures: Redis down raises ``redis.RedisError`` from ``gather``; the CLI then shows the spool alone
 (``gather(..., conn=None)``). A shard directory that vanishes counts 0.
@@ -279,13 +279,15 @@ def _pools(settings: Settings, raw: list) -> tuple[list[Pool], dict[tuple[int, s
     return pools, per_queue
 
 
-def _sum_channels(rows: list[ShardDepth]) -> dict[str, ChannelDepth]:
+def _sum_channels(status: Status) -> dict[str, ChannelDepth]:
+    """Per channel over every shard; ``workers`` counts each worker once (not once per shard it serves)."""
     total = {}
     for channel in CHANNELS:
-        parts = [r.channels[channel] for r in rows]
+        parts = [r.channels[channel] for r in status.shards]
         heads = [p.head_age for p in parts if p.head_age is not None]
+        workers = sum(p.workers for p in status.pools if p.channel == channel)
         total[channel] = ChannelDepth(sum(p.ready for p in parts), sum(p.in_flight for p in parts),
-                                      sum(p.failed for p in parts), sum(p.workers for p in parts),
+                                      sum(p.failed for p in parts), workers,
                                       sum(p.in_per_s for p in parts), sum(p.out_per_s for p in parts),
                                       max(heads) if heads else None)
     return total
@@ -296,7 +298,7 @@ def as_dict(status: Status) -> dict:
     total = {key: sum(getattr(r, key) for r in status.shards)
              for key in ("spooled", "held", "deferred", "due", "settling")}
     total["oldest_age"] = max(ages) if ages else None
-    total["channels"] = {c: asdict(d) for c, d in _sum_channels(status.shards).items()}
+    total["channels"] = {c: asdict(d) for c, d in _sum_channels(status).items()}
     return {"version": VERSION, "time": status.time, "redis": status.redis, "spool_age": status.spool_age,
             "shards": [asdict(r) for r in status.shards], "total": total,
             "pools": [asdict(p) for p in status.pools]}
@@ -340,7 +342,7 @@ def render(status: Status) -> str:
             table.append(line(str(row.shard) if c == 0 else "", row.state if c == 0 else "", channel,
                               row.channels[channel], tail))
     totals = as_dict(status)["total"]
-    for c, (channel, d) in enumerate(_sum_channels(status.shards).items()):
+    for c, (channel, d) in enumerate(_sum_channels(status).items()):
         tail = (str(totals["spooled"]), str(totals["held"]), str(totals["deferred"]), str(totals["due"]),
                 age_text(totals["oldest_age"])) if c == 0 else ("",) * 5
         table.append(line("all" if c == 0 else "", "", channel, d, tail))
