@@ -1,45 +1,128 @@
 """What a client must pass, beyond the address checks of ingress.smtpd, before mail is accepted.
 
-Interface: ``GatedHandler(settings, submitter, committer, directory)``, the aiosmtpd handler of every
-listener: ingress.smtpd's ``Handler`` with the session-level policy added around its hooks.
+Interface: ``GatedHandler(settings, submitter, committer, directory, limiter=None)``, the aiosmtpd
+handler of every listener: ingress.smtpd's ``Handler`` with the session-level policy around its
+hooks (``limiter``: a ``core.ratelimit.AsyncRateLimiter``, None when no rate limit is set).
 
 - addresses: a trailing dot after the domain is dropped (``a@example.com.`` is ``a@example.com``);
-- relaying: an authenticated client may relay, as a client in ``relaynets`` may;
-- RCPT: an address with a route in its local part (percent hack, bang path, quoted ``@``) only from
-  a client that may relay (``554 5.7.1``; we never interpret them, a host further on might);
-  a refused recipient counts towards the tarpit (ingress.guard): past ``tarpitcount`` in a
-  session, each refusal is answered only after ``tarpitdelay`` seconds.
+- relaying: an authenticated client may relay, as may a client in ``relaynets``, and (a weak idea,
+  since any client can claim any sender) one whose envelope sender is in ``relaymailfrom``;
+- MAIL: over the message rate of the client address or of the authenticated user
+  (``ratelimitip``, ``ratelimitsender`` per ``ratelimitwindow``, counted in Redis for all ingress
+  processes): ``451 4.7.1``; Redis unreachable for the count: ``451 4.3.0``. The DNSBL lookups of
+  the client address start here (every ``rbllist`` zone at once), for clients that may not relay;
+- RCPT: a sender in ``badmailfrom``: ``553 5.7.1`` for every recipient (qmail's way: the client
+  learns nothing from MAIL); a recipient in ``badrcptto``: ``553 5.7.1``; a client listed by a
+  ``reject`` DNSBL: ``554 5.7.1`` with the list's reason; an address with a route in its local part
+  (percent hack, bang path, quoted ``@``) only from a client that may relay (``554 5.7.1``: we
+  never interpret them, a host further on might). A refused recipient counts towards the tarpit;
+- DATA: a ``tag`` DNSBL listing adds ``X-RBL-Check: <zone> <reason>`` above the message.
 
-Failures: as ingress.smtpd. Settings: ``tarpitcount``, ``tarpitdelay``, plus those of ingress.smtpd.
+Failures: a DNSBL outage counts as not listed (core.dnsbl); others as ingress.smtpd.
+Settings: ``badmailfrom``, ``badrcptto``, ``relaymailfrom``, ``rbllist``, ``rbltimeout``,
+``ratelimitip``, ``ratelimitsender``, ``ratelimitwindow``, ``tarpitcount``, ``tarpitdelay``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from core.address import routes_elsewhere, without_root_dot
+from core.config import Settings
+from core.directory import Directory
+from core.dnsbl import Dnsbl, Hit
+from core.policy import Policy
+from core.ratelimit import AsyncRateLimiter
+from core.submit import Submitter
+from ingress.committer import Committer
 from ingress.guard import tarpit
 from ingress.smtpd import Handler
 
+log = logging.getLogger("shardmail.smtpd")
+
 
 class GatedHandler(Handler):
+    def __init__(self, settings: Settings, submitter: Submitter, committer: Committer, directory: Directory,
+                 limiter: AsyncRateLimiter | None = None) -> None:
+        super().__init__(settings, submitter, committer, directory)
+        self.policy = Policy(settings)
+        self.dnsbl = Dnsbl(settings)
+        self.limiter = limiter
+
+    def may_relay(self, session: Session) -> bool:
+        if session.authenticated or super().may_relay(session):
+            return True
+        return self.policy.relay_sender(getattr(session, "mail_from", ""))
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        return await super().handle_MAIL(server, session, envelope, without_root_dot(address), options)
+        address = without_root_dot(address)
+        refusal = await self._over_rate(session)
+        if refusal:
+            return refusal
+        status = await super().handle_MAIL(server, session, envelope, address, options)
+        if status.startswith("250"):
+            session.mail_from = "" if address == "<>" else address
+            if self.dnsbl and getattr(session, "rbl", None) is None and not super().may_relay(session) \
+                    and not session.authenticated:
+                peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+                session.rbl = asyncio.ensure_future(self.dnsbl.check(peer))
+        return status
 
-    def may_relay(self, session: Session) -> bool:
-        """An authenticated client may relay, like one in ``relaynets``."""
-        return bool(session.authenticated) or super().may_relay(session)
+    async def _over_rate(self, session: Session) -> str | None:
+        if self.limiter is None:
+            return None
+        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        user = getattr(session, "auth_mail", "") if session.authenticated else ""
+        try:
+            if user and not await self.limiter.allow("sender", user):
+                log.warning("rate limit: %s (authenticated) is over %d messages per %d s", user,
+                            self.settings.ratelimitsender, self.settings.ratelimitwindow)
+                return "451 4.7.1 Too many messages from this account, slow down and try again later"
+            if not user and not await self.limiter.allow("ip", peer):
+                log.warning("rate limit: %s is over %d messages per %d s", peer, self.settings.ratelimitip,
+                            self.settings.ratelimitwindow)
+                return "451 4.7.1 Too many messages from your address, slow down and try again later"
+        except redis.RedisError as exc:
+            log.warning("rate limit unavailable (%s): MAIL deferred", exc)
+            return "451 4.3.0 Temporary failure, try again later"
+        return None
+
+    async def _listed(self, session: Session) -> list[Hit]:
+        task = getattr(session, "rbl", None)
+        return await task if task is not None else []
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         address = without_root_dot(address)
-        if routes_elsewhere(address) and not self.may_relay(session):
-            status = "554 5.7.1 Sender-specified routing (%, !, quoted @) is not accepted"
-        else:
+        status = await self._refusal(session, address)
+        if status is None:
             status = await super().handle_RCPT(server, session, envelope, address, options)
         if status.startswith("5"):
             await tarpit(session, self.settings)
         return status
+
+    async def _refusal(self, session: Session, address: str) -> str | None:
+        sender = getattr(session, "mail_from", "")
+        if self.policy.bad_sender(sender):
+            return "553 5.7.1 Sender address refused by policy"
+        if self.policy.bad_recipient(address):
+            return "553 5.7.1 Recipient address refused by policy"
+        for hit in await self._listed(session):
+            if hit.action == "reject":
+                return hit.reply()
+        if routes_elsewhere(address) and not self.may_relay(session):
+            return "554 5.7.1 Sender-specified routing (%, !, quoted @) is not accepted"
+        return None
+
+    def tags(self, session: Session) -> bytes:
+        task = getattr(session, "rbl", None)
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return b""
+        return b"".join(f"{hit.header()}\r\n".encode() for hit in task.result() if hit.action == "tag")

@@ -25,13 +25,19 @@ import signal
 import socket
 from collections.abc import Callable
 
+import redis.asyncio
+
+from core.auth import Authenticator, AuthThrottle
 from core.config import Settings
 from core.directory import open_directory
+from core.ratelimit import AsyncRateLimiter
 from core.redis_conn import connect
+from core.redis_conn import url as redis_url
 from core.submit import Submitter
 from ingress.committer import Committer
 from ingress.gate import GatedHandler
 from ingress.guard import ConnectionLimits, SessionGuard
+from ingress.smtp_auth import AuthMechanisms
 from ingress.smtpd import Server
 from ingress.tls import TLSConfigError, server_context
 
@@ -52,14 +58,16 @@ def listening_socket(spec: str) -> socket.socket:
     return sock
 
 
-class IngressServer(SessionGuard, Server):
+class IngressServer(SessionGuard, AuthMechanisms, Server):
     """The SMTP server of every listener: shardmail's replies (ingress.smtpd) with its limits
-    (ingress.guard)."""
+    (ingress.guard) and SMTP AUTH (ingress.smtp_auth)."""
 
 
 async def serve(settings: Settings) -> None:
-    # aiosmtpd logs every command line at INFO: per-message cost with no value over our own log line.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command line at INFO: per-message cost with no value over our own log line;
+    # and it warns per connection about settings made on purpose (AUTH without STARTTLS on smtps,
+    # where the socket is TLS already; its deprecated login_data).
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     loop = asyncio.get_running_loop()
     tls = server_context(settings)
     if tls is None and (settings.submission_listen or settings.smtps_listen):
@@ -68,9 +76,16 @@ async def serve(settings: Settings) -> None:
     conn = connect(settings, max_connections=settings.ingress_threads + 4)
     submitter = Submitter(settings, conn)
     committer = Committer(submitter, settings.ingress_threads)
-    handler = GatedHandler(settings, submitter, committer, open_directory(settings))
+    directory = open_directory(settings)
+    limiter = None
+    if settings.ratelimitip or settings.ratelimitsender:
+        limiter = AsyncRateLimiter(redis.asyncio.Redis.from_url(redis_url(settings), socket_connect_timeout=2,
+                                                                socket_timeout=5), settings.redis_prefix, settings)
+    handler = GatedHandler(settings, submitter, committer, directory, limiter)
     IngressServer.limits = ConnectionLimits(settings)
     IngressServer.guard_settings = settings
+    IngressServer.authenticator = Authenticator(settings, directory, AuthThrottle(conn, settings.redis_prefix,
+                                                                                 settings))
 
     def factory(kind: str) -> Callable[[], Server]:
         """Port 25 style (STARTTLS offered when there is a certificate), submission (STARTTLS, then

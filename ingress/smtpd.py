@@ -491,10 +491,12 @@ class Handler:
         message_id = submitter.new_id()
         helo = clean_for_header(session.host_name or "unknown")
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.extended_smtp else "SMTP"
-        body = self._received(message_id, helo, peer, protocol, envelope.rcpt_tos) + content
+        user = getattr(session, "auth_mail", "") if session.authenticated else ""
+        protocol = _protocol(server, session, smtputf8, bool(user))
+        body = self._received(message_id, helo, peer, protocol, envelope.rcpt_tos, user) + self.tags(session)
+        body += content
         draft = Draft(message_id, _sender(envelope), list(envelope.rcpt_tos), body,
-                      Client(address=peer, helo=helo, protocol=protocol), smtputf8)
+                      Client(address=peer, helo=helo, protocol=protocol, user=user), smtputf8)
         try:
             await self.committer.commit(draft)
         except QueueUnavailable as exc:
@@ -506,9 +508,15 @@ class Handler:
                  len(envelope.rcpt_tos), len(body))
         return f"250 2.0.0 Ok: queued as {message_id}"
 
-    def _received(self, message_id: str, helo: str, peer: str, protocol: str, rcpts: list[str]) -> bytes:
+    def tags(self, session: Session) -> bytes:
+        """Header lines the session adds above the message (ingress.gate's DNSBL tags)."""
+        return b""
+
+    def _received(self, message_id: str, helo: str, peer: str, protocol: str, rcpts: list[str],
+                  user: str = "") -> bytes:
         me = self.settings.me
-        line = f"Received: from {helo} ([{peer}])\r\n\tby {me} (shardmail) with {protocol} id {message_id}"
+        who = f"\r\n\t(authenticated as {clean_for_header(user, 300)})" if user else ""
+        line = f"Received: from {helo} ([{peer}]){who}\r\n\tby {me} (shardmail) with {protocol} id {message_id}"
         if len(rcpts) == 1:
             line += f"\r\n\tfor <{clean_for_header(rcpts[0], 300)}>"
         line += f"; {_now_rfc5322()}\r\n"
@@ -529,6 +537,16 @@ def _now_rfc5322() -> str:
     if _date_cache[0] != second:
         _date_cache = (second, email.utils.formatdate(second, localtime=True))
     return _date_cache[1]
+
+
+def _protocol(server: SMTP, session: Session, smtputf8: bool, authenticated: bool) -> str:
+    """The Received header's "with" word (RFC 3848): ESMTP, plus S over TLS and A when
+    authenticated; UTF8SMTP likewise (RFC 6531); SMTP after HELO."""
+    if not session.extended_smtp:
+        return "SMTP"
+    transport = server.transport
+    tls = session.ssl is not None or (transport is not None and transport.get_extra_info("sslcontext") is not None)
+    return ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "") + ("A" if authenticated else "")
 
 
 def _has_bare_cr_or_lf(data: bytes) -> bool:
