@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -177,10 +177,9 @@ def _redis_cpu(conn: redis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def deliver_round(env: dict[str, str], sock: Path, count: int, watched: bool, work: Path, round_no: int) -> tuple[
-        float, float, float]:
-    """Queue ``count`` local messages, then time the local pool delivering them: (msg/s, the watcher's CPU
-    seconds a second, the watcher's CPU as a share of all the CPU the delivery took: pool, Redis, watcher)."""
+def _queue_local(env: dict[str, str], sock: Path, count: int) -> tuple[redis.Redis, Callable[[], int]]:
+    """``count`` local messages through the front door (fsync'd, enqueued); a Redis connection, and a
+    function counting the local jobs not finished yet (ready + in flight)."""
     from core.config import load
     from core.redis_conn import connect
     from core.submit import Draft, Submitter
@@ -204,6 +203,56 @@ def deliver_round(env: dict[str, str], sock: Path, count: int, watched: bool, wo
                 pipe.llen(queue.key)
                 pipe.zcard(StartedJobRegistry(queue=queue).key)
             return sum(pipe.execute())
+
+    return conn, waiting
+
+
+def watch_windows(env: dict[str, str], sock: Path, count: int, window: float, work: Path) -> list[tuple[bool, float]]:
+    """One long delivery of ``count`` local messages, the watcher running (SIGCONT) and stopped (SIGSTOP)
+    in alternate windows of ``window`` seconds, in ABBA order (off on on off off on ...): slow drifts of
+    the machine's other load fall on both alike. Per window: (watcher running, msg/s)."""
+    _, waiting = _queue_local(env, sock, count)
+    windows: list[tuple[bool, float]] = []
+    with contextlib.ExitStack() as stack:
+        output = work / "watch-windows.out"
+        log = stack.enter_context(open(output, "wb"))
+        watcher = stack.enter_context(_child(["status", "--watch", "1"], env, log, signal.SIGINT))
+        stack.callback(lambda: watcher.poll() is None and watcher.send_signal(signal.SIGCONT))
+        deadline = time.monotonic() + 120
+        while output.stat().st_size == 0:
+            if time.monotonic() > deadline or watcher.poll() is not None:
+                raise RuntimeError("the watcher did not draw")
+            time.sleep(0.05)
+        watcher.send_signal(signal.SIGSTOP)
+        pool = stack.enter_context(_child(["worker", "local", "--name", "bench.local-0"], env, subprocess.DEVNULL,
+                                          signal.SIGTERM))
+        deadline = time.monotonic() + 900
+        while waiting() >= count:
+            if time.monotonic() > deadline or pool.poll() is not None:
+                raise RuntimeError("the local pool did not start")
+            time.sleep(0.005)
+        time.sleep(2 * window)  # the pool's warm-up (directory cache, first batches) is no window's
+        left = waiting()
+        rate = 0.0
+        index = 0
+        while left > rate * window * 1.5 + 100 and time.monotonic() < deadline:
+            running = index % 4 in (1, 2)
+            watcher.send_signal(signal.SIGCONT if running else signal.SIGSTOP)
+            started = time.perf_counter()
+            time.sleep(window)
+            now_left = waiting()
+            rate = (left - now_left) / (time.perf_counter() - started)
+            windows.append((running, rate))
+            left = now_left
+            index += 1
+    return windows
+
+
+def deliver_round(env: dict[str, str], sock: Path, count: int, watched: bool, work: Path, round_no: int) -> tuple[
+        float, float, float]:
+    """Queue ``count`` local messages, then time the local pool delivering them: (msg/s, the watcher's CPU
+    seconds a second, the watcher's CPU as a share of all the CPU the delivery took: pool, Redis, watcher)."""
+    conn, waiting = _queue_local(env, sock, count)
 
     with contextlib.ExitStack() as stack:
         watcher = None
@@ -260,9 +309,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of each command timed")
     parser.add_argument("--deliveries", type=int, default=20_000, help="local messages per delivery round (0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="delivery rounds with and without a watcher")
+    parser.add_argument("--window-messages", type=int, default=100_000,
+                        help="local messages for the alternate-window measurement (0: skip)")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds per window")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="where the private directory goes")
     args = parser.parse_args()
-    need = args.messages * 8192 + args.deliveries * args.rounds * 2 * 12288 + (1 << 30)
+    need = args.messages * 8192 + (args.deliveries * args.rounds * 2 + args.window_messages) * 12288 + (1 << 30)
     free = shutil.disk_usage(args.workdir).free
     if free < need:
         print(f"not enough space under {args.workdir}: {free >> 20} MiB free, about {need >> 20} MiB needed "
@@ -319,6 +371,16 @@ def main() -> int:
                   f"{statistics.median(watched):,.0f} msg/s; watcher CPU median {statistics.median(shares) * 100:.2f} "
                   f"% of a core, {statistics.median(parts) * 100:.2f} % of the delivery's CPU; target < 2 %)",
                   flush=True)
+        if args.window_messages:
+            windows = watch_windows(env, sock, args.window_messages, args.window, work)
+            pairs = [(windows[i], windows[i + 1]) for i in range(0, len(windows) - 1, 2)]
+            ratios = [(a[1] / b[1]) if a[0] else (b[1] / a[1]) for a, b in pairs if a[1] > 0 and b[1] > 0]
+            print("windows of {:g} s (watcher running = *): {}".format(
+                args.window, " ".join(f"{r:,.0f}{'*' if on else ''}" for on, r in windows)), flush=True)
+            if ratios:
+                print(f"watch cost, alternate windows of one delivery: {(1 - statistics.median(ratios)) * 100:.1f} % "
+                      f"(median of {len(ratios)} adjacent pairs' ratios {statistics.median(ratios):.3f}; "
+                      "target < 2 %)", flush=True)
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
