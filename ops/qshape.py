@@ -36,6 +36,7 @@ from core.shards import ShardMap
 BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # upper bounds, minutes; the last column is beyond
 HEAD = 2048  # bytes read first: the envelope line, and the marks too when the body is short
 CHUNK = 4096  # bytes per further read of the marks
+NOATIME = getattr(os, "O_NOATIME", 0)  # a look at the queue must not dirty a million inodes (relatime's first read)
 _DECODER = json.JSONDecoder()
 
 
@@ -55,14 +56,11 @@ def bucket(age_minutes: float) -> int:
     return bisect_right(BUCKETS, age_minutes)
 
 
-def _head_and_marks(dir_fd: int, name: str) -> tuple[dict, bytes] | None:
+def _head_and_marks(dir_fd: int, name: str, flags: int = os.O_RDONLY) -> tuple[dict, bytes] | None:
     """The envelope (as decoded JSON) and the mark lines of one entry, without reading its body:
     the first ``HEAD`` bytes, then (when the body is longer) reads from the end of the body on.
     None for an entry that is gone, recycled, truncated or not an envelope."""
-    try:
-        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
+    fd = os.open(name, flags, dir_fd=dir_fd)  # FileNotFoundError, PermissionError: for the caller
     try:
         head = os.read(fd, HEAD)
         newline = head.find(b"\n")
@@ -123,9 +121,23 @@ def _shape_dir(path: str, which: str, by: str, now: float) -> Tally:
         return tally
     hosts: dict[str, str] = {}
     want_ready, want_deferred, by_sender = which != "deferred", which != "ready", by == "sender"
+    flags = os.O_RDONLY | NOATIME
     try:
         for name in os.listdir(dir_fd):
-            found = _head_and_marks(dir_fd, name)
+            try:
+                found = _head_and_marks(dir_fd, name, flags)
+            except FileNotFoundError:
+                continue  # delivered and removed meanwhile
+            except PermissionError:
+                if not flags & NOATIME:
+                    continue
+                flags = os.O_RDONLY  # not the files' owner: atimes then move, as with any reader
+                try:
+                    found = _head_and_marks(dir_fd, name, flags)
+                except OSError:
+                    continue
+            except OSError:
+                continue  # unreadable: the sweep reports it
             if found is None:
                 continue
             doc, blob = found

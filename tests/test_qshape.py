@@ -143,3 +143,22 @@ def test_fast_path_agrees_with_whole_entries(node_factory: Callable[..., Node]) 
                 got = [(r.domain, r.total, r.counts) for r in shape(settings, shard_map.ids(), which, by, now,
                                                                     processes)]
                 assert got == expected, (which, by, processes)
+
+
+def test_a_look_at_the_queue_leaves_the_entries_untouched(node_factory: Callable[..., Node]) -> None:
+    """qshape reads with O_NOATIME (the files' owner, or root): on a relatime mount the first read
+    after a write would otherwise dirty every entry's inode."""
+    import os
+
+    node = node_factory()
+    settings = node.settings()
+    shard_map = ShardMap(settings)
+    put(shard_map, 0, "a@b.example", ["x@far.example"], 1)
+    path = shard_map.spool(0).path(next(shard_map.spool(0).ids()))
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))  # atime before mtime: relatime's next read moves it
+    before = os.stat(path)
+    assert [(r.domain, r.total) for r in shape(settings, [0], "all", "recipient", time.time(), 1)] == [
+        ("TOTAL", 1), ("far.example", 1)]
+    after = os.stat(path)
+    assert (after.st_atime_ns, after.st_mtime_ns, after.st_ctime_ns) == (
+        before.st_atime_ns, before.st_mtime_ns, before.st_ctime_ns)
