@@ -145,26 +145,29 @@ def _shape_dir(path: str, which: str, by: str, now: float) -> Tally:
                 continue  # never tried: nothing deferred here
             try:
                 counts = tally[bisect_right(BUCKETS, max(0.0, now - float(doc["birth"])) / 60)]
-                sender = _domain(str(doc["sender"])) if by_sender else ""
-                states = {mark.index: mark.state for mark in decode_marks(blob)} if blob else None
-                for index, pair in enumerate(doc["rcpt"]):
-                    if states is not None:
+                recipients = doc["rcpt"]
+                if blob:
+                    states = {mark.index: mark.state for mark in decode_marks(blob)}
+                    wanted = []
+                    for index, pair in enumerate(recipients):
                         state = states.get(index)
                         if state is None or state == "pending":
-                            if not want_ready:
-                                continue
-                        elif state != "deferred" or not want_deferred:
-                            continue  # final (delivered, failed, bounced), or deferred and not asked for
-                    if by_sender:
-                        domain = sender
+                            if want_ready:
+                                wanted.append(pair)
+                        elif state == "deferred" and want_deferred:
+                            wanted.append(pair)  # final states (delivered, failed, bounced) never count
+                    recipients = wanted
+                if by_sender:
+                    if recipients:
+                        sender = _domain(str(doc["sender"]))
+                        counts[sender] = counts.get(sender, 0) + len(recipients)
+                    continue
+                for address, _channel in recipients:
+                    _, at, host = address.rpartition("@")
+                    if not at:
+                        domain = "<>" if not address else "(local)"
                     else:
-                        address = pair[0]
-                        at = address.rfind("@")
-                        if at < 0:
-                            domain = "<>" if not address else "(local)"
-                        else:
-                            host = address[at + 1 :]
-                            domain = hosts.get(host) or hosts.setdefault(host, host.rstrip(".").lower() or "(local)")
+                        domain = hosts.get(host) or hosts.setdefault(host, host.rstrip(".").lower() or "(local)")
                     counts[domain] = counts.get(domain, 0) + 1
             except (ValueError, KeyError, TypeError, AttributeError, IndexError):
                 continue
