@@ -11,8 +11,8 @@ both. The first row is the total; then domains by their count, biggest first.
 
 Fast on big queues (a million messages in a few seconds): an entry is read only as far as its
 envelope line and its marks (the envelope's ``size`` says where the body ends and the marks begin,
-so the body is never read), and the split directories are shared out among a process per core,
-whose counts are merged.
+so the body is never read), and the split directories are shared out among ``PER_CORE`` processes
+per core, whose counts are merged.
 
 Failures: an entry that cannot be read is skipped (the sweep reports it); nothing here writes.
 
@@ -36,6 +36,10 @@ from core.shards import ShardMap
 BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # upper bounds, minutes; the last column is beyond
 HEAD = 2048  # bytes read first: the envelope line, and the marks too when the body is short
 CHUNK = 4096  # bytes per further read of the marks
+# Processes per core: an entry whose page is not cached waits for the disk, and the others use the CPU
+# meanwhile (50,000 entries out of the page cache here: 5.5 s with one process per core, 2.1-2.7 s
+# with four; cached, the same 0.5 s either way).
+PER_CORE = 4
 NOATIME = getattr(os, "O_NOATIME", 0)  # a look at the queue must not dirty a million inodes (relatime's first read)
 _DECODER = json.JSONDecoder()
 
@@ -182,12 +186,12 @@ def _shape_dir_args(args: tuple[str, str, str, float]) -> Tally:
 
 def shape(settings: Settings, shards: Iterable[int], which: str, by: str, now: float,
           processes: int | None = None) -> list[Row]:
-    """Read every split directory of the shards, a process per core (``processes``) sharing them
-    out, reading only envelopes and marks; merge the counts."""
+    """Read every split directory of the shards, ``processes`` (default ``PER_CORE`` a core) sharing
+    them out, reading only envelopes and marks; merge the counts."""
     shard_map = ShardMap(settings)
     units = [(f"{shard_map.root}/s{shard}/queue/{split}", which, by, now)
              for shard in shards for split in range(shard_map.split)]
-    processes = processes or os.cpu_count() or 1
+    processes = processes or PER_CORE * (os.cpu_count() or 1)
     total = Row("TOTAL")
     rows: dict[str, Row] = {}
 
