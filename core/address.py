@@ -3,7 +3,7 @@
 Interface: ``check_mailbox(address, smtputf8) -> str | None`` (None when valid, else why not),
 ``domain_of(address)``, ``without_root_dot(address)``, ``routes_elsewhere(address)``,
 ``domain_matches(domain, patterns)`` (qmail's rcpthosts rule: an entry ``.example.com`` matches
-every subdomain), ``clean_for_header(text)``.
+every subdomain), ``peer_in(ip, networks)``, ``clean_for_header(text)``.
 
 The checks are deliberately strict where a loose parser would open a relay: a source route
 (``@a:b@c``) is refused here (aiosmtpd's parser already drops a route in ``<...>``, as RFC 5321
@@ -106,6 +106,17 @@ def domain_matches(domain: str, patterns: Iterable[str]) -> bool:
         elif domain == pattern:
             return True
     return False
+
+
+def peer_in(peer: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether a client address (an IPv4-mapped IPv6 one as its IPv4 form) lies in one of the networks."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
 
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")

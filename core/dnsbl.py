@@ -43,6 +43,7 @@ import dns.resolver
 
 from core import metrics
 from core.config import Settings
+from core.resolver import make_resolver as configured_resolver
 
 log = logging.getLogger("shardmail.dnsbl")
 
@@ -90,28 +91,7 @@ def parse(entries: list[str]) -> list[Blocklist]:
 
 def make_resolver(settings: Settings) -> dns.asyncresolver.Resolver:
     """An asyncio resolver asking ``dnsresolvers`` (``addr``, ``addr:port``, ``[v6]:port``), with a TTL cache."""
-    if not settings.dnsresolvers:
-        resolver = dns.asyncresolver.Resolver()
-    else:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        hosts, ports = [], {}
-        for entry in settings.dnsresolvers:
-            if entry.startswith("["):
-                host, _, port = entry[1:].partition("]")
-                port = port.lstrip(":")
-            elif entry.count(":") == 1:
-                host, _, port = entry.partition(":")
-            else:
-                host, port = entry, ""
-            hosts.append(host)
-            if port:
-                ports[host] = int(port)
-        resolver.nameservers = hosts
-        resolver.nameserver_ports = ports
-    resolver.lifetime = settings.rbltimeout
-    resolver.timeout = min(settings.rbltimeout, 2.0)
-    resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
-    return resolver
+    return configured_resolver(settings, settings.rbltimeout, CACHE_SIZE)
 
 
 def _client(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

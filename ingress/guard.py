@@ -25,6 +25,7 @@ import ipaddress
 import logging
 from typing import Any
 
+from core.address import peer_in
 from core.config import Settings
 
 log = logging.getLogger("shardmail.smtpd")
@@ -42,20 +43,11 @@ class ConnectionLimits:
         self.open = 0
         self.by_ip: dict[str, int] = {}
 
-    def _exempt(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.exempt)
-
     def admit(self, ip: str) -> str | None:
         if self.open >= self.total:
             return TOO_MANY.format(me=self.me, what="")
         count = self.by_ip.get(ip, 0)
-        if count >= self.per_ip and not self._exempt(ip):
+        if count >= self.per_ip and not peer_in(ip, self.exempt):
             return TOO_MANY.format(me=self.me, what=" from your address")
         self.open += 1
         self.by_ip[ip] = count + 1

@@ -39,7 +39,7 @@ import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from core import faults
-from core.address import check_mailbox, clean_for_header, domain_matches, domain_of
+from core.address import check_mailbox, clean_for_header, domain_matches, domain_of, peer_in
 from core.config import Settings
 from core.directory import Directory, account_verdict, lookup_outcome
 from core.envelope import Client
@@ -434,14 +434,7 @@ class Handler:
         return smtp_reply(replace(verdict, text=f"<{clean_for_header(address)}>: {verdict.text}"), refusal="550")
 
     def may_relay(self, session: Session) -> bool:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.relaynets)
+        return peer_in(session.peer[0] if isinstance(session.peer, tuple) else "", self.relaynets)
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]

@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from core.config import Settings, load
+from core.envelope import Envelope
 from tests.support import free_port, wait_until
 
 # real servers: OpenLDAP (slapd, slapd_fresh), Dovecot (dovecot_factory), unbound (dns_server, dns_server_factory),
@@ -135,6 +136,17 @@ class Node:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def message(self, message_id: str) -> tuple[Envelope, bytes]:
+        """A spooled message's envelope and body, from whichever shard holds it."""
+        from core.shards import ShardMap
+
+        shard_map = ShardMap(self.settings())
+        for shard in shard_map.ids():
+            spool = shard_map.spool(shard)
+            if spool.path(message_id).exists():
+                return spool.load(message_id)
+        raise FileNotFoundError(message_id)
 
     def spooled(self) -> list[str]:
         from core.shards import ShardMap

@@ -283,6 +283,25 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
         server.stop()
 
 
+def combined_ldif(directory: Path) -> Path:
+    """users.ldif and the SMTP AUTH accounts of auth.ldif (one per password scheme) in one file."""
+    path = directory / "users-and-auth.ldif"
+    path.write_text(USERS_LDIF.read_text() + "\n\n" + (USERS_LDIF.parent / "auth.ldif").read_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def auth_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """One server with the users and the AUTH accounts for the session (read-only)."""
+    directory = tmp_path_factory.mktemp("auth-slapd")
+    server = Slapd(directory, combined_ldif(directory))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def slapd_fresh(tmp_path: Path) -> Iterator[Slapd]:
     """A private server with the test data, which the test may change, pause, stop and start."""

@@ -18,10 +18,9 @@ from core.config import Settings, load
 from core.directory import open_directory
 from core.redis_conn import connect
 from tests.conftest import RedisServer
-from tests.slapd import USERS_LDIF, Slapd
+from tests.slapd import Slapd, combined_ldif
 from tests.support import wait_until
 
-AUTH_LDIF = Path(__file__).resolve().parent / "data" / "auth.ldif"
 LDAP_TIMEOUT = 2
 # (login, right password): one account per scheme in tests/data/auth.ldif
 SCHEMES = [
@@ -43,24 +42,6 @@ STATUS_PASSWORD = "pw-status-secret"
 def wrong(password: str) -> str:
     """Another password, different within the first 8 characters (all DES crypt reads)."""
     return ("X" if password[0] != "X" else "Y") + password[1:]
-
-
-def combined_ldif(directory: Path) -> Path:
-    path = directory / "users-and-auth.ldif"
-    path.write_text(USERS_LDIF.read_text() + "\n\n" + AUTH_LDIF.read_text())
-    return path
-
-
-@pytest.fixture(scope="module")
-def auth_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    """A slapd with users.ldif and auth.ldif for this module (read-only)."""
-    directory = tmp_path_factory.mktemp("auth-slapd")
-    server = Slapd(directory, combined_ldif(directory))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -9,27 +9,13 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
-
-from core.shards import ShardMap
 from tests.conftest import Conversation, Node
 from tests.slapd import Slapd
 from tests.support import wait_until
-from tests.test_auth import SCHEMES, combined_ldif, wrong
+from tests.test_auth import SCHEMES, wrong
 from tests.test_smtp_limits import make_cert
-
-
-@pytest.fixture(scope="module")
-def accounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    directory = tmp_path_factory.mktemp("smtp-auth-slapd")
-    server = Slapd(directory, combined_ldif(directory))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 class Session(Conversation):
@@ -54,8 +40,8 @@ class Session(Conversation):
         return self.cmd(base64.b64encode(password.encode()).decode())
 
 
-def auth_node(node_factory: Callable[..., Node], accounts: Slapd, **extra: str) -> tuple[Node, ssl.SSLContext]:
-    options = {"ldapserver": accounts.url, "ldapbasedn": accounts.base_dn, "relaynets": "10.0.0.0/8",
+def auth_node(node_factory: Callable[..., Node], auth_slapd: Slapd, **extra: str) -> tuple[Node, ssl.SSLContext]:
+    options = {"ldapserver": auth_slapd.url, "ldapbasedn": auth_slapd.base_dn, "relaynets": "10.0.0.0/8",
                "authfaildelay": "0", "locals": "test.example,example.test"}
     options.update(extra)
     node = node_factory(**options)
@@ -64,8 +50,8 @@ def auth_node(node_factory: Callable[..., Node], accounts: Slapd, **extra: str) 
     return node, context
 
 
-def test_each_scheme_and_no_enumeration(node_factory: Callable[..., Node], accounts: Slapd) -> None:
-    node, context = auth_node(node_factory, accounts, authfailmaxip="1000", authfailmaxuser="1000")
+def test_each_scheme_and_no_enumeration(node_factory: Callable[..., Node], auth_slapd: Slapd) -> None:
+    node, context = auth_node(node_factory, auth_slapd, authfailmaxip="1000", authfailmaxuser="1000")
     assert "AUTH LOGIN PLAIN" in Session(node.port, context).ehlo
     for login, password in SCHEMES:
         talk = Session(node.port, context)
@@ -81,8 +67,8 @@ def test_each_scheme_and_no_enumeration(node_factory: Callable[..., Node], accou
     assert unknown == disabled == "535 5.7.8 Authentication credentials invalid"
 
 
-def test_plain_before_tls_is_refused(node_factory: Callable[..., Node], accounts: Slapd) -> None:
-    node, _ = auth_node(node_factory, accounts)
+def test_plain_before_tls_is_refused(node_factory: Callable[..., Node], auth_slapd: Slapd) -> None:
+    node, _ = auth_node(node_factory, auth_slapd)
     talk = Conversation(node.port)
     assert "AUTH" not in talk.cmd("EHLO client.example")
     blob = base64.b64encode(b"\0auth-ssha@auth.example\0pw-ssha-secret").decode()
@@ -90,8 +76,8 @@ def test_plain_before_tls_is_refused(node_factory: Callable[..., Node], accounts
     talk.close()
 
 
-def test_authenticated_client_relays_and_is_recorded(node_factory: Callable[..., Node], accounts: Slapd) -> None:
-    node, context = auth_node(node_factory, accounts)
+def test_authenticated_client_relays_and_is_recorded(node_factory: Callable[..., Node], auth_slapd: Slapd) -> None:
+    node, context = auth_node(node_factory, auth_slapd)
     outsider = Session(node.port, context)
     assert outsider.cmd("MAIL FROM:<a@example.net>").startswith("250")
     assert outsider.cmd("RCPT TO:<x@elsewhere.example>").startswith("554 5.7.1")
@@ -107,18 +93,17 @@ def test_authenticated_client_relays_and_is_recorded(node_factory: Callable[...,
     assert talk.cmd("Subject: relayed\r\n\r\nbody\r\n.").startswith("250")
     talk.close()
     wait_until(lambda: node.spooled(), timeout=10, what="the message spooled")
-    shard_map = ShardMap(node.settings())
     message_id = node.spooled()[0]
-    shard = next(s for s in shard_map.ids() if shard_map.spool(s).path(message_id).exists())
-    received = shard_map.spool(shard).body(message_id).split(b"\r\nSubject:")[0]
+    envelope, body = node.message(message_id)
+    received = body.split(b"\r\nSubject:")[0]
     assert b"(authenticated as auth-ssha@auth.example)" in received
     assert b"with ESMTPSA id " + message_id.encode() in received
-    assert shard_map.spool(shard).read(message_id).client.user == "auth-ssha@auth.example"
+    assert envelope.client.user == "auth-ssha@auth.example"
 
 
 def test_brute_force_is_throttled_while_another_address_gets_in(node_factory: Callable[..., Node],
-                                                                accounts: Slapd) -> None:
-    node, context = auth_node(node_factory, accounts, authfailmaxip="20", authfailmaxuser="1000")
+                                                                auth_slapd: Slapd) -> None:
+    node, context = auth_node(node_factory, auth_slapd, authfailmaxip="20", authfailmaxuser="1000")
     answers: list[str] = []
     talk = Session(node.port, context, "127.0.0.8")
     while len(answers) < 200:
@@ -143,8 +128,8 @@ def test_brute_force_is_throttled_while_another_address_gets_in(node_factory: Ca
     assert other.plain("auth-ssha@auth.example", "pw-ssha-secret").startswith("235")
 
 
-def test_rate_limit_per_authenticated_sender(node_factory: Callable[..., Node], accounts: Slapd) -> None:
-    node, context = auth_node(node_factory, accounts, ratelimitsender="2", ratelimitwindow="3600")
+def test_rate_limit_per_authenticated_sender(node_factory: Callable[..., Node], auth_slapd: Slapd) -> None:
+    node, context = auth_node(node_factory, auth_slapd, ratelimitsender="2", ratelimitwindow="3600")
     replies = []
     for source in ("127.0.0.11", "127.0.0.12", "127.0.0.13"):  # the limit follows the user, not the address
         talk = Session(node.port, context, source)

@@ -28,6 +28,7 @@ import dns.resolver
 from core import metrics
 from core.config import Settings
 from core.outcome import Deferred, Failed
+from core.resolver import make_resolver as configured_resolver
 
 SMTP_PORT = 25
 CACHE_SIZE = 50_000
@@ -42,28 +43,7 @@ class Hop:
 
 
 def make_resolver(settings: Settings) -> dns.asyncresolver.Resolver:
-    if not settings.dnsresolvers:
-        resolver = dns.asyncresolver.Resolver()
-    else:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        hosts, ports = [], {}
-        for entry in settings.dnsresolvers:  # 127.0.0.1, 127.0.0.1:5353, ::1, [::1]:5353
-            if entry.startswith("["):
-                host, _, port = entry[1:].partition("]")
-                port = port.lstrip(":")
-            elif entry.count(":") == 1:
-                host, _, port = entry.partition(":")
-            else:
-                host, port = entry, ""
-            hosts.append(host)
-            if port:
-                ports[host] = int(port)
-        resolver.nameservers = hosts
-        resolver.nameserver_ports = ports
-    resolver.lifetime = settings.dnstimeout
-    resolver.timeout = min(settings.dnstimeout, 2.0)
-    resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)  # answers kept for their TTL; failures are not
-    return resolver
+    return configured_resolver(settings, settings.dnstimeout, CACHE_SIZE)
 
 
 def ascii_domain(domain: str) -> str | None:
