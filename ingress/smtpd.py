@@ -291,6 +291,12 @@ class Server(SMTP):
         if self._timeout_handle is None:
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
 
+    def data_received(self, data: bytes) -> None:
+        """Any bytes from the client push the idle deadline on: silence, not the length of a
+        command or of DATA, is what times out (the whole session is bounded by ingress.guard)."""
+        self._deadline = self.loop.time() + self._timeout_duration
+        super().data_received(data)
+
     def _timeout_cb(self) -> None:
         if self.loop.time() < self._deadline:
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)

@@ -199,3 +199,20 @@ def test_session_lifetime(node_factory: Callable[..., Node]) -> None:
                 assert "4.4.2" in reply
                 talk.cmd("NOOP")
     assert time.monotonic() < deadline
+
+
+def test_a_slow_but_steady_data_transfer_is_not_cut(node_factory: Callable[..., Node]) -> None:
+    """timeoutsmtpd bounds silence, not the time a long DATA takes."""
+    node = node_factory(timeoutsmtpd="1")
+    node.start_smtpd()
+    talk = Conversation(node.port)
+    talk.cmd("EHLO client.example")
+    talk.cmd("MAIL FROM:<a@example.net>")
+    talk.cmd("RCPT TO:<user@test.example>")
+    assert talk.cmd("DATA").startswith("354")
+    talk.send(b"Subject: slow\r\n\r\n")
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # longer than the timeout in all, never silent for long
+        talk.send(b"a line of the body\r\n")
+        time.sleep(0.2)  # the client's pace, not a wait for the server
+    assert talk.cmd(".").startswith("250")
