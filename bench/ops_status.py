@@ -371,7 +371,7 @@ def main() -> int:
         qshape_s, qshape_cpu, text = timed(env, "qshape", "--top", "5", runs=args.runs)
         per_message = qshape_cpu / args.messages * 1e6
         print(f"qshape: {qshape_s:.2f} s, {qshape_cpu:.2f} s CPU ({per_message:.1f} us a message), "
-              f"median of {args.runs} ({os.cpu_count()} processes; target < 10 s); "
+              f"median of {args.runs} ({os.cpu_count()} cores; target < 10 s); "
               f"its total line: {' '.join(text.splitlines()[1].split()[:2])}", flush=True)
         if args.deliveries:
             plain: list[float] = []
