@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -42,8 +43,8 @@ class RunningNode:
     def pids(self, name: str) -> list[int]:
         return [int(p) for p in re.findall(rf"started {name}(?:-\d+)? \(pid (\d+)\)", self.text())]
 
-    def status(self) -> str:
-        result = subprocess.run([sys.executable, "-m", "ops.cli", "status"], cwd=self.workdir, env=self.env,
+    def status(self, *options: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "ops.cli", "status", *options], cwd=self.workdir, env=self.env,
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         return result.stdout
@@ -89,8 +90,8 @@ def test_run_on_embedded_defaults_delivers_to_the_postmaster(running: RunningNod
     assert message.startswith(b"Return-Path: <a@example.net>\nDelivered-To: postmaster@localhost\nReceived: ")
     assert b"\r\n" not in message
     lines = running.status().splitlines()
-    assert lines[0].split()[:3] == ["shard", "state", "spooled"]
-    wait_until(lambda: running.status().splitlines()[-1].split() == ["all", "0"])
+    assert lines[0].split()[:4] == ["shard", "state", "channel", "ready"]
+    wait_until(lambda: sum(s["spooled"] for s in json.loads(running.status("--json"))["shards"]) == 0)
 
 
 def test_run_restarts_a_killed_child(running: RunningNode) -> None:
