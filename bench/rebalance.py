@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.recover import build  # noqa: E402
+from bench.recover import build, start_redis  # noqa: E402
 
 
 def shardmail(env: dict[str, str], *args: str) -> float:
@@ -42,19 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shardmail-rebalance-", dir="/var/tmp"))
     sock = work / "redis.sock"
-    server = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
-                               "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    server, _ = start_redis(work)
     try:
-        conn = redis.Redis(unix_socket_path=str(sock))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                conn.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
         built = build(work / "spool", args.messages, 1)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
         env.update({"SHARDMAIL_VAR_DIR": str(work), "SHARDMAIL_SPOOL_DIR": str(work / "spool"),

@@ -54,6 +54,24 @@ def build(root: Path, messages: int, shards: int) -> float:
     return time.perf_counter() - started
 
 
+def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+    """A private, empty redis-server on ``work/redis.sock`` (no persistence), answering."""
+    sock = work / "redis.sock"
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(sock),
+                             "--save", "", "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    conn = redis.Redis(unix_socket_path=str(sock))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn.ping()
+            return proc, conn
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise
+            time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200_000)
@@ -65,19 +83,7 @@ def main() -> None:
         seconds = build(work / "spool", args.messages, args.shards)
         print(f"spool: {args.messages} messages written in {seconds:.1f} s", flush=True)
         sock = work / "redis.sock"
-        redis_proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket",
-                                       str(sock), "--save", "", "--appendonly", "no", "--dir", str(work)],
-                                      stdout=subprocess.DEVNULL)
-        conn = redis.Redis(unix_socket_path=str(sock))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                conn.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        redis_proc, conn = start_redis(work)
         empty = conn.info("memory")["used_memory"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
         env.update({"SHARDMAIL_SPOOL_DIR": str(work / "spool"), "SHARDMAIL_VAR_DIR": str(work / "var"),
