@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -62,9 +63,10 @@ class GatedHandler(Handler):
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         address = without_root_dot(address)
-        refusal = await self._over_rate(session)
-        if refusal:
-            return refusal
+        if self.limiter is not None:
+            refusal = await self._over_rate(session, self.limiter)
+            if refusal:
+                return refusal
         status = await super().handle_MAIL(server, session, envelope, address, options)
         if status.startswith("250"):
             session.mail_from = "" if address == "<>" else address
@@ -74,17 +76,15 @@ class GatedHandler(Handler):
                 session.rbl = asyncio.ensure_future(self.dnsbl.check(peer))
         return status
 
-    async def _over_rate(self, session: Session) -> str | None:
-        if self.limiter is None:
-            return None
+    async def _over_rate(self, session: Session, limiter: AsyncRateLimiter) -> str | None:
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
         user = getattr(session, "auth_mail", "") if session.authenticated else ""
         try:
-            if user and not await self.limiter.allow("sender", user):
+            if user and not await limiter.allow("sender", user):
                 log.warning("rate limit: %s (authenticated) is over %d messages per %d s", user,
                             self.settings.ratelimitsender, self.settings.ratelimitwindow)
                 return "451 4.7.1 Too many messages from this account, slow down and try again later"
-            if not user and not await self.limiter.allow("ip", peer):
+            if not user and not await limiter.allow("ip", peer):
                 log.warning("rate limit: %s is over %d messages per %d s", peer, self.settings.ratelimitip,
                             self.settings.ratelimitwindow)
                 return "451 4.7.1 Too many messages from your address, slow down and try again later"
@@ -93,28 +93,25 @@ class GatedHandler(Handler):
             return "451 4.3.0 Temporary failure, try again later"
         return None
 
-    async def _listed(self, session: Session) -> list[Hit]:
-        task = getattr(session, "rbl", None)
-        return await task if task is not None else []
-
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         address = without_root_dot(address)
-        status = await self._refusal(session, address)
+        task = getattr(session, "rbl", None)
+        status = self._refusal(session, address, await task if task is not None else ())
         if status is None:
             status = await super().handle_RCPT(server, session, envelope, address, options)
         if status.startswith("5"):
             await tarpit(session, self.settings)
         return status
 
-    async def _refusal(self, session: Session, address: str) -> str | None:
+    def _refusal(self, session: Session, address: str, listed: Iterable[Hit]) -> str | None:
         sender = getattr(session, "mail_from", "")
         if self.policy.bad_sender(sender):
             return "553 5.7.1 Sender address refused by policy"
         if self.policy.bad_recipient(address):
             return "553 5.7.1 Recipient address refused by policy"
-        for hit in await self._listed(session):
+        for hit in listed:
             if hit.action == "reject":
                 return hit.reply()
         if routes_elsewhere(address) and not self.may_relay(session):

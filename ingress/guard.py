@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from core.address import peer_in
@@ -129,19 +130,26 @@ class SessionGuard:
             transport.write((TOO_LONG.format(me=me) + "\r\n").encode())
             self._close()
 
-    async def push(self, status: Any) -> None:
-        await super().push(status)  # type: ignore[misc]
+    def push(self, status: Any) -> Awaitable[None]:
+        """The reply goes out as the server's push sends it (no extra coroutine on the common path);
+        a refusal counts, and the one that reaches ``maxerrors`` is followed by 421 and a close."""
         settings = self.guard_settings
-        if settings is None or self._refusal is not None:
-            return
-        first = status[:1] if isinstance(status, str | bytes) else ""
-        if first in ("5", b"5") and not getattr(self, "_in_rcpt", False):
-            self._errors += 1
-            if self._errors >= settings.maxerrors:
-                log.warning("closing a session from %s after %d errors", self._guard_ip, self._errors)
-                self._refusal = TOO_MANY_ERRORS.format(me=settings.me)
-                await super().push(self._refusal)  # type: ignore[misc]
-                self._close()
+        sent = super().push(status)  # type: ignore[misc]
+        if settings is None or self._refusal is not None or getattr(self, "_in_rcpt", False):
+            return sent
+        if status[:1] not in ("5", b"5"):
+            return sent
+        self._errors += 1
+        if self._errors < settings.maxerrors:
+            return sent
+        self._refusal = TOO_MANY_ERRORS.format(me=settings.me)
+        return self._last_words(sent, self._refusal)
+
+    async def _last_words(self, sent: Awaitable[None], farewell: str) -> None:
+        await sent
+        log.warning("closing a session from %s after %d errors", self._guard_ip, self._errors)
+        await super().push(farewell)  # type: ignore[misc]
+        self._close()
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         """Once a session is encrypted, STARTTLS is an error (aiosmtpd would start a second TLS

@@ -14,10 +14,11 @@ oldest message (ids start with their arrival time, so the smallest name is the o
 directory whose mtime has not moved since a listing that began well after it is not listed again.
 
 JSON fields: ``version``, ``time``, ``redis`` (false: Redis unreachable, its figures are 0),
-``spool_age`` (s since the spool was listed), ``shards``: [{``shard``, ``state`` (open|draining),
-``draining``, ``spooled``, ``held``, ``oldest_age`` (s or null), ``deferred``, ``due``, ``settling``,
-``channels``: {local|remote: {``ready``, ``in_flight``, ``failed``, ``workers``, ``in_per_s``,
-``out_per_s``, ``head_age`` (s since the message at the head of the ready queue arrived, or null)}}],
+``spool_age`` (s since the spool was listed), ``shards``: [{``shard``, ``state`` (open|draining|paused,
+the last while a rebalance has it), ``draining``, ``spooled``, ``held``, ``oldest_age`` (s or null),
+``deferred``, ``due``, ``settling``, ``channels``: {local|remote: {``ready``, ``in_flight``, ``failed``,
+``workers``, ``in_per_s``, ``out_per_s``, ``head_age`` (s since the message at the head of the ready
+queue arrived, or null)}}],
 ``total`` (the same sums, no ``shard``/``state``; ``workers`` counts each worker once), ``pools``:
 [{``pool``, ``channel``, ``workers``, ``names``, ``shards``}].
 
@@ -39,7 +40,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from core.config import Settings
 from core.envelope import CHANNELS, id_time
-from core.jobs import Jobs
+from core.jobs import Jobs, pause_key
 from core.shards import ShardMap
 
 VERSION = 1
@@ -170,13 +171,6 @@ def _held(shard_map: ShardMap, shard: int, census: Census) -> int:
     return census._dir(f"{shard_map.root}/s{shard}/hold").count
 
 
-def _draining(shard_map: ShardMap, conn: redis.Redis | None) -> set[int]:
-    try:
-        return set(shard_map.draining())  # marker files in the shard directories
-    except TypeError:  # an older shard map keeps the set in Redis
-        return set(shard_map.draining(conn)) if conn is not None else set()  # type: ignore[call-arg]
-
-
 def _rate(current: int, previous: int, now: float) -> float:
     """Jobs per second over the last 60 s, from two per-minute counters: all of this minute's, and
     the share of the last minute still inside the window."""
@@ -189,8 +183,9 @@ def _pool_name(name: str) -> str:
 
 
 def _redis_figures(settings: Settings, conn: redis.Redis, shards: list[int], now: float) -> list:
-    """Per shard: per channel (ready, in flight, failed, head job), then (deferred, due, settling);
-    then this minute's and the last minute's tallies and the live workers. One round trip."""
+    """Per shard: per channel (ready, in flight, failed, head job), then (deferred, due, settling,
+    paused by a rebalance); then this minute's and the last minute's tallies and the live workers.
+    One round trip."""
     jobs = Jobs(conn, settings.redis_prefix)
     minute = int(now) // 60
     with conn.pipeline(transaction=False) as pipe:
@@ -204,6 +199,7 @@ def _redis_figures(settings: Settings, conn: redis.Redis, shards: list[int], now
             pipe.zcard(jobs.retry_key(shard))
             pipe.zcount(jobs.retry_key(shard), "-inf", now)
             pipe.llen(jobs.settle_key(shard))
+            pipe.exists(pause_key(settings.redis_prefix, shard))
         pipe.hgetall(jobs.tally_key(minute))
         pipe.hgetall(jobs.tally_key(minute - 1))
         pipe.eval(_WORKERS, 1, "rq:workers")
@@ -219,11 +215,11 @@ def gather(settings: Settings, conn: redis.Redis | None, census: Census | None =
     shard_map = ShardMap(settings)
     shards = list(shard_map.ids())
     disk = census.take(shard_map, shards) if spool or not census.listed_at else census.last
-    draining = _draining(shard_map, conn)
+    draining = shard_map.draining()
     answers: list = []
     if conn is not None:
         answers = _redis_figures(settings, conn, shards, now)
-    per_shard = len(CHANNELS) * 4 + 3
+    per_shard = len(CHANNELS) * 4 + 4
     tallies = ({_text(k): int(v) for k, v in answers[-3].items()},
                {_text(k): int(v) for k, v in answers[-2].items()}) if answers else ({}, {})
     pools, workers_on = _pools(settings, answers[-1] if answers else [])
@@ -240,8 +236,10 @@ def gather(settings: Settings, conn: redis.Redis | None, census: Census | None =
                 _rate(tallies[0].get(f"in:{key}", 0), tallies[1].get(f"in:{key}", 0), now),
                 _rate(tallies[0].get(f"out:{key}", 0), tallies[1].get(f"out:{key}", 0), now),
                 _age(_text(head).rpartition("-")[0], now) if head else None)
-        deferred, due, settling = answers[base + 4 * len(CHANNELS) : base + per_shard] if answers else (0, 0, 0)
-        rows.append(ShardDepth(shard, "draining" if shard in draining else "open", shard in draining, spooled, held,
+        deferred, due, settling, paused = answers[base + 4 * len(CHANNELS) : base + per_shard] if answers else (
+            0, 0, 0, 0)
+        state = "paused" if paused else "draining" if shard in draining else "open"
+        rows.append(ShardDepth(shard, state, shard in draining, spooled, held,
                                _age(oldest, now) if oldest else None, deferred, due, settling, channels))
     return Status(now, conn is not None, max(0.0, now - census.listed_at), rows, pools)
 

@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import redis
-from rq.registry import StartedJobRegistry
 
 from core.config import Settings
-from core.envelope import CHANNELS
-from core.jobs import Jobs
 from core.shards import ShardMap
+from ops.depth import gather
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,33 +37,16 @@ class ShardRow:
 
 
 def listing(settings: Settings, conn: redis.Redis | None) -> list[ShardRow]:
+    """The shards as ``shardmail status`` sees them (ops.depth), a line each."""
+    try:
+        status = gather(settings, conn)
+    except redis.RedisError:
+        status = gather(settings, None)
     shard_map = ShardMap(settings)
-    ids = shard_map.ids(fresh=True)
-    draining = shard_map.draining()
-    answers: list[int] = []
-    if conn is not None:
-        jobs = Jobs(conn, settings.redis_prefix)
-        try:
-            with conn.pipeline(transaction=False) as pipe:
-                for shard in ids:
-                    for channel in CHANNELS:
-                        queue = jobs.queue(shard, channel)
-                        pipe.llen(queue.key)
-                        pipe.zcard(StartedJobRegistry(queue=queue).key)
-                    pipe.zcard(jobs.retry_key(shard))
-                    pipe.exists(shard_map.pause_key(shard))
-                answers = pipe.execute()
-        except redis.RedisError:
-            answers = []
-    rows = []
-    step = 2 * len(CHANNELS) + 2
-    for n, shard in enumerate(ids):
-        cells = answers[n * step:(n + 1) * step] if answers else None
-        state = "paused" if cells and cells[-1] else "draining" if shard in draining else "open"
-        rows.append(ShardRow(shard, state, shard_map.spool(shard).count(),
-                             sum(cells[:-2]) if cells else None, cells[-2] if cells else None,
-                             str(shard_map.spool(shard).base)))
-    return rows
+    return [ShardRow(row.shard, row.state, row.spooled,
+                     sum(c.ready + c.in_flight for c in row.channels.values()) if status.redis else None,
+                     row.deferred if status.redis else None, str(shard_map.spool(row.shard).base))
+            for row in status.shards]
 
 
 def render(rows: list[ShardRow]) -> str:
