@@ -6,7 +6,8 @@ Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
 ``fail(claim, why)``, ``depths(shards)``;
 for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
-``release_due(shard, entries)``, ``unschedule(shard, id)``, ``settle_key``/``retry_key``;
+``release_due(shard, entries)``, ``unschedule(shard, id)``; for admins ``forget(shard, id, now)``,
+``bring_forward(shard, now, n)``, ``drop_queued(shard, channel, ids)``; ``settle_key``/``retry_key``;
 ``DELIVER_FUNC`` (the function name the jobs carry, for rq's tools).
 
 Per shard, besides rq's queues and registries: ``<prefix>:settle:s<N>``, a list of
@@ -69,6 +70,60 @@ return ids
 """
 
 
+# One (message, channel): drop its queued job, retry entry and failed job, and an abandoned claim;
+# a claim in flight is left alone and reported. KEYS: queue list, started registry, failed
+# registry, job hash, retry set; ARGV: job id, retry member, now. Returns {dropped, claim}:
+# dropped > 0 if a queued job or retry entry went; claim 0 none, 1 in flight, 2 abandoned (cleared).
+_FORGET = """
+local dropped = redis.call('LREM', KEYS[1], 0, ARGV[1]) + redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local status = redis.call('HGET', KEYS[4], 'status')
+if status == 'started' then
+  local prefix = ARGV[1] .. ':'
+  local members = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #members, 2 do
+    if string.sub(members[i], 1, #prefix) == prefix then
+      if tonumber(members[i + 1]) > tonumber(ARGV[3]) then return {dropped, 1} end
+      redis.call('ZREM', KEYS[2], members[i])
+    end
+  end
+  redis.call('DEL', KEYS[4])
+  return {dropped, 2}
+end
+if status then redis.call('DEL', KEYS[4]) end
+return {dropped, 0}
+"""
+
+# Retry entries due later, rescored to now (ARGV[1]), up to ARGV[2] of them; returns them.
+_FLUSH = """
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(members) do redis.call('ZADD', KEYS[1], ARGV[1], member) end
+return members
+"""
+
+# Job ids (ARGV[2..]) taken out of a queue list (KEYS[1]) in one pass, their hashes too while they
+# still name that queue (ARGV[1]) as their origin; returns how many went.
+_DROP_QUEUED = """
+local drop = {}
+for i = 2, #ARGV do drop[ARGV[i]] = true end
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local keep, removed = {}, 0
+for _, id in ipairs(items) do
+  if drop[id] then
+    removed = removed + 1
+    if redis.call('HGET', 'rq:job:' .. id, 'origin') == ARGV[1] then redis.call('DEL', 'rq:job:' .. id) end
+  else
+    keep[#keep + 1] = id
+  end
+end
+if removed > 0 then
+  redis.call('DEL', KEYS[1])
+  for i = 1, #keep, 5000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 4999, #keep))) end
+end
+return removed
+"""
+
+
 def _member(raw: bytes | str) -> tuple[str, Channel]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     message_id, _, channel = text.rpartition(":")
@@ -121,6 +176,9 @@ class Jobs:
         self.prefix = prefix
         self._queues: dict[tuple[int, str], Queue] = {}
         self._claim = conn.register_script(_CLAIM)
+        self._forget = conn.register_script(_FORGET)
+        self._flush = conn.register_script(_FLUSH)
+        self._drop_queued = conn.register_script(_DROP_QUEUED)
 
     def queue(self, shard: int, channel: Channel) -> Queue:
         key = (shard, channel)
@@ -255,6 +313,33 @@ class Jobs:
             return
         self.enqueue(Item(shard, message_id, channel, 0) for message_id, channel in entries)
         self.conn.zrem(self.retry_key(shard), *(f"{m}:{c}" for m, c in entries))
+
+    def forget(self, shard: int, message_id: str, now: float) -> dict[Channel, tuple[bool, int]]:
+        """An admin took the message out of the queue (hold, delete, requeue): drop its queued jobs,
+        retry entries, failed jobs and abandoned claims, leaving a claim in flight. Per channel:
+        (something was dropped, claim: 0 none, 1 in flight, 2 abandoned and cleared); one round trip."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for channel in CHANNELS:
+                queue = self.queue(shard, channel)
+                ident = job_id(message_id, channel)
+                self._forget(keys=[queue.key, StartedJobRegistry(queue=queue).key, FailedJobRegistry(queue=queue).key,
+                                   f"rq:job:{ident}", self.retry_key(shard)],
+                             args=[ident, f"{message_id}:{channel}", now], client=pipe)
+            answers = pipe.execute()
+        return {channel: (int(dropped) > 0, int(claim)) for channel, (dropped, claim) in zip(CHANNELS, answers,
+                                                                                               strict=True)}
+
+    def bring_forward(self, shard: int, now: float, count: int) -> list[tuple[str, Channel]]:
+        """Up to ``count`` retry entries due later rescored to ``now`` (``flush``); returns them."""
+        return [_member(m) for m in self._flush(keys=[self.retry_key(shard)], args=[repr(now), count])]
+
+    def drop_queued(self, shard: int, channel: Channel, job_ids: list[str]) -> int:
+        """Take these jobs out of the queue list in one pass of the list per 5,000 ids (the
+        rebalancer: messages no longer in the shard), with their hashes where they still name this
+        queue; returns how many went."""
+        queue = self.queue(shard, channel)
+        return sum(self._drop_queued(keys=[queue.key], args=[queue.name, *job_ids[start:start + 5000]])
+                   for start in range(0, len(job_ids), 5000))
 
     def unschedule(self, shard: int, message_id: str) -> None:
         self.conn.zrem(self.retry_key(shard), *(f"{message_id}:{c}" for c in CHANNELS))

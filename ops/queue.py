@@ -62,12 +62,12 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import redis
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import StartedJobRegistry
 
 from core.address import domain_of
 from core.config import Settings
 from core.envelope import CHANNELS, Channel, Envelope, EnvelopeError, Mark, valid_id
-from core.jobs import Item, Jobs, job_id
+from core.jobs import Item, Jobs
 from core.outcome import EX_OK, EX_TEMPFAIL
 from core.shards import ShardMap
 
@@ -75,38 +75,6 @@ log = logging.getLogger("shardmail.queue")
 EX_NOTFOUND = 1
 WAIT_STEP = 0.1  # s between two looks at an attempt in flight
 FLUSH_BATCH = 1000  # retry entries rescored per round trip
-
-# One (message, channel): drop its queued job, retry entry and failed job, and an abandoned claim;
-# a claim in flight is left alone and reported. KEYS: queue list, started registry, failed
-# registry, job hash, retry set; ARGV: job id, retry member, now. Returns {dropped, claim}:
-# dropped > 0 if a queued job or retry entry went; claim 0 none, 1 in flight, 2 abandoned (cleared).
-_DROP = """
-local dropped = redis.call('LREM', KEYS[1], 0, ARGV[1]) + redis.call('ZREM', KEYS[5], ARGV[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-local status = redis.call('HGET', KEYS[4], 'status')
-if status == 'started' then
-  local prefix = ARGV[1] .. ':'
-  local members = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  for i = 1, #members, 2 do
-    if string.sub(members[i], 1, #prefix) == prefix then
-      if tonumber(members[i + 1]) > tonumber(ARGV[3]) then return {dropped, 1} end
-      redis.call('ZREM', KEYS[2], members[i])
-    end
-  end
-  redis.call('DEL', KEYS[4])
-  return {dropped, 2}
-end
-if status then redis.call('DEL', KEYS[4]) end
-return {dropped, 0}
-"""
-
-# Retry entries due later, rescored to now (ARGV[1]), up to ARGV[2] of them; returns them.
-_FLUSH = """
-local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(members) do redis.call('ZADD', KEYS[1], ARGV[1], member) end
-return members
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class Found:
@@ -199,8 +167,6 @@ class QueueAdmin:
         self.out = out
         self.err = err
         self.missing = 0  # ids asked for that were not found
-        self._drop_script = conn.register_script(_DROP) if conn is not None else None
-        self._flush_script = conn.register_script(_FLUSH) if conn is not None else None
 
     # -- finding messages -------------------------------------------------------------------------
     def locate(self, message_id: str) -> Found | None:
@@ -369,19 +335,8 @@ class QueueAdmin:
     # -- doorbells --------------------------------------------------------------------------------
     def _drop(self, shard: int, message_id: str) -> dict[Channel, tuple[bool, int]]:
         """Drop every doorbell of the message but a claim in flight: per channel (dropped, claim)."""
-        assert self.jobs is not None and self._drop_script is not None
-        now = time.time()
-        with self.jobs.conn.pipeline(transaction=False) as pipe:
-            for channel in CHANNELS:
-                queue = self.jobs.queue(shard, channel)
-                ident = job_id(message_id, channel)
-                self._drop_script(keys=[queue.key, StartedJobRegistry(queue=queue).key,
-                                        FailedJobRegistry(queue=queue).key, f"rq:job:{ident}",
-                                        self.jobs.retry_key(shard)],
-                                  args=[ident, f"{message_id}:{channel}", now], client=pipe)
-            answers = pipe.execute()
-        return {channel: (int(dropped) > 0, int(claim)) for channel, (dropped, claim) in zip(CHANNELS, answers,
-                                                                                               strict=True)}
+        assert self.jobs is not None
+        return self.jobs.forget(shard, message_id, time.time())
 
     def _ring(self, shard: int, envelope: Envelope, live: set[Channel]) -> list[Channel]:
         """Doorbells for a message with none (its old ones dropped): a job now for each channel with
@@ -562,7 +517,7 @@ class QueueAdmin:
 
     # -- flush ------------------------------------------------------------------------------------
     def flush(self, flt: Filter) -> int:
-        if self.conn is None or self.jobs is None or self._flush_script is None:
+        if self.conn is None or self.jobs is None:
             self._say_err("Redis unavailable: nothing flushed")
             return EX_TEMPFAIL
         now = time.time()
@@ -572,8 +527,8 @@ class QueueAdmin:
                 key = self.jobs.retry_key(shard)
                 if not flt.domain:
                     while True:
-                        members = self._flush_script(keys=[key], args=[repr(now), FLUSH_BATCH])
-                        brought.update(m.decode().rpartition(":")[0] for m in members)
+                        members = self.jobs.bring_forward(shard, now, FLUSH_BATCH)
+                        brought.update(m for m, _ in members)
                         if len(members) < FLUSH_BATCH:
                             break
                     continue

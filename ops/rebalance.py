@@ -77,27 +77,6 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
-_DROP_JOBS = """
-local drop = {}
-for i = 2, #ARGV do drop[ARGV[i]] = true end
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-local keep, removed = {}, 0
-for _, id in ipairs(items) do
-  if drop[id] then
-    removed = removed + 1
-    if redis.call('HGET', 'rq:job:' .. id, 'origin') == ARGV[1] then redis.call('DEL', 'rq:job:' .. id) end
-  else
-    keep[#keep + 1] = id
-  end
-end
-if removed > 0 then
-  redis.call('DEL', KEYS[1])
-  for i = 1, #keep, 5000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 4999, #keep))) end
-end
-return removed
-"""
-
-
 class ShardBusy(Exception):
     """Another rebalancer holds the shard, or its scheduler would not hand it over."""
 
@@ -132,7 +111,6 @@ class Rebalancer:
         self._take = conn.register_script(_TAKE)
         self._keep = conn.register_script(_KEEP)
         self._give_back = conn.register_script(_GIVE_BACK)
-        self._drop_jobs = conn.register_script(_DROP_JOBS)
         self._kept = 0.0
 
     # -- the source shard to ourselves -----------------------------------------------------------
@@ -290,9 +268,7 @@ class Rebalancer:
             queue = self.jobs.queue(source, channel)
             stale = [raw.decode() for raw in self.conn.lrange(queue.key, 0, -1)]
             stale = [j for j in stale if not os.path.exists(spool.path(j.rpartition("-")[0]))]
-            for start in range(0, len(stale), 5000):
-                chunk = stale[start:start + 5000]
-                removed += self._drop_jobs(keys=[queue.key], args=[queue.name, *chunk])
+            removed += self.jobs.drop_queued(source, channel, stale)
         return removed
 
 
