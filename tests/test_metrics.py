@@ -24,6 +24,7 @@ from tests.conftest import Conversation, Node, RedisServer
 from tests.slapd import Slapd
 from tests.support import die_with_parent, free_port, wait_until
 from tests.test_ldap import ldap_env
+from tests.test_run import RunningNode
 from tests.test_smtp import transaction
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,35 +84,20 @@ def missing(names: set[str], samples: Samples) -> set[str]:
     return {n for n in names if n not in present and f"{n}_count" not in present}
 
 
-class MetricsNode:
+class MetricsNode(RunningNode):
     """``shardmail run`` with two shards, no remote pool (remote mail stays queued) and known users."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
         self.metrics_port = free_port()
-        self.log = workdir / "run.log"
         users = workdir / "users.ldif"
         users.write_text(USERS)
         stale = workdir / "var" / "metrics"
         stale.mkdir(parents=True)
         (stale / "counter_1.db").write_bytes(b"not a metrics file")  # the supervisor must wipe it
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDMAIL_", "PROMETHEUS_"))}
-        self.env.update({
-            "SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{self.port}",
-            "SHARDMAIL_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
-            "SHARDMAIL_INGRESS_PROCESSES": "1", "SHARDMAIL_REMOTEPROCESSES": "0", "SHARDMAIL_SHARDS": "2",
-            "SHARDMAIL_ME": "mx.test.example", "SHARDMAIL_LOCALS": "test.example", "SHARDMAIL_USERS_LDIF": str(users),
-        })
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=workdir, env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def pids(self, name: str) -> list[int]:
-        return [int(p) for p in re.findall(rf"started {name}(?:-\d+)? \(pid (\d+)\)", self.text())]
+        super().__init__(workdir, SHARDMAIL_METRICS_LISTEN=f"127.0.0.1:{self.metrics_port}",
+                         SHARDMAIL_INGRESS_PROCESSES="1", SHARDMAIL_REMOTEPROCESSES="0", SHARDMAIL_SHARDS="2",
+                         SHARDMAIL_ME="mx.test.example", SHARDMAIL_LOCALS="test.example",
+                         SHARDMAIL_USERS_LDIF=str(users))
 
     def scrape(self) -> Samples:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
@@ -143,13 +129,7 @@ def node(tmp_path: Path) -> Iterator[MetricsNode]:
     assert running.proc.poll() is None, running.text()
     wait_until(lambda: connectable(running.port), timeout=20, what="SMTP listening")
     yield running
-    if running.proc.poll() is None:
-        running.proc.send_signal(signal.SIGTERM)
-        try:
-            running.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            running.proc.kill()
-            running.proc.wait()
+    running.stop()
 
 
 def connectable(port: int) -> bool:

@@ -26,12 +26,15 @@ def alive(pid: int) -> bool:
 
 
 class RunningNode:
-    def __init__(self, workdir: Path) -> None:
+    """``shardmail run`` in ``workdir`` (its output in run.log): embedded defaults, plus ``env``."""
+
+    def __init__(self, workdir: Path, **env: str) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.log = workdir / "run.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDMAIL_", "PROMETHEUS_"))}
         self.env.update({"SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{self.port}", "SHARDMAIL_INGRESS_PROCESSES": "2"})
+        self.env.update(env)
         with open(self.log, "wb") as out:
             # no config file and no redis_url: everything on embedded defaults, under ./var
             self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], cwd=workdir, env=self.env,
@@ -42,6 +45,15 @@ class RunningNode:
 
     def pids(self, name: str) -> list[int]:
         return [int(p) for p in re.findall(rf"started {name}(?:-\d+)? \(pid (\d+)\)", self.text())]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the supervisor stops its children itself
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def status(self, *options: str) -> str:
         result = subprocess.run([sys.executable, "-m", "ops.cli", "status", *options], cwd=self.workdir, env=self.env,
@@ -56,13 +68,7 @@ def running(tmp_path: Path) -> Iterator[RunningNode]:
     wait_until(lambda: "shardmail is running" in node.text() or node.proc.poll() is not None, timeout=30)
     assert node.proc.poll() is None, node.text()
     yield node
-    if node.proc.poll() is None:
-        node.proc.send_signal(signal.SIGTERM)  # the supervisor stops its children itself
-        try:
-            node.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait()
+    node.stop()
     for pid in [p for name in ("redis", "smtpd", "local", "remote", "scheduler") for p in node.pids(name)]:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
