@@ -102,8 +102,31 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])
 
 
+def switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of a process's live threads: blocking waits
+    (fsync, futex, epoll) against preemption (which depends on whatever else runs)."""
+    voluntary = involuntary = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for task in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
 def cpu_snapshot(pids: set[int]) -> dict[int, tuple[str, int, int]]:
     snap = {pid: (_role(pid), *cpu_ticks(pid)) for pid in pids}
+    for pid in pids:
+        snap[-2 - pid] = ("switches", *switches(pid))
     self_usage = os.times()
     tick = os.sysconf("SC_CLK_TCK")
     snap[0] = ("load generator", round(self_usage.user * tick), round(self_usage.system * tick))
@@ -119,7 +142,8 @@ def cpu_report(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[s
     tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
     roles: dict[str, list[float]] = {}
     machine = [(after[-1][i] - before[-1][i]) * tick_ms / messages for i in (1, 2)]
-    for pid in (before.keys() | after.keys()) - {-1}:
+    pids = {pid for pid in before.keys() | after.keys() if pid >= 0}
+    for pid in pids:
         _, user, system = after.get(pid, ("", 0, 0))
         role, user0, system0 = before.get(pid) or (after[pid][0], 0, 0)
         entry = roles.setdefault(role, [0.0, 0.0, 0])
@@ -129,6 +153,18 @@ def cpu_report(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[s
     total = sum(u + s for u, s, _ in roles.values())
     parts = [f"{role} {u + s:.3f} ({u:.3f}u+{s:.3f}s, {n}p)" for role, (u, s, n) in sorted(roles.items())]
     print(f"  {side} CPU ms/msg: total {total:.3f}; " + "; ".join(parts), flush=True)
+    waits: dict[str, list[float]] = {}
+    for pid in pids - {0}:
+        if -2 - pid not in after:
+            continue  # exited meanwhile (Postfix's forked processes): its count went with it
+        role = after[pid][0]
+        _, vol1, invol1 = after.get(-2 - pid, ("", 0, 0))
+        _, vol0, invol0 = before.get(-2 - pid, ("", 0, 0))
+        entry = waits.setdefault(role, [0.0, 0.0])
+        entry[0] += (vol1 - vol0) / messages
+        entry[1] += (invol1 - invol0) / messages
+    print(f"  {side} context switches/msg (voluntary+involuntary, live threads): " + "; ".join(
+        f"{role} {v:.1f}+{i:.1f}" for role, (v, i) in sorted(waits.items()) if v + i >= 0.05), flush=True)
     print(f"  {side} machine CPU ms/msg (all processes and kernel threads): {sum(machine):.2f} "
           f"({machine[0]:.2f}u+{machine[1]:.2f}s)", flush=True)
 
@@ -164,7 +200,7 @@ def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float
     try:
         wait_banner(port)
         pids = [supervisor.pid, slapd.proc.pid] if slapd.proc else [supervisor.pid]
-        with peak_memory_sampler(lambda: with_descendants(pids)) as sampler:
+        with peak_memory_sampler(lambda: pids) as sampler:  # the sampler adds the descendants
             measured = with_descendants(pids)
             before = cpu_snapshot(measured)
             started = time.perf_counter()
