@@ -43,11 +43,16 @@ DELIVERY_TIMEOUT = 900.0
 
 class Counter:
     """Files in the users' new/ directories; a directory is listed again only when its mtime moved
-    (listing 100 growing directories 20 times a second cost the measured machine a share of a core)."""
+    (listing 100 growing directories 20 times a second cost the measured machine a share of a core),
+    or when it had moved shortly before the last listing: the kernel stamps directories from a
+    coarse clock, so a file linked in the same tick as a listing leaves the mtime as it was (a run
+    once waited for ever on a count one short)."""
+
+    SETTLED_NS = 100_000_000  # a listing this long after the last change saw every file of that mtime
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.seen: dict[str, tuple[int, int]] = {}  # user -> (mtime_ns, count)
+        self.seen: dict[str, tuple[int, int, int]] = {}  # user -> (mtime_ns, count, listed at, ns)
 
     def count(self) -> int:
         total = 0
@@ -58,8 +63,9 @@ class Counter:
             except FileNotFoundError:
                 continue
             known = self.seen.get(user)
-            if known is None or known[0] != mtime:
-                known = self.seen[user] = (mtime, len(os.listdir(path)))
+            if known is None or known[0] != mtime or known[2] - mtime < self.SETTLED_NS:
+                listed = time.time_ns()
+                known = self.seen[user] = (mtime, len(os.listdir(path)), listed)
             total += known[1]
         return total
 
