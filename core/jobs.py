@@ -1,10 +1,11 @@
 """The only place rq jobs and the scheduler's Redis structures are named, created and consumed.
 
 Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
-``pause_key(prefix, shard)``, ``Jobs(conn, prefix)`` with ``enqueue(items)``,
-``claim(shard, channel, count, worker)``, ``claim_many``,
+``pause_key(prefix, shard)``, ``wake_key(prefix, shard, channel)``, ``Jobs(conn, prefix)`` with
+``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many``,
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
-``fail(claim, why)``, ``depths(shards)``;
+``fail(claim, why)``, ``depths(shards)``, ``wake(queues)``; ``Waiter(jobs, timeout)`` (an idle
+pool's blocking wait);
 for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
 ``release_due(shard, entries)``, ``unschedule(shard, id)``; for admins ``forget(shard, id, now)``,
 ``bring_forward(shard, now, n)``, ``drop_queued(shard, channel, ids)``; ``settle_key``/``retry_key``;
@@ -18,6 +19,18 @@ where an rq job costs about 540); the scheduler turns due entries into jobs.
 ``<prefix>:tally:<unix minute>`` (a hash living ``TALLY_TTL`` seconds) counts jobs enqueued
 (``in:s<N>:<channel>``: new mail and released retries) and finished (``out:...``) per minute, one
 HINCRBY per shard and channel in the pipeline that does the work, for ``shardmail status``'s rates.
+
+Waking idle pools: ``<prefix>:wake:s<N>:<channel>`` is a sorted set holding at most one member
+(``ZADD`` of the same member, so it never grows, whether or not a pool is listening). Every push
+onto a queue (``enqueue``, so new mail and released retries; ``release``) sets it in the same
+pipeline, one command per shard and channel of the batch, not per job; the claim script sets it
+again when it leaves jobs behind, so a second pool of the same queue wakes up too and every
+process ramps up under load. A pool that found nothing blocks in ``BZPOPMIN`` on the keys of its
+own queues (``Waiter``: a connection of its own, ``WAKE_TIMEOUT`` at most) instead of polling: a
+push between its empty claim and its wait leaves the member set, so the wait returns at once. Per
+shard rather than per channel, because pools of other nodes on other shards share the Redis: a
+ring for one shard must not be taken by a pool that cannot claim from it. A producer that does not
+ring (an older process; a shard's pause ending) is still served within ``WAKE_TIMEOUT``.
 
 Granularity and consumer (the decision the drain benchmark in ``bench/drain.py`` measures): one
 rq job per message and channel, with a deterministic id ``<message id>-<channel>``, a JSON
@@ -57,11 +70,13 @@ DELIVER_FUNC = "workers.pool.deliver"
 CLAIM_LEASE = 600  # seconds a claim may run before rq's cleanup considers it abandoned
 FAILURE_TTL = 7 * 86400  # seconds a job that raised stays in rq's failed registry
 TALLY_TTL = 180  # seconds a per-minute tally hash lives (``shardmail status`` reads this minute's and the last)
+WAKE_TIMEOUT = 1.0  # s an idle pool blocks on its wake-up keys before it claims anyway (and sees a stop)
 
 _CLAIM = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
 local ids = redis.call('LPOP', KEYS[1], ARGV[1])
 if not ids then return {} end
+if redis.call('LLEN', KEYS[1]) > 0 then redis.call('ZADD', KEYS[4], 0, '1') end
 for _, id in ipairs(ids) do
   redis.call('HSET', ARGV[2] .. id, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[4])
   redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[6])
@@ -138,6 +153,11 @@ def pause_key(prefix: str, shard: int) -> str:
     """While this key exists (the rebalancer holds it, with an expiry), nothing is claimed from the
     shard's queues."""
     return f"{prefix}:paused:s{shard}"
+
+
+def wake_key(prefix: str, shard: int, channel: Channel) -> str:
+    """The key an idle pool of this queue blocks on, set by every push onto the queue."""
+    return f"{prefix}:wake:s{shard}:{channel}"
 
 
 def job_id(message_id: str, channel: Channel) -> str:
@@ -217,7 +237,19 @@ class Jobs:
             if queues:
                 pipe.sadd("rq:queues", *queues)
             self._tally(pipe, "in", tally)
+            self._ring(pipe, tally)
             pipe.execute()
+
+    def wake(self, queues: Iterable[tuple[int, Channel]]) -> None:
+        """Wake the idle pools of these (shard, channel) queues (for a producer that pushed jobs
+        some other way, or let a paused shard go), in one round trip."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            self._ring(pipe, queues)
+            pipe.execute()
+
+    def _ring(self, pipe: redis.client.Pipeline, queues: Iterable[tuple[int, Channel]]) -> None:
+        for shard, channel in queues:
+            pipe.zadd(wake_key(self.prefix, shard, channel), {"1": 0})
 
     def claim(self, shard: int, channel: Channel, count: int, worker: str) -> list[Claim]:
         """Take up to ``count`` jobs in one round trip, recording them as started."""
@@ -230,7 +262,8 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for shard in shards:
                 queue = self.queue(shard, channel)
-                self._claim(keys=[queue.key, StartedJobRegistry(queue=queue).key, pause_key(self.prefix, shard)],
+                self._claim(keys=[queue.key, StartedJobRegistry(queue=queue).key, pause_key(self.prefix, shard),
+                                  wake_key(self.prefix, shard, channel)],
                             args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
                                   execution], client=pipe)
             answers = pipe.execute()
@@ -377,13 +410,16 @@ class Jobs:
 
     def release(self, claims: Iterable[Claim]) -> None:
         """Give claimed jobs back, at the head of their queues (a pool stopping before it could run
-        them), in one round trip."""
+        them), in one round trip; their pools are woken."""
+        queues: set[tuple[int, Channel]] = set()
         with self.conn.pipeline(transaction=False) as pipe:
             for claim in claims:
                 queue = self.queue(claim.shard, claim.channel)
                 pipe.zrem(StartedJobRegistry(queue=queue).key, f"{claim.job_id}:{claim.execution}")
                 pipe.hset(f"rq:job:{claim.job_id}", "status", "queued")
                 pipe.lpush(queue.key, claim.job_id)
+                queues.add((claim.shard, claim.channel))
+            self._ring(pipe, queues)
             pipe.execute()
 
     def fail(self, claim: Claim, why: str) -> None:
@@ -404,3 +440,30 @@ class Jobs:
                     pipe.llen(self.queue(shard, channel).key)
             counts = pipe.execute()
         return {shard: counts[2 * i] + counts[2 * i + 1] for i, shard in enumerate(shards)}
+
+
+class Waiter:
+    """An idle pool's wait for work: blocks until a producer rings one of its queues' wake-up keys,
+    for ``WAKE_TIMEOUT`` at most, on a connection of its own (a blocking pop must not hold a
+    connection the pool's other threads share). The timeout stays below the client's socket
+    timeout, so a long wait is never mistaken for a dead Redis."""
+
+    def __init__(self, jobs: Jobs, timeout: float = WAKE_TIMEOUT) -> None:
+        shared = jobs.conn.connection_pool
+        kwargs = dict(shared.connection_kwargs)
+        socket_timeout = kwargs.get("socket_timeout")
+        self.timeout = min(timeout, socket_timeout / 2) if socket_timeout else timeout
+        self.prefix = jobs.prefix
+        self.conn = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=shared.connection_class, max_connections=1, **kwargs))
+
+    def wait(self, queues: Iterable[tuple[int, Channel]]) -> bool:
+        """Whether one was rung (False: the timeout passed); ``redis.RedisError`` if Redis is away."""
+        keys = [wake_key(self.prefix, shard, channel) for shard, channel in queues]
+        if not keys:  # no queues (yet): nothing can ring, but the caller must not spin
+            time.sleep(self.timeout)
+            return False
+        return self.conn.bzpopmin(keys, self.timeout) is not None
+
+    def close(self) -> None:
+        self.conn.connection_pool.disconnect()

@@ -1,8 +1,9 @@
 """The job consumer every delivery pool runs: claim jobs in batches, hand them over, finish them.
 
-Interface: ``Consumer(jobs, queues, handle, batch=100, name=...)`` with ``run(stop)`` (until the
-event is set) and ``drain() -> int`` (until the queues are empty; for tests and benchmarks);
-``announce(jobs, queues, name)`` (the rq worker registration, for pools with a loop of their own),
+Interface: ``Consumer(jobs, queues, handle, batch=100, name=..., wake_timeout=...)`` with
+``run(stop)`` (until the event is set) and ``drain() -> int`` (until the queues are empty; for
+tests and benchmarks); ``announce(jobs, queues, name)`` (the rq worker registration, for pools
+with a loop of their own),
 ``take_back(jobs, queues, name)`` (requeue what a killed process of the same name held).
 ``queues`` is a list of (shard, channel) (or ``follow``, a function giving the current list, for
 a pool on every shard: shards added online are taken up within a heartbeat); ``handle(claims)``
@@ -13,6 +14,13 @@ Why not rq's stock worker: it runs one job at a time with several Redis round tr
 bookkeeping per job (about 250 jobs/s per process, measured). Claiming N jobs per round trip with
 ``Jobs.claim`` keeps rq's registries truthful and costs two round trips per *batch*
 (``bench/drain.py`` measures both).
+
+A consumer that found nothing blocks on its queues' wake-up keys (``core.jobs.Waiter``, on a
+connection of its own, at most ``WAKE_TIMEOUT``) rather than polling: an idle pool costs Redis
+about one claim a second. Woken, it lets ``GATHER`` pass before it claims, so a trickle of mail
+still comes in batches (each ingress commit rings; a local batch costs two syncfs whatever its
+size), as often as the pools polled before. A stop is seen when the wait ends, within
+``WAKE_TIMEOUT``; ``drain`` never waits.
 
 While it runs, the consumer is registered in rq's worker registry (birth, heartbeats every
 ``HEARTBEAT`` seconds, death at exit), so ``rq info`` and rq-dashboard list the pools with their
@@ -42,10 +50,11 @@ from rq.serializers import JSONSerializer
 
 from core import metrics
 from core.envelope import Channel
-from core.jobs import Claim, Jobs
+from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Waiter
 
 log = logging.getLogger("shardmail.consumer")
-IDLE_WAIT = 0.05
+IDLE_WAIT = 0.05  # s: the first back-off after a Redis error
+GATHER = 0.05  # s between a wake-up and the claim it asks for
 HEARTBEAT = 10.0  # s between rq worker heartbeats
 MAX_BACKOFF = 5.0
 
@@ -79,8 +88,10 @@ def take_back(jobs: Jobs, queues: Sequence[tuple[int, Channel]], name: str) -> N
 
 class Consumer:
     def __init__(self, jobs: Jobs, queues: Sequence[tuple[int, Channel]], handle: Handler, batch: int = 100,
-                 name: str | None = None, follow: Callable[[], Sequence[tuple[int, Channel]]] | None = None) -> None:
+                 name: str | None = None, follow: Callable[[], Sequence[tuple[int, Channel]]] | None = None,
+                 wake_timeout: float = WAKE_TIMEOUT) -> None:
         self.jobs = jobs
+        self.wake_timeout = wake_timeout
         self.follow = follow  # asked again every heartbeat: a pool on "all" shards takes up added ones
         self.queues = list(follow() if follow is not None else queues)
         self.handle = handle
@@ -131,6 +142,7 @@ class Consumer:
         worker = None
         beat = 0.0
         reclaimed = not stable_name
+        waiter = Waiter(self.jobs, self.wake_timeout)
         try:
             while not stop.is_set():
                 try:
@@ -148,16 +160,16 @@ class Consumer:
                         beat = time.monotonic()
                     taken = self._round()
                     backoff = IDLE_WAIT
+                    if not taken and not stop.is_set() and waiter.wait(self.queues):
+                        stop.wait(GATHER)
                 except redis.RedisError as exc:
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
                     metrics.redis_error("local")
                     worker = None
                     stop.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
-                    continue
-                if not taken:
-                    stop.wait(IDLE_WAIT)
         finally:
+            waiter.close()
             if worker is not None:
                 with contextlib.suppress(redis.RedisError):
                     worker.register_death()

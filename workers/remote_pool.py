@@ -1,14 +1,18 @@
 """The remote delivery pool process: ``shardmail worker remote --shards 0-3 --concurrency N``.
 
 Interface: ``run_remote(settings, shards, name=None)`` (until SIGTERM or SIGINT); ``serve(settings,
-shards, stop, name=None)`` (the same, as a coroutine, for tests and benchmarks).
+shards, stop, name=None, wake_timeout=...)`` (the same, as a coroutine, for tests and benchmarks).
 
 One asyncio loop (uvloop) holds every SMTP session (workers.remote). A claim task takes jobs from
 the shards' remote queues in batches (core.jobs' one-round-trip claim, so rq's queues, started
 registry and ``rq info`` stay truthful) while the engine holds fewer than ``remoteactivelimit``
-messages; a finish task ends the jobs of finished messages in one pipeline every
-``FINISH_EVERY`` seconds. Redis calls and spool writes run on small thread pools, so the loop never
-waits on a disk or on Redis. The pool is registered in rq's worker registry with heartbeats, and
+messages; a finish task ends the jobs of finished messages in one pipeline, at most every
+``FINISH_EVERY`` seconds (and sleeps while there are none). Redis calls and spool writes run on
+small thread pools, so the loop never waits on a disk or on Redis. When a claim finds nothing, the
+claim task waits on the queues' wake-up keys (``core.jobs.Waiter``, on a thread and a connection of
+their own) instead of polling: new jobs wake it (and ``GATHER`` later it claims, so a trickle of
+mail still comes in batches), an idle pool asks Redis about once a second (``WAKE_TIMEOUT``), and a
+stop ends the wait at once. The pool is registered in rq's worker registry with heartbeats, and
 with each heartbeat renews the leases of the jobs it holds.
 
 On stop: no new claims, transactions in flight get ``STOP_GRACE`` seconds to end, every
@@ -38,16 +42,17 @@ import redis
 
 from core import metrics
 from core.config import Settings
-from core.envelope import EnvelopeError
-from core.jobs import Claim, Jobs
+from core.envelope import Channel, EnvelopeError
+from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Waiter
 from core.redis_conn import connect
 from core.shards import ShardMap
-from workers.consumer import HEARTBEAT, IDLE_WAIT, MAX_BACKOFF, announce, take_back
+from workers.consumer import GATHER, HEARTBEAT, IDLE_WAIT, MAX_BACKOFF, announce, take_back
 from workers.remote import RemoteEngine
 
 log = logging.getLogger("shardmail.remote")
 BATCH = 200  # jobs per claim round trip
-FINISH_EVERY = 0.05  # s
+FINISH_EVERY = 0.05  # s a finished job may wait for others to share its pipeline
+FULL_WAIT = 0.05  # s between looks for room while the engine holds ``remoteactivelimit`` messages
 STOP_GRACE = 10.0  # s for the transactions in flight when the pool stops
 IO_THREADS = 2  # checkpoint group commits (one at a time) and removals of finished entries
 
@@ -58,9 +63,15 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
             await stop.wait()
 
 
-async def _finisher(jobs: Jobs, done: list[Claim], rpc: ThreadPoolExecutor, stop: asyncio.Event) -> None:
+async def _finisher(jobs: Jobs, done: list[Claim], ready: asyncio.Event, rpc: ThreadPoolExecutor,
+                    stop: asyncio.Event) -> None:
+    """Finish what ``done`` collects, once ``ready`` says it holds something (the caller sets it
+    with each append, and with ``stop``)."""
     loop = asyncio.get_running_loop()
     while True:
+        await ready.wait()
+        await asyncio.sleep(FINISH_EVERY)  # let a batch gather
+        ready.clear()
         if done:
             batch = done[:]
             del done[: len(batch)]
@@ -70,16 +81,50 @@ async def _finisher(jobs: Jobs, done: list[Claim], rpc: ThreadPoolExecutor, stop
                 log.warning("finishing %d jobs failed (%s); will retry", len(batch), exc)
                 metrics.redis_error("remote")
                 done[:0] = batch
+                ready.set()
                 await _pause(stop, MAX_BACKOFF)
         if stop.is_set() and not done:
             return
-        await asyncio.sleep(FINISH_EVERY)
 
 
-async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Event, name: str | None = None) -> None:
+class _Wakeup:
+    """The claim task's wait for work: ``Waiter.wait`` on a thread of its own (the rpc threads stay
+    free for finishing), given up at once on stop; the pop left running then ends within its
+    timeout, and closes the connection."""
+
+    def __init__(self, jobs: Jobs, timeout: float) -> None:
+        self.waiter = Waiter(jobs, timeout)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="remote-wake")
+        self.pending: asyncio.Future[bool] | None = None
+
+    async def wait(self, queues: list[tuple[int, Channel]], stop: asyncio.Event) -> bool:
+        """Whether a producer rang (False: timeout or stop)."""
+        loop = asyncio.get_running_loop()
+        self.pending = ringing = loop.run_in_executor(self.thread, self.waiter.wait, queues)
+        stopping = loop.create_task(stop.wait())
+        try:
+            await asyncio.wait((ringing, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not ringing.done():
+            return False
+        self.pending = None
+        return ringing.result()  # or a RedisError: the caller backs off
+
+    def close(self) -> None:
+        if self.pending is None:
+            self.waiter.close()
+        else:  # still blocked: close once the pop returns (its error, if any, is of no interest now)
+            self.pending.add_done_callback(lambda f: (f.cancelled() or f.exception(), self.waiter.close()))
+        self.thread.shutdown(wait=False)
+
+
+async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Event, name: str | None = None,
+                wake_timeout: float = WAKE_TIMEOUT) -> None:
     """The pool; ``name`` (stable across restarts, e.g. the supervisor's slot) lets it take back
     at start the jobs a killed previous process of that name held. ``shards`` None: every shard,
-    including those added while it runs (looked up again every heartbeat)."""
+    including those added while it runs (looked up again every heartbeat). ``wake_timeout``: the
+    longest idle wait before a claim that no producer asked for."""
     stable = name is not None
     name = name or f"{socket.gethostname()}.{os.getpid()}.remote"
     conn = connect(settings, max_connections=8)
@@ -89,9 +134,16 @@ async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Even
     rpc = ThreadPoolExecutor(2, thread_name_prefix="remote-redis")
     io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="remote-io")
     done: list[Claim] = []
-    engine = RemoteEngine(settings, shard_map, done.append, io)
+    ready = asyncio.Event()
+
+    def finished(claim: Claim) -> None:
+        done.append(claim)
+        ready.set()
+
+    engine = RemoteEngine(settings, shard_map, finished, io)
     finishing = asyncio.Event()
-    finisher = loop.create_task(_finisher(jobs, done, rpc, finishing))
+    finisher = loop.create_task(_finisher(jobs, done, ready, rpc, finishing))
+    wakeup = _Wakeup(jobs, wake_timeout)
     follow = shards is None
     shards = shard_map.ids() if shards is None else shards
     queues = [(s, "remote") for s in shards]
@@ -131,26 +183,29 @@ async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Even
                         try:
                             envelope = shard_map.spool(claim.shard).read(claim.message_id)
                         except FileNotFoundError:
-                            done.append(claim)  # delivered or withdrawn already
+                            finished(claim)  # delivered or withdrawn already
                             continue
                         except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
                             log.error("unreadable spool entry %s: %s (left for the sweep)", claim.message_id, exc)
-                            done.append(claim)
+                            finished(claim)
                             continue
                         engine.add(claim, envelope)
                 backoff = IDLE_WAIT
+                if room <= 0:
+                    await _pause(stop, FULL_WAIT)  # busy, not idle: room comes as messages finish
+                elif not taken and await wakeup.wait(queues, stop):
+                    await _pause(stop, GATHER)
             except redis.RedisError as exc:
                 log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
                 metrics.redis_error("remote")
                 worker = None
                 await _pause(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            if not taken:
-                await _pause(stop, IDLE_WAIT)
     finally:
+        wakeup.close()
         left = await engine.stop(STOP_GRACE)
         finishing.set()
+        ready.set()
         await finisher
         if left:
             try:
