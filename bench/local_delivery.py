@@ -175,6 +175,16 @@ def cpu_report(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[s
           f"({machine[0]:.2f}u+{machine[1]:.2f}s)", flush=True)
 
 
+def port_free(port: int) -> None:
+    """Refuse to start on a port something already answers on: shardmail binds with SO_REUSEPORT,
+    so a second instance (another run of a benchmark) would silently share the connections and
+    each side would count the other's mail (a run once waited for ever, 601 messages short)."""
+    import socket
+
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        raise SystemExit(f"127.0.0.1:{port} is in use (another benchmark running?); stop it first")
+
+
 def users_ldif() -> str:
     return ("dn: dc=example,dc=test\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: bench\n\n"
             "dn: ou=people,dc=example,dc=test\nobjectClass: organizationalUnit\nou: people\n\n") + "\n".join(
@@ -191,6 +201,7 @@ def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float
     slapd = Slapd(workdir / "slapd", users_ldif=ldif)
     slapd.start()
     port = 2528
+    port_free(port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
     env.update({"SHARDMAIL_VAR_DIR": str(workdir / "var"), "SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{port}",
                 "SHARDMAIL_ME": "mx.test.example", "SHARDMAIL_LOCALS": "test.example",
@@ -225,6 +236,7 @@ def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float
 
 
 def run_postfix(workdir: Path, args: argparse.Namespace) -> tuple[float, float]:
+    port_free(2529)
     mail = workdir / "mail"
     mail.mkdir(parents=True)
     shutil.chown(mail, "nobody", "nogroup")
