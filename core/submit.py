@@ -3,7 +3,8 @@
 Interface: ``Draft`` (a message not yet accepted), ``Submitter(settings, conn)`` with ``new_id()``,
 ``route(address) -> Channel``, ``accept(draft) -> Envelope`` and ``accept_batch(drafts)``.
 Accepting = pick a shard, write + fsync + commit the spool file, enqueue one job per channel; a
-batch shares the directory fsyncs and one pipelined Redis round trip (group commit). When a draft
+batch shares the syncs (across its shards, when they share a file system) and one pipelined Redis
+round trip (group commit). When a draft
 comes back as an ``Envelope``, it is durable and queued: the caller may say 250 (or exit 0).
 
 Failures: a draft comes back as (or ``accept`` raises) ``QueueUnavailable`` (temporary, 4.3.0) when
@@ -31,6 +32,7 @@ from core.envelope import Channel, Client, Envelope, Recipient, new_id, node_tag
 from core.jobs import Item, Jobs
 from core.outcome import Deferred, QueueUnavailable
 from core.shards import NoShardAvailable, Picker, ShardMap
+from core.spool import write_batches
 
 log = logging.getLogger("shardmail.submit")
 
@@ -95,8 +97,9 @@ class Submitter:
             )
             by_shard.setdefault(shard, []).append((index, envelope))
         committed: dict[int, list[tuple[int, Envelope]]] = {}
-        for shard, entries in by_shard.items():
-            errors = self.map.spool(shard).write_batch([(env, drafts[i].body) for i, env in entries])
+        answers = write_batches([(self.map.spool(shard), [(env, drafts[i].body) for i, env in entries])
+                                 for shard, entries in by_shard.items()])
+        for (shard, entries), errors in zip(by_shard.items(), answers, strict=True):
             for (index, envelope), error in zip(entries, errors, strict=True):
                 if error is None:
                     committed.setdefault(shard, []).append((index, envelope))

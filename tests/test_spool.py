@@ -359,3 +359,37 @@ def test_crash_after_rename_or_commit_keeps_message_intact(tmp_path: Path, point
     assert spool.body(message_id) == body
     assert spool.read(message_id).recipients == (Recipient("b@example.net", "remote"),)
     assert list(spool.leftovers()) == []
+
+
+def test_batches_of_several_shards_share_two_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ingress's group commit spans every shard (they are picked in turn): the shards on one file
+    system share the sync after the writes and the one after the renames, and each file's answer
+    goes back to its own batch (one that could not be written fails alone, leaving nothing)."""
+    import core.spool
+
+    calls: list[int] = []
+    real = core.spool.syncfs
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        real(fd)  # the real system call: only counted
+
+    monkeypatch.setattr(core.spool, "syncfs", counted)
+    spools = [Spool(tmp_path / "spool", shard, split=5) for shard in range(3)]
+    batches = [(spool, [(replace(make(), shard=spool.shard), BODY) for _ in range(3)]) for spool in spools]
+    blocked = batches[1][1][2][0]
+    (spools[1].tmp / blocked.id).mkdir()  # this one's tmp/ name is taken: its write fails
+    answers = core.spool.write_batches(batches)
+    assert core.spool.SYNCFS and len(calls) == 2
+    assert [[error is None for error in errors] for errors in answers] == [[True] * 3, [True, True, False], [True] * 3]
+    for (spool, items), errors in zip(batches, answers, strict=True):
+        for (envelope, _), error in zip(items, errors, strict=True):
+            if error is None:
+                assert spool.read(envelope.id) == envelope
+                assert spool.body(envelope.id) == BODY
+            else:
+                assert not spool.path(envelope.id).exists()
+    assert [files(spool.tmp) for spool in spools] == [[], [], []]
+    calls.clear()
+    assert core.spool.write_batches([(spools[0], [(make(), BODY)])]) == [[None]]
+    assert calls == []  # a batch of one file: its fsync and its directory's, no syncfs
