@@ -83,7 +83,10 @@ of one is an fsync of the file and one of its directory; a bigger batch is one `
 the writes and one after the renames (Linux >= 5.8, which reports every write-back error since the
 first file was opened): the whole file system's dirty data, inodes and directories with one device
 cache flush, instead of a flush per file (measured here: 60-80 against 180-220 us of CPU per file,
-and a fraction of the device round trips).
+and a fraction of the device round trips). ``write_batches`` does the same for several shards'
+batches at once, so the shards on one file system share those two syncs; the quick calls of a
+write (open, rename, write, ftruncate, close) go through core.syscalls, which keeps the
+interpreter lock, so the committing thread does not queue for it behind the event loop after each.
 
 Failures: every ``OSError`` (ENOSPC, EIO, EROFS...) propagates to the caller, which treats it as a
 temporary failure; ``write`` removes its own partial file first. ``scan`` never raises for a bad
