@@ -144,7 +144,10 @@ class Rebalancer:
             self._kept = time.monotonic()
 
     def _release(self, shard: int) -> None:
+        """The pause and the scheduler lease back; the shard's idle pools are woken for what stayed
+        queued in it (they would otherwise find it within their wake-up timeout)."""
         self._give_back(keys=self._keys(shard), args=[self.name])
+        self.jobs.wake([(shard, channel) for channel in CHANNELS])
 
     def _in_flight(self, shard: int) -> set[str]:
         """Messages with an unexpired claim on the shard (being delivered right now)."""
