@@ -160,8 +160,9 @@ def test_random_passwords_hashed_by_slappasswd(name: str) -> None:
 @pytest.mark.parametrize("flag", ["-1", "-5", "-6"])
 def test_random_passwords_hashed_by_openssl(flag: str) -> None:
     for _ in range(3):
-        password = secrets.token_urlsafe(12)
-        made = subprocess.run([OPENSSL, "passwd", flag, password], capture_output=True, text=True, timeout=10)
+        password = secrets.token_urlsafe(12)  # may start with "-": given on stdin, never read as an option
+        made = subprocess.run([OPENSSL, "passwd", flag, "-stdin"], input=password + "\n", capture_output=True,
+                              text=True, timeout=10)
         assert made.returncode == 0, made.stderr
         stored = made.stdout.strip()
         assert verify("{CRYPT}" + stored, password) and verify(stored, password)
