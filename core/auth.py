@@ -42,8 +42,6 @@ import enum
 import hashlib
 import ipaddress
 import logging
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +50,7 @@ import redis
 
 from core import metrics, passwords
 from core.config import Settings
-from core.directory import Directory, DirectoryUnavailable, LdapBackend, LdifBackend, parse_ldif
+from core.directory import Directory, DirectoryUnavailable, LdapBackend, LdifBackend, LdifFile
 
 log = logging.getLogger("shardmail.auth")
 
@@ -170,42 +168,24 @@ class LdifAccounts:
     """Entries of the embedded LDIF directory, by address and by uid; re-read when the file changes."""
 
     def __init__(self, path: str, object_class: str = "") -> None:
-        self.path = path
-        self.object_class = object_class.lower()
-        self._stamp: tuple[float, int] | None = None
+        self.file = LdifFile(path, object_class)
         self._by_address: dict[str, list[Account]] = {}
         self._by_uid: dict[str, list[Account]] = {}
-        self._lock = threading.Lock()
 
     def _load(self) -> None:
-        try:
-            info = os.stat(self.path)
-        except FileNotFoundError:
-            self._by_address, self._by_uid, self._stamp = {}, {}, None
-            return
-        except OSError as exc:
-            raise DirectoryUnavailable(f"users file {self.path}: {exc.strerror}") from None
-        stamp = (info.st_mtime, info.st_size)
-        with self._lock:
-            if stamp == self._stamp:
-                return
-            try:
-                with open(self.path, encoding="utf-8") as handle:
-                    entries = parse_ldif(handle.read())
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                raise DirectoryUnavailable(f"users file {self.path}: {exc}") from None
-            by_address: dict[str, list[Account]] = {}
-            by_uid: dict[str, list[Account]] = {}
-            for dn, attributes in entries:
-                lowered = {k.lower(): vs for k, vs in attributes.items()}
-                if self.object_class and self.object_class not in {c.lower() for c in lowered.get("objectclass", [])}:
-                    continue
-                account = _account(dn, attributes)
-                for address in {v.lower() for v in lowered.get("mail", []) + lowered.get("mailalternateaddress", [])}:
-                    by_address.setdefault(address, []).append(account)
-                for uid in {v.lower() for v in lowered.get("uid", [])}:
-                    by_uid.setdefault(uid, []).append(account)
-            self._by_address, self._by_uid, self._stamp = by_address, by_uid, stamp
+        self.file.refresh(self._build)
+
+    def _build(self, entries: list[tuple[str, dict[str, list[str]]]]) -> None:
+        by_address: dict[str, list[Account]] = {}
+        by_uid: dict[str, list[Account]] = {}
+        for dn, attributes in entries:
+            lowered = {k.lower(): vs for k, vs in attributes.items()}
+            account = _account(dn, attributes)
+            for address in {v.lower() for v in lowered.get("mail", []) + lowered.get("mailalternateaddress", [])}:
+                by_address.setdefault(address, []).append(account)
+            for uid in {v.lower() for v in lowered.get("uid", [])}:
+                by_uid.setdefault(uid, []).append(account)
+        self._by_address, self._by_uid = by_address, by_uid
 
     def find(self, login: str) -> list[Account]:
         self._load()

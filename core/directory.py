@@ -3,7 +3,8 @@ attributes (so ``ldapadd -f users.ldif`` moves them to a real directory unchange
 
 Interface: ``User`` (a qmailUser entry, typed), ``open_directory(settings) -> Directory``,
 ``lookup_outcome(directory, address)`` (the entry, and the refusal or deferral to give, if any),
-``resolve_store(root, mailMessageStore) -> Path`` (raises ``UnsafeStore`` for an absolute path, a
+``LdifFile(path, object_class)`` (the embedded users file, parsed again when it changes; its AUTH
+accounts index it too), ``resolve_store(root, mailMessageStore) -> Path`` (raises ``UnsafeStore`` for an absolute path, a
 ".." or a symbolic link on the way: nothing may resolve outside ``ldapmessagestore``);
 ``Directory.lookup(address) -> User | None`` runs qmail-ldap's rounds: the exact address, then the
 dash-extension catchalls (``a-b-c-catchall@d``, ``a-b-catchall@d``, ``a-catchall@d``, at most four
@@ -27,7 +28,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -202,42 +203,65 @@ def parse_ldif(text: str) -> list[tuple[str, dict[str, list[str]]]]:
     return entries
 
 
-class LdifBackend:
-    """The embedded directory: an LDIF file, re-read when it changes."""
+class LdifFile:
+    """An LDIF users file's entries (only those of ``object_class``, when given), parsed again when
+    the file changes: what the embedded directory and its AUTH accounts both index."""
 
     def __init__(self, path: str, object_class: str = "") -> None:
         self.path = path
         self.object_class = object_class.lower()
         self._stamp: tuple[float, int] | None = None
-        self._index: dict[str, list[User]] = {}
         self._lock = threading.Lock()
 
-    def _load(self) -> None:
+    def refresh(self, build: Callable[[list[tuple[str, dict[str, list[str]]]]], None]) -> None:
+        """Call ``build`` with the entries when the file is new or changed since it was last built
+        ([] while it is missing); a caller meanwhile waits for that build, never sees a half-made
+        index. Raises ``DirectoryUnavailable`` when the file cannot be read or parsed."""
         try:
-            stat = os.stat(self.path)
+            info = os.stat(self.path)
         except FileNotFoundError:
-            self._index, self._stamp = {}, None
+            with self._lock:
+                build([])
+                self._stamp = None
             return
         except OSError as exc:
             raise DirectoryUnavailable(f"users file {self.path}: {exc.strerror}") from None
-        stamp = (stat.st_mtime, stat.st_size)
+        stamp = (info.st_mtime, info.st_size)
         if stamp == self._stamp:
             return
         with self._lock:
+            if stamp == self._stamp:
+                return
             try:
                 with open(self.path, encoding="utf-8") as handle:
                     entries = parse_ldif(handle.read())
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 raise DirectoryUnavailable(f"users file {self.path}: {exc}") from None
-            index: dict[str, list[User]] = {}
-            for dn, attributes in entries:
-                classes = {c.lower() for k, vs in attributes.items() if k.lower() == "objectclass" for c in vs}
-                if self.object_class and self.object_class not in classes:
-                    continue
-                user = user_from_attributes(dn, attributes)
-                for address in {user.mail, *user.alternates} - {""}:
-                    index.setdefault(address, []).append(user)
-            self._index, self._stamp = index, stamp
+            if self.object_class:
+                entries = [(dn, attributes) for dn, attributes in entries if self.object_class in {
+                    c.lower() for k, vs in attributes.items() if k.lower() == "objectclass" for c in vs}]
+            build(entries)
+            self._stamp = stamp
+
+
+class LdifBackend:
+    """The embedded directory: an LDIF file, re-read when it changes."""
+
+    def __init__(self, path: str, object_class: str = "") -> None:
+        self.path = path
+        self.file = LdifFile(path, object_class)
+        self._index: dict[str, list[User]] = {}
+
+    def _load(self) -> None:
+        self.file.refresh(self._build)
+
+    def _build(self, entries: list[tuple[str, dict[str, list[str]]]]) -> None:
+        index: dict[str, list[User]] = {}
+        for dn, attributes in entries:
+            user = user_from_attributes(dn, attributes)
+            for address in {user.mail, *user.alternates} - {""}:
+                index.setdefault(address, []).append(user)
+        self._index = index
 
     def search(self, address: str) -> list[User]:
         self._load()
