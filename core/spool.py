@@ -341,7 +341,7 @@ class Spool:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 blob = b"\n" + blob  # a torn earlier append must not swallow this one
-            _write_all(fd, memoryview(blob))
+            _write_all(fd, blob)
             if sync:
                 os.fdatasync(fd)
         finally:
@@ -595,7 +595,7 @@ def _write_group(parts: list[tuple[Spool, list[tuple[Envelope, bytes]], list[OSE
             try:
                 faults.check("spool.write")
                 data = encode(envelope) + body
-                _write_fully(fd, data)
+                _write_all(fd, data)
                 if recycled:
                     syscalls.ftruncate(fd, len(data))
             except OSError as exc:
@@ -625,16 +625,14 @@ def _write_group(parts: list[tuple[Spool, list[tuple[Envelope, bytes]], list[OSE
 
 
 def _commit_renames(written: list[_Open], synced: list[OSError | None], anchor: int | None) -> None:
-    buckets: dict[tuple[int, int], list[_Open]] = {}  # (spool's place in written, bucket) -> files
-    places: dict[int, int] = {}
+    buckets: dict[tuple[int, int], list[_Open]] = {}  # (shard, split directory) -> its files
     for item, error in zip(written, synced, strict=True):
         spool, message_id = item.spool, item.envelope.id
         try:
             if error is not None:
                 raise error
             syscalls.rename(spool._tmp_s + message_id, spool._path(message_id))
-            place = places.setdefault(id(spool), len(places))
-            buckets.setdefault((place, spool._bucket(message_id)), []).append(item)
+            buckets.setdefault((spool.shard, spool._bucket(message_id)), []).append(item)
         except OSError as exc:
             item.errors[item.index] = exc
             _unlink_quietly(spool._tmp_s + message_id)
@@ -687,16 +685,10 @@ def _fsync_and_close(fd: int) -> OSError | None:
         os.close(fd)
 
 
-def _write_fully(fd: int, data: bytes) -> None:
-    """``_write_all`` keeping the interpreter lock (core.syscalls): the group commit's writes."""
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` (core.syscalls' write: the interpreter lock stays held)."""
     while data:
         data = data[syscalls.write(fd, data):]
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _unlink_quietly(path: str | Path) -> None:
