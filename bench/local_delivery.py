@@ -129,46 +129,44 @@ def switches(pid: int) -> tuple[int, int]:
     return voluntary, involuntary
 
 
-def cpu_snapshot(pids: set[int]) -> dict[int, tuple[str, int, int]]:
-    snap = {pid: (_role(pid), *cpu_ticks(pid)) for pid in pids}
-    for pid in pids:
-        snap[-2 - pid] = ("switches", *switches(pid))
+Snapshot = dict[int, tuple[str, int, int, int, int]]  # pid -> (role, user, system, voluntary, involuntary)
+
+
+def cpu_snapshot(pids: set[int]) -> Snapshot:
+    """Per process: role, CPU ticks and context switches; 0 is this process (the load generator),
+    -1 the whole machine (no switch counts for either)."""
+    snap: Snapshot = {pid: (_role(pid), *cpu_ticks(pid), *switches(pid)) for pid in pids}
     self_usage = os.times()
     tick = os.sysconf("SC_CLK_TCK")
-    snap[0] = ("load generator", round(self_usage.user * tick), round(self_usage.system * tick))
+    snap[0] = ("load generator", round(self_usage.user * tick), round(self_usage.system * tick), 0, 0)
     with open("/proc/stat") as stat:  # the whole machine, kernel threads (journal, writeback) included
         user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in stat.readline().split()[1:8])
-    snap[-1] = ("machine", user + nice, system + irq + softirq)
+    snap[-1] = ("machine", user + nice, system + irq + softirq, 0, 0)
     return snap
 
 
-def cpu_report(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]], messages: int,
-               side: str) -> None:
-    """CPU ms per message by role (user + sys), between two snapshots."""
+def cpu_report(before: Snapshot, after: Snapshot, messages: int, side: str) -> None:
+    """CPU ms per message by role (user + sys), and context switches per message, between two snapshots."""
     tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
     roles: dict[str, list[float]] = {}
+    waits: dict[str, list[float]] = {}
     machine = [(after[-1][i] - before[-1][i]) * tick_ms / messages for i in (1, 2)]
-    pids = {pid for pid in before.keys() | after.keys() if pid >= 0}
-    for pid in pids:
-        _, user, system = after.get(pid, ("", 0, 0))
-        role, user0, system0 = before.get(pid) or (after[pid][0], 0, 0)
+    for pid in (before.keys() | after.keys()) - {-1}:
+        role = (before.get(pid) or after[pid])[0]
+        # a process gone by the end reads as zeros: its CPU is in its parent's reaped-children figures
+        now, user, system, voluntary, involuntary = after.get(pid) or ("?", 0, 0, 0, 0)
+        _, user0, system0, voluntary0, involuntary0 = before.get(pid) or (role, 0, 0, 0, 0)
         entry = roles.setdefault(role, [0.0, 0.0, 0])
         entry[0] += (user - user0) * tick_ms / messages
         entry[1] += (system - system0) * tick_ms / messages
         entry[2] += 1
+        if now != "?":  # one that exited meanwhile (Postfix's forked processes) took its count with it
+            counts = waits.setdefault(role, [0.0, 0.0])
+            counts[0] += (voluntary - voluntary0) / messages
+            counts[1] += (involuntary - involuntary0) / messages
     total = sum(u + s for u, s, _ in roles.values())
     parts = [f"{role} {u + s:.3f} ({u:.3f}u+{s:.3f}s, {n}p)" for role, (u, s, n) in sorted(roles.items())]
     print(f"  {side} CPU ms/msg: total {total:.3f}; " + "; ".join(parts), flush=True)
-    waits: dict[str, list[float]] = {}
-    for pid in pids - {0}:
-        if -2 - pid not in after:
-            continue  # exited meanwhile (Postfix's forked processes): its count went with it
-        role = after[pid][0]
-        _, vol1, invol1 = after.get(-2 - pid, ("", 0, 0))
-        _, vol0, invol0 = before.get(-2 - pid, ("", 0, 0))
-        entry = waits.setdefault(role, [0.0, 0.0])
-        entry[0] += (vol1 - vol0) / messages
-        entry[1] += (invol1 - invol0) / messages
     print(f"  {side} context switches/msg (voluntary+involuntary, live threads): " + "; ".join(
         f"{role} {v:.1f}+{i:.1f}" for role, (v, i) in sorted(waits.items()) if v + i >= 0.05), flush=True)
     print(f"  {side} machine CPU ms/msg (all processes and kernel threads): {sum(machine):.2f} "
