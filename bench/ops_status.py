@@ -224,13 +224,7 @@ def watch_windows(env: dict[str, str], sock: Path, count: int, window: float, wo
         stack.callback(lambda: watcher.poll() is None and watcher.send_signal(signal.SIGCONT))
         screen.wait_drawn(watcher)
         watcher.send_signal(signal.SIGSTOP)
-        pool = stack.enter_context(_child(["worker", "local", "--name", "bench.local-0"], env, subprocess.DEVNULL,
-                                          signal.SIGTERM))
-        deadline = time.monotonic() + 900
-        while waiting() >= count:
-            if time.monotonic() > deadline or pool.poll() is not None:
-                raise RuntimeError("the local pool did not start")
-            time.sleep(0.005)
+        _, deadline = _start_pool(stack, env, waiting, count)
         time.sleep(2 * window)  # the pool's warm-up (directory cache, first batches) is no window's
         left = waiting()
         rate = 0.0
@@ -248,6 +242,19 @@ def watch_windows(env: dict[str, str], sock: Path, count: int, window: float, wo
     return windows
 
 
+def _start_pool(stack: contextlib.ExitStack, env: dict[str, str], waiting: Callable[[], int],
+                count: int) -> tuple[subprocess.Popen[bytes], float]:
+    """A local pool, once it has taken its first jobs; and the deadline (900 s) of the round."""
+    pool = stack.enter_context(_child(["worker", "local", "--name", "bench.local-0"], env, subprocess.DEVNULL,
+                                      signal.SIGTERM))
+    deadline = time.monotonic() + 900
+    while waiting() >= count:
+        if time.monotonic() > deadline or pool.poll() is not None:
+            raise RuntimeError("the local pool did not start")
+        time.sleep(0.005)
+    return pool, deadline
+
+
 def deliver_round(env: dict[str, str], sock: Path, count: int, watched: bool, work: Path, round_no: int) -> tuple[
         float, float, float]:
     """Queue ``count`` local messages, then time the local pool delivering them: (msg/s, the watcher's CPU
@@ -259,13 +266,7 @@ def deliver_round(env: dict[str, str], sock: Path, count: int, watched: bool, wo
         if watched:
             watcher, screen = _watcher(stack, env)
             screen.wait_drawn(watcher)  # its first refresh (a full census) is done
-        pool = stack.enter_context(_child(["worker", "local", "--name", "bench.local-0"], env, subprocess.DEVNULL,
-                                          signal.SIGTERM))
-        deadline = time.monotonic() + 900
-        while waiting() >= count:
-            if time.monotonic() > deadline or pool.poll() is not None:
-                raise RuntimeError("the local pool did not start")
-            time.sleep(0.005)
+        pool, deadline = _start_pool(stack, env, waiting, count)
         started = time.perf_counter()
         cpu0 = _cpu_seconds(watcher.pid) if watcher else 0.0
         pool0, redis0 = _cpu_seconds(pool.pid), _redis_cpu(conn)
