@@ -13,6 +13,7 @@ takes ``slapd_fresh``, a private server torn down after the test).
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,15 @@ class Slapd:
         self.proc = None
         raise RuntimeError(f"slapd on {self.url} exited with {code}:\n{output[-2000:]}")
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Slapd]:
+        """Started for the block, stopped after it whatever happens (the fixtures' shape)."""
+        try:
+            self.start()
+            yield self
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         """SIGTERM (after SIGCONT: a stopped process cannot act on it), SIGKILL if it lingers."""
         proc, self.proc = self.proc, None
@@ -276,11 +286,8 @@ def _state(pid: int) -> str:
 def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     """One server for the session: do not change its entries, stop or pause it (take slapd_fresh)."""
     server = Slapd(tmp_path_factory.mktemp("slapd"))
-    try:
-        server.start()
+    with server.serving():
         yield server
-    finally:
-        server.stop()
 
 
 def combined_ldif(directory: Path) -> Path:
@@ -295,11 +302,8 @@ def auth_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     """One server with the users and the AUTH accounts for the session (read-only)."""
     directory = tmp_path_factory.mktemp("auth-slapd")
     server = Slapd(directory, combined_ldif(directory))
-    try:
-        server.start()
+    with server.serving():
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -308,9 +312,6 @@ def slapd_fresh(tmp_path: Path) -> Iterator[Slapd]:
     directory = tmp_path / "slapd"
     directory.mkdir()
     server = Slapd(directory)
-    try:
-        server.start()
+    with server.serving():
         yield server
-    finally:
-        server.stop()
 

@@ -47,12 +47,8 @@ def wrong(password: str) -> str:
 @pytest.fixture
 def auth_slapd_fresh(tmp_path: Path) -> Iterator[Slapd]:
     """A private one the test may stop or pause."""
-    server = Slapd(tmp_path, combined_ldif(tmp_path))
-    try:
-        server.start()
+    with Slapd(tmp_path, combined_ldif(tmp_path)).serving() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def ldap_settings(server: Slapd, **extra: str) -> Settings:
