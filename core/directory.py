@@ -4,8 +4,8 @@ attributes (so ``ldapadd -f users.ldif`` moves them to a real directory unchange
 Interface: ``User`` (a qmailUser entry, typed), ``open_directory(settings) -> Directory``,
 ``lookup_outcome(directory, address)`` (the entry, and the refusal or deferral to give, if any),
 ``LdifFile(path, object_class)`` (the embedded users file, parsed again when it changes; its AUTH
-accounts index it too), ``resolve_store(root, mailMessageStore) -> Path`` (raises ``UnsafeStore`` for an absolute path, a
-".." or a symbolic link on the way: nothing may resolve outside ``ldapmessagestore``);
+accounts index it too), ``resolve_store(root, mailMessageStore) -> Path`` (raises ``UnsafeStore``
+for an absolute path, a ".." or a symbolic link on the way: nothing may resolve outside ``ldapmessagestore``);
 ``Directory.lookup(address) -> User | None`` runs qmail-ldap's rounds: the exact address, then the
 dash-extension catchalls (``a-b-c-catchall@d``, ``a-b-catchall@d``, ``a-catchall@d``, at most four
 levels), then ``catchall@d``; each round is one search ``(|(mail=A)(mailAlternateAddress=A))``
