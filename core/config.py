@@ -99,6 +99,8 @@ class Settings:
     )
     databytes: int = _setting(10240000, "largest message accepted, bytes (0 = no limit)", NONNEGATIVE)
     maxrcptcount: int = _setting(1000, "recipients per message; further ones get 452 4.5.3", POSITIVE)
+    maxhops: int = _setting(100, "Received:/Delivered-To: header lines a message may carry; more is a routing "
+                                 "loop, refused after DATA and bounced at delivery (5.4.6)", POSITIVE)
     timeoutsmtpd: int = _setting(300, "seconds an SMTP client may stay silent", POSITIVE)
     smtpgreeting: str = _setting("", "text after 220 in the greeting; default: me")
     smtp_listen: list[str] = _setting(["127.0.0.1:2525"], "SMTP listeners, host:port", _listen_list)
@@ -172,6 +174,11 @@ class Settings:
     ldapdefaultquotacount: int = _setting(
         0, "quota in messages for users without mailQuotaCount (0 = none)", NONNEGATIVE
     )
+    quotawarning: int = _setting(0, "percentage of a size or count quota at which a delivery puts a warning "
+                                    "into the mailbox, once per quotawarningperiod (0 = off)",
+                                 _check(lambda v: 0 <= v <= 100, "a percentage 0..100"))
+    quotawarningperiod: int = _setting(86400, "seconds between two quota warnings to one mailbox", POSITIVE)
+    quotawarningtext: str = _setting("", "extra text for the quota warning (e.g. whom to contact)")
     clusterhosts: list[str] = _setting([], "other names of this node: mailHost values delivered here")
     smtproutes: list[str] = _setting([], "static routes, qmail's format host:relay:port (cluster peers too)")
     dnsresolvers: list[str] = _setting([], "DNS resolvers for MX lookups, address[:port]; empty = the system's")

@@ -1,20 +1,27 @@
-"""Local delivery of one recipient, with qmail-ldap's semantics.
+"""Local delivery of one recipient, with qmail-ldap's semantics, and of a claimed batch.
 
 Interface: ``LocalDelivery(settings, directory, submitter, conn)`` with
-``deliver(envelope, index, body, batch=None) -> Outcome | Staged`` and ``stageable(user)``. With a
-``batch`` (a list), a recipient whose whole delivery is one Maildir copy (``stageable``: no
-program, forward, reply or quota) is only staged: the ``Staged`` copy is appended to the batch and
-returned, and becomes an outcome once the caller runs ``workers.maildir.commit`` on the batch.
+``deliver(envelope, index, body) -> Outcome`` (each Maildir copy made durable on its own),
+``deliver_batch(loaded) -> outcomes`` (``loaded``: (envelope, body) pairs; per message, (index,
+outcome) for each pending local recipient) and ``plain(envelope)``; ``MAILDIR_ONLY`` (how the
+outcome texts of a mere Maildir copy begin). In a batch, a recipient whose whole delivery is one
+Maildir copy (no program, forward, reply or quota) is only staged; the batch's staged copies are
+then made durable together (workers.maildir ``commit``: two syncfs for the batch) before any of
+its outcomes is returned. ``plain(envelope)`` says whether the directory cache already knows
+every pending local recipient of a message as such a copy (the messages worth batching).
 
 For the recipient's entry, in this order:
 - ``accountStatus``: deleted → 5.1.1, disabled → 5.2.1, noaccess delivers;
+- more than ``maxhops`` Received/Delivered-To lines, counting the one each path adds (core.hops)
+  → 5.4.6, before any copy, forward or hand-over;
 - ``mailHost`` that is not this node (``me``, ``clusterhosts``): handed to that node over SMTP
   (workers.cluster), or 5.4.6 if a peer sent it here already;
 - ``mailSizeMax`` → 5.2.3; a ``Delivered-To`` for this address already in the header → 5.4.6;
 - ``deliveryProgramPath`` unless ``noprogram``, only with ``deliveryprograms = true`` (workers.program);
 - the Maildir under ``ldapmessagestore`` unless ``deliveryMode: nolocal``, with quotas
-  (``mailQuotaSize``/``mailQuotaCount`` or the defaults): over quota → 4.2.2 (retried until the
-  lifetime), larger than the whole quota → 5.2.2;
+  (workers.quota: ``mailQuotaSize``/``mailQuotaCount`` or the defaults): over quota → 4.2.2
+  (retried until the lifetime), larger than the whole quota → 5.2.2; past ``quotawarning`` percent,
+  a warning into the mailbox once per ``quotawarningperiod``;
 - ``mailForwardingAddress`` unless ``noforward``: a new message through core.submit with the
   same envelope sender and a Delivered-To line;
 - the autoresponder for ``deliveryMode: reply`` (RFC 3834; once per sender per ``autoreplyinterval``).
@@ -23,8 +30,8 @@ Failures: directory down → 4.4.3; a disk error → 4.3.0; an unsafe mailMessag
 (a configuration error: kept queued and logged until an admin fixes the entry). Never raises for
 a delivery problem: outcomes are values.
 
-Settings: ``me``, ``clusterhosts``, ``ldapmessagestore``, ``ldapdefaultquotasize``,
-``ldapdefaultquotacount``, ``autoreplyinterval``, ``redis_prefix``, ``deliveryprograms``.
+Settings: ``me``, ``clusterhosts``, ``ldapmessagestore``, ``maxhops``, ``autoreplyinterval``,
+``redis_prefix``, ``deliveryprograms``, plus those of workers.quota.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Sequence
 
 import redis
 
+from core import hops
 from core.address import clean_for_header
 from core.config import Settings
 from core.directory import Directory, UnsafeStore, User, lookup_outcome, resolve_store
@@ -44,10 +53,12 @@ from core.envelope import Envelope
 from core.outcome import Deferred, Delivered, Failed, Outcome, QueueUnavailable
 from core.submit import Draft, Submitter
 from workers.cluster import ClusterForwarder, is_hop
-from workers.maildir import Maildir, Staged, file_name
+from workers.maildir import Maildir, Staged, commit, discard, file_name
 from workers.program import run_program
+from workers.quota import Quota, warn
 
 log = logging.getLogger("shardmail.local")
+MAILDIR_ONLY = ("delivered to maildir", "already in the maildir")  # outcome texts of a mere Maildir copy
 
 _LIST_HEADERS = re.compile(rb"^(list-id|list-unsubscribe|list-post|mailing-list|x-mailing-list):", re.I | re.M)
 _BULK = re.compile(rb"^precedence:[ \t]*(bulk|list|junk)", re.I | re.M)
@@ -88,17 +99,46 @@ class LocalDelivery:
             return False
         if ("reply" in user.modes and user.reply_text) or (user.programs and "noprogram" not in user.modes):
             return False
-        return not (user.quota_size or user.quota_count or self.settings.ldapdefaultquotasize
-                    or self.settings.ldapdefaultquotacount)
+        return not Quota.of(user, self.settings)
 
-    def deliver(self, envelope: Envelope, index: int, body: bytes, batch: list[Staged] | None = None
-                ) -> Outcome | Staged:
+    def plain(self, envelope: Envelope) -> bool:
+        """Every pending local recipient is an entry the directory cache knows, whose mail is one
+        Maildir copy (nothing a batch must wait for: no look-up, program, forward or quota)."""
+        for index in envelope.pending("local"):
+            known, user = self.directory.cached(envelope.recipients[index].address)
+            if not known or not self.stageable(user):
+                return False
+        return True
+
+    def deliver(self, envelope: Envelope, index: int, body: bytes) -> Outcome:
+        outcome = self._deliver(envelope, index, body, None)
+        assert not isinstance(outcome, Staged)  # nothing is staged without a batch
+        return outcome
+
+    def deliver_batch(self, loaded: Sequence[tuple[Envelope, bytes]]) -> list[list[tuple[int, Outcome]]]:
+        """Per message of ``loaded``, (index, outcome) of each pending local recipient; the batch's
+        plain Maildir copies become durable together, before this returns."""
+        batch: list[Staged] = []
+        try:
+            results = [[(i, self._deliver(envelope, i, body, batch)) for i in envelope.pending("local")]
+                       for envelope, body in loaded]
+        except BaseException:
+            discard(batch)
+            raise
+        committed = dict(zip(map(id, batch), commit(batch), strict=True)) if batch else {}
+        return [[(i, _resolve(outcome, committed)) for i, outcome in outcomes] for outcomes in results]
+
+    def _deliver(self, envelope: Envelope, index: int, body: bytes, batch: list[Staged] | None
+                 ) -> Outcome | Staged:
         address = envelope.recipients[index].address
         user, verdict = lookup_outcome(self.directory, address)
         if verdict is not None:
             return verdict
         assert user is not None
         headers = header_block(body)
+        looping = hops.check(headers, self.settings.maxhops, added=1)  # our Delivered-To, or the peer's Received
+        if looping is not None:
+            return looping
         if user.host and user.host not in self.own_names:
             if is_hop(headers):
                 return Failed("5.4.6", f"Cluster loop: mailHost {user.host} sent it back")
@@ -147,10 +187,10 @@ class LocalDelivery:
         data = self.local_copy(envelope, address, body)
         maildir = Maildir(path)
         name = file_name(envelope.birth, envelope.id, index, len(data))
+        quota = Quota.of(user, self.settings)
+        after: tuple[int, int] | None = None  # the mailbox's usage with this copy, where a quota applies
         try:
-            quota_size = user.quota_size if user.quota_size is not None else self.settings.ldapdefaultquotasize
-            quota_count = user.quota_count if user.quota_count is not None else self.settings.ldapdefaultquotacount
-            if quota_size and len(data) > quota_size:
+            if quota.too_big(len(data)):
                 return Failed("5.2.2", "Message larger than the recipient's whole mailbox quota")
             retry = _maybe_retry(envelope, index)
             if batch is not None:
@@ -160,14 +200,18 @@ class LocalDelivery:
                     return staged
                 if staged is False:
                     return Delivered("already in the maildir (earlier attempt)")
-            if (quota_size or quota_count) and not maildir.has(name, look_in_cur=retry):
+            if quota and not maildir.has(name, look_in_cur=retry):
                 used, count = maildir.usage()
-                if (quota_size and used + len(data) > quota_size) or (quota_count and count + 1 > quota_count):
+                if quota.exceeded(used + len(data), count + 1):
+                    warn(maildir, address, used, count, quota, self.settings)
                     return Deferred("4.2.2", "Mailbox over quota")
+                after = used + len(data), count + 1
             fresh = maildir.deliver(name, data, retry=retry)
         except OSError as exc:
             log.error("maildir delivery to %s failed: %s", path, exc)
             return Deferred("4.3.0", f"Mailbox write failed: {exc.strerror}")
+        if fresh and after is not None:
+            warn(maildir, address, *after, quota, self.settings)
         return Delivered("delivered to maildir" if fresh else "already in the maildir (earlier attempt)")
 
     @staticmethod
@@ -226,3 +270,16 @@ class LocalDelivery:
             self.submitter.accept(Draft(self.submitter.new_id(), "", [sender], reply))
         except QueueUnavailable as exc:
             log.warning("autoreply from %s to %s not queued: %s", address, sender, exc)
+
+
+def _resolve(outcome: Outcome | Staged, committed: dict[int, bool | OSError]) -> Outcome:
+    """A staged copy's outcome once its batch was committed."""
+    if not isinstance(outcome, Staged):
+        return outcome
+    result = committed[id(outcome)]
+    if result is True:
+        return Delivered("delivered to maildir")
+    if result is False:
+        return Delivered("already in the maildir (earlier attempt)")
+    log.error("maildir delivery to %s failed: %s", outcome.maildir.path, result)
+    return Deferred("4.3.0", f"Mailbox write failed: {result.strerror}")

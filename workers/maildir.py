@@ -2,8 +2,9 @@
 
 Interface: ``Maildir(path)`` with
 ``deliver(name, data) -> bool`` (False: that copy was already there), ``usage() -> (bytes, count)``,
-``stage(name, data) -> Staged | bool | None``; ``commit(staged) -> list[bool | OSError]``;
-``file_name(birth, message_id, index, host, size)``.
+``stage(name, data) -> Staged | bool | None``, ``claim_warning(period) -> bool``;
+``commit(staged) -> list[bool | OSError]``, ``discard(staged)``; ``file_name(birth, message_id, index,
+size, host)``.
 
 Batches (the local pool's group commit): ``stage`` writes the unnamed tmp file without syncing it;
 ``commit`` makes a whole batch durable with one ``syncfs`` per file system, links every file into
@@ -20,6 +21,11 @@ repeated after a crash between the link and the spool's mark finds its own earli
 cur/ and does not deliver a second one.
 Names carry ``,S=<size>`` (the Maildir++ convention IMAP servers read for quotas).
 
+``claim_warning`` keeps the time of the mailbox's last quota warning in a ``quotawarn`` file at its
+top (beside new/, cur/ and tmp/, where Maildir readers look for nothing), read and rewritten under
+an exclusive ``flock``, so concurrent deliveries (threads or processes) claim one warning between
+them: a timestamp file per mailbox, as qmail-ldap keeps, and no shared state elsewhere.
+
 Failures: ``OSError`` from the disk, for the caller to treat as temporary. (Where a Maildir may
 be at all is core.directory's ``resolve_store``.)
 
@@ -29,9 +35,11 @@ Settings: none.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from core import faults
@@ -43,6 +51,7 @@ def _host_part() -> str:
 
 
 HOST = _host_part()
+WARNING_STAMP = "quotawarn"
 _PROC_FD = os.path.isdir("/proc/self/fd")
 _tmpfile_ok = _PROC_FD and hasattr(os, "O_TMPFILE")
 
@@ -161,6 +170,29 @@ class Maildir:
                 return None
             raise
 
+    def claim_warning(self, period: int, now: float | None = None) -> bool:
+        """Whether a quota warning is due: none was claimed in the last ``period`` seconds (or the
+        clock went back past the last one). If so, this call claims it: ``now`` is recorded."""
+        now = time.time() if now is None else now
+        try:
+            fd = os.open(f"{self.path}/{WARNING_STAMP}", os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            self._ensure()
+            fd = os.open(f"{self.path}/{WARNING_STAMP}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                last = float(os.read(fd, 64).decode("ascii").strip() or "-inf")
+            except ValueError:  # unreadable: as if never warned
+                last = float("-inf")
+            if 0 <= now - last < period:
+                return False
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{now:.0f}\n".encode(), 0)
+            return True
+        finally:
+            os.close(fd)  # and with it the lock
+
     def usage(self) -> tuple[int, int]:
         """(bytes, messages) in new/ and cur/, from the ,S= of names where present."""
         total = count = 0
@@ -230,6 +262,13 @@ def commit(staged: list[Staged]) -> list[bool | OSError]:
         for item in staged:
             os.close(item.fd)
     return results
+
+
+def discard(staged: list[Staged]) -> None:
+    """Drop staged files without linking them (nothing of them stays: their inodes were never named)."""
+    for item in staged:
+        os.close(item.fd)
+    staged.clear()
 
 
 def _capture_syncfs(fd: int) -> OSError | None:

@@ -9,10 +9,12 @@ job. Per message: read the spool entry, deliver each pending local recipient, ap
 marks with one fdatasync (the per-recipient checkpoint), and remove the entry once every
 recipient of every channel is final. A message whose spool entry is gone (withdrawn, delivered,
 held or deleted by an admin, also between its read and its checkpoint) is a finished job. In a
-batch, the messages whose recipients are all plain Maildir copies of known entries are written
-by the consumer's thread and made durable together (two syncfs for the batch, see
-workers.maildir); the rest, and the directory look-ups the cache cannot answer, run on
-a pool of ``concurrencylocal`` threads. Nothing is marked or removed before its copies are durable.
+batch, the messages whose recipients are all plain Maildir copies of known entries
+(``LocalDelivery.plain``) go to ``LocalDelivery.deliver_batch`` in the consumer's thread, which
+returns their outcomes once their copies are durable together; the rest, and the directory
+look-ups the cache cannot answer, run on a pool of ``concurrencylocal`` threads. This module only
+claims, hands over and checkpoints: nothing is marked or removed before workers.local returned
+its outcome, and a returned Maildir outcome is durable.
 
 Failures: outcomes per recipient (see workers.local); a deferred recipient stays pending in the
 spool with its reason marked, for the retry scheduler; an unreadable entry is left for the sweep.
@@ -40,11 +42,9 @@ from core.redis_conn import connect
 from core.spool import Spool
 from core.submit import Submitter
 from workers.consumer import Consumer
-from workers.local import LocalDelivery
-from workers.maildir import Staged, commit
+from workers.local import MAILDIR_ONLY, LocalDelivery
 
 log = logging.getLogger("shardmail.pool")
-MAILDIR_ONLY = ("delivered to maildir", "already in the maildir")
 
 
 def parse_shards(text: str, count: int) -> list[int]:
@@ -92,7 +92,7 @@ class LocalJobs:
     def _deliver_alone(self, loaded: tuple[Spool, Envelope, bytes]) -> bool:
         spool, envelope, body = loaded
         outcomes = [(index, self.delivery.deliver(envelope, index, body)) for index in envelope.pending("local")]
-        return self._settle(spool, envelope, outcomes)  # type: ignore[arg-type]
+        return self._settle(spool, envelope, outcomes)
 
     def _settle(self, spool: Spool, envelope: Envelope, outcomes: list[tuple[int, Outcome]]) -> bool:
         """Log and checkpoint the outcomes, and drop the entry once every recipient is delivered or
@@ -135,18 +135,9 @@ class LocalJobs:
         except Exception:  # only a cache fill
             log.debug("directory look-up of %s ahead of its batch failed", address, exc_info=True)
 
-    def _batchable(self, envelope: Envelope) -> bool:
-        """Every pending local recipient is a known entry whose mail is one Maildir copy."""
-        directory = self.delivery.directory
-        for index in envelope.pending("local"):
-            known, user = directory.cached(envelope.recipients[index].address)
-            if not known or not self.delivery.stageable(user):
-                return False
-        return True
-
     def __call__(self, claims: list[Claim]) -> list[Claim]:
-        """A claimed batch: plain Maildir copies are staged in this thread and committed together
-        (workers.maildir.commit: two syncfs for the batch); everything else (directory misses,
+        """A claimed batch: the plain Maildir copies are delivered in this thread, made durable
+        together by ``LocalDelivery.deliver_batch``; everything else (directory misses,
         forwards, programs, cluster hops, quotas) runs message by message on the thread pool. The
         claims of entries removed here come back with ``settle=False``: no doorbell for the
         scheduler, which would only find them gone (everything else, deferred and failed
@@ -159,36 +150,20 @@ class LocalJobs:
             list(self.executor.map(self._warm, unknown))
         fast, slow = [], []
         for item in loaded:
-            (fast if self._batchable(item[1]) else slow).append(item)
+            (fast if self.delivery.plain(item[1]) else slow).append(item)
         pending = [(item[1].id, self.executor.submit(self._deliver_alone, item)) for item in slow]
         removed: set[str] = set()
         try:
-            batch: list[Staged] = []
-            results = []
-            for spool, envelope, body in fast:
-                outcomes = [(i, self.delivery.deliver(envelope, i, body, batch)) for i in envelope.pending("local")]
-                results.append((spool, envelope, outcomes))
-            committed = dict(zip(map(id, batch), commit(batch), strict=True)) if batch else {}
-            for spool, envelope, outcomes in results:
-                if self._settle(spool, envelope, [(i, _resolve(o, committed)) for i, o in outcomes]):
-                    removed.add(envelope.id)
+            if fast:
+                delivered = self.delivery.deliver_batch([(envelope, body) for _, envelope, body in fast])
+                for (spool, envelope, _), outcomes in zip(fast, delivered, strict=True):
+                    if self._settle(spool, envelope, outcomes):
+                        removed.add(envelope.id)
         finally:
             for message_id, future in pending:
                 if future.result():
                     removed.add(message_id)
         return [replace(c, settle=False) if c.message_id in removed else c for c in claims]
-
-
-def _resolve(outcome: Outcome | Staged, committed: dict[int, bool | OSError]) -> Outcome:
-    if not isinstance(outcome, Staged):
-        return outcome
-    result = committed[id(outcome)]
-    if result is True:
-        return Delivered("delivered to maildir")
-    if result is False:
-        return Delivered("already in the maildir (earlier attempt)")
-    log.error("maildir delivery to %s failed: %s", outcome.maildir.path, result)
-    return Deferred("4.3.0", f"Mailbox write failed: {result.strerror}")
 
 
 _stock: LocalJobs | None = None
