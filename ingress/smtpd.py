@@ -10,7 +10,8 @@ Policy, in the order a transaction meets it:
   for ``locals``, the directory: unknown or deleted 550 5.1.1, disabled 550 5.2.1, directory down
   or slow 451 4.4.3 (never 5xx, never accept-then-bounce).
 - DATA: only CRLF.CRLF ends it; a message holding a bare CR or LF is refused (554 5.5.2), so
-  an SMTP-smuggling attempt never becomes a second message; over ``databytes`` 552 5.3.4. A
+  an SMTP-smuggling attempt never becomes a second message; over ``databytes`` 552 5.3.4; more
+  than ``maxhops`` Received/Delivered-To lines with ours (core.hops) 554 5.4.6, a loop. A
   Received header is prepended, then the message goes through ``core.submit`` and only then
   ``250 2.0.0 Ok: queued as <id>``.
 
@@ -18,7 +19,7 @@ Failures: a spool or Redis fault, or any unexpected exception, is ``451 4.3.0`` 
 default would be a permanent 500): infrastructure trouble is never the client's fault.
 
 Settings: ``me``, ``smtpgreeting``, ``rcpthosts``, ``locals``, ``relaynets``, ``databytes``,
-``maxrcptcount``, ``timeoutsmtpd``.
+``maxrcptcount``, ``maxhops``, ``timeoutsmtpd``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from core import faults
+from core import faults, hops
 from core.address import check_mailbox, clean_for_header, domain_matches, domain_of, peer_in
 from core.config import Settings
 from core.directory import Directory, account_verdict, lookup_outcome
@@ -485,6 +486,8 @@ class Handler:
         content = envelope.original_content or b""
         if _has_bare_cr_or_lf(content):
             return "554 5.5.2 Message contains a bare CR or LF (RFC 5321 2.3.8); use CRLF line endings"
+        if (loop := hops.check(content, self.settings.maxhops, added=1)) is not None:  # with our Received line
+            return smtp_reply(loop)
         smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
         submitter = self.submitter
         message_id = submitter.new_id()

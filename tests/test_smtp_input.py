@@ -169,3 +169,27 @@ def test_slow_session_is_cut_at_the_idle_timeout(node_factory: Callable[..., Nod
     with pytest.raises(ConnectionError):
         talk.reply()  # silence: the server gives up
     assert time.monotonic() - started < 10
+
+
+def _hop_data(talk: Conversation, hop_lines: int) -> str:
+    assert talk.cmd("MAIL FROM:<a@example.net>").startswith("250")
+    assert talk.cmd("RCPT TO:<postmaster@test.example>").startswith("250")
+    assert talk.cmd("DATA").startswith("354")
+    received = "".join(f"Received: from hop{i}.example by hop{i + 1}.example; Mon, 7 Dec 2026 00:00:00 +0000\r\n"
+                       for i in range(hop_lines - 1))
+    talk.send(f"{received}Delivered-To: someone@test.example\r\nSubject: loop\r\n\r\nround again\r\n.\r\n")
+    return talk.reply()
+
+
+def test_a_message_over_maxhops_is_refused_as_a_loop(node_factory: Callable[..., Node]) -> None:
+    node = node_factory(maxhops="10")
+    node.start_smtpd()
+    talk = Conversation(node.port)
+    try:
+        talk.cmd("EHLO client.example")
+        reply = _hop_data(talk, 10)  # ten of its own and ours make eleven
+        assert reply.startswith("554 5.4.6"), reply
+        assert talk.cmd("RSET").startswith("250")  # the session goes on
+        assert _hop_data(talk, 9).startswith("250 2.0.0"), "nine and ours are within the limit"
+    finally:
+        talk.close()

@@ -202,8 +202,8 @@ class LocalDelivery:
                     return Delivered("already in the maildir (earlier attempt)")
             if quota and not maildir.has(name, look_in_cur=retry):
                 used, count = maildir.usage()
-                if quota.exceeded(used + len(data), count + 1):
-                    warn(maildir, address, used, count, quota, self.settings)
+                if quota.exceeded(used + len(data), count + 1):  # held back: warn as if it had fitted
+                    warn(maildir, address, used + len(data), count + 1, quota, self.settings)
                     return Deferred("4.2.2", "Mailbox over quota")
                 after = used + len(data), count + 1
             fresh = maildir.deliver(name, data, retry=retry)

@@ -188,7 +188,7 @@ class Maildir:
             if 0 <= now - last < period:
                 return False
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{now:.0f}\n".encode(), 0)
+            os.pwrite(fd, f"{now:.6f}\n".encode(), 0)  # not rounded: a rounded-up stamp looks like a clock gone back
             return True
         finally:
             os.close(fd)  # and with it the lock
