@@ -18,7 +18,7 @@ hooks (``limiter``: a ``core.ratelimit.AsyncRateLimiter``, None when no rate lim
   never interpret them, a host further on might). A refused recipient counts towards the tarpit;
 - DATA: a ``tag`` DNSBL listing adds ``X-RBL-Check: <zone> <reason>`` above the message.
 
-Failures: a DNSBL outage counts as not listed (core.dnsbl); others as ingress.smtpd.
+Failures: a DNSBL outage counts as not listed (ingress.dnsbl); others as ingress.smtpd.
 Settings: ``badmailfrom``, ``badrcptto``, ``relaymailfrom``, ``rbllist``, ``rbltimeout``,
 ``ratelimitip``, ``ratelimitsender``, ``ratelimitwindow``, ``tarpitcount``, ``tarpitdelay``.
 """
@@ -35,12 +35,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from core.address import routes_elsewhere, without_root_dot
 from core.config import Settings
 from core.directory import Directory
-from core.dnsbl import Dnsbl, Hit
-from core.policy import Policy
 from core.ratelimit import AsyncRateLimiter
 from core.submit import Submitter
 from ingress.committer import Committer
+from ingress.dnsbl import Dnsbl, Hit
 from ingress.guard import tarpit
+from ingress.policy import Policy
 from ingress.smtpd import Handler
 
 log = logging.getLogger("shardmail.smtpd")

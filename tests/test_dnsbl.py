@@ -1,4 +1,4 @@
-"""core.dnsbl against a real DNS server (unbound on loopback, tests/dns_server.py) serving blocklist zones."""
+"""ingress.dnsbl against a real DNS server (unbound on loopback, tests/dns_server.py) serving blocklist zones."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from core.config import Settings, load
-from core.dnsbl import REASON_LIMIT, Blocklist, Dnsbl, Hit, parse, query_name
+from ingress.dnsbl import REASON_LIMIT, Blocklist, Dnsbl, Hit, parse, query_name
 from tests.dns_server import DnsServer, Zone
 
 LISTED_V6 = "2001:db8::1"

@@ -1,11 +1,11 @@
-"""core.policy: badmailfrom, badrcptto and relaymailfrom matching (pure), and their config checks."""
+"""ingress.policy: badmailfrom, badrcptto and relaymailfrom matching (pure), and their config checks."""
 
 from __future__ import annotations
 
 import pytest
 
 from core.config import ConfigError, load
-from core.policy import AddressList, Policy
+from ingress.policy import AddressList, Policy
 
 
 def policy(**lists: str) -> Policy:
