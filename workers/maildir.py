@@ -2,7 +2,7 @@
 
 Interface: ``Maildir(path)`` with
 ``deliver(name, data) -> bool`` (False: that copy was already there), ``usage() -> (bytes, count)``,
-``stage(name, data) -> Staged | bool | None``, ``claim_warning(period) -> bool``;
+``stage(name, data) -> Staged | bool | None``, ``claim_warning(period) -> float | None``;
 ``commit(staged) -> list[bool | OSError]``, ``discard(staged)``; ``file_name(birth, message_id, index,
 size, host)``.
 
@@ -170,10 +170,11 @@ class Maildir:
                 return None
             raise
 
-    def claim_warning(self, period: int, now: float | None = None) -> bool:
-        """Whether a quota warning is due: none was claimed in the last ``period`` seconds (or the
-        clock went back past the last one). If so, this call claims it: ``now`` is recorded."""
-        now = time.time() if now is None else now
+    def claim_warning(self, period: int) -> float | None:
+        """The time of a quota warning due now (none was claimed in the last ``period`` seconds, or
+        the clock went back past the last one), recorded as claimed; None when none is due. The
+        time is read under the lock: one read before it could be older than a stamp a racing
+        delivery has just written, and would look like a clock gone back."""
         try:
             fd = os.open(f"{self.path}/{WARNING_STAMP}", os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:
@@ -181,15 +182,16 @@ class Maildir:
             fd = os.open(f"{self.path}/{WARNING_STAMP}", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            now = time.time()
             try:
                 last = float(os.read(fd, 64).decode("ascii").strip() or "-inf")
             except ValueError:  # unreadable: as if never warned
                 last = float("-inf")
             if 0 <= now - last < period:
-                return False
+                return None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{now:.6f}\n".encode(), 0)  # not rounded: a rounded-up stamp looks like a clock gone back
-            return True
+            return now
         finally:
             os.close(fd)  # and with it the lock
 

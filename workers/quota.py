@@ -67,9 +67,9 @@ def warn(maildir: Maildir, address: str, used: int, count: int, quota: Quota, se
     there within ``quotawarningperiod``; whether one was put there."""
     if not quota.reached(used, count, settings.quotawarning):
         return False
-    now = time.time()
     try:
-        if not maildir.claim_warning(settings.quotawarningperiod, now):
+        now = maildir.claim_warning(settings.quotawarningperiod)
+        if now is None:
             return False
         data = warning(address, used, count, quota, settings, now)
         maildir.deliver(f"{int(now)}.W{time.time_ns()}P{os.getpid()}.{HOST},S={len(data)}", data, retry=False)
