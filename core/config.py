@@ -95,7 +95,7 @@ class Settings:
     rcpthosts: list[str] = _setting([], "domains accepted from anyone (.example.com = subdomains)")
     locals: list[str] = _setting(["localhost"], "domains delivered here (accepted too); default: localhost and me")
     relaynets: list[str] = _setting(
-        ["127.0.0.0/8", "::1/128"], "client networks allowed to relay (tcpserver's RELAYCLIENT)", _cidr_list
+        ["127.0.0.1/32", "::1/128"], "client networks allowed to relay (tcpserver's RELAYCLIENT)", _cidr_list
     )
     databytes: int = _setting(10240000, "largest message accepted, bytes (0 = no limit)", NONNEGATIVE)
     maxrcptcount: int = _setting(1000, "recipients per message; further ones get 452 4.5.3", POSITIVE)

@@ -1,12 +1,13 @@
 """``shardmail run``: the all-in-one supervisor for a node.
 
-Interface: ``Supervisor(settings, config_path).run() -> int``. It starts an embedded
+Interface: ``Supervisor(settings, config_path).run() -> int``; ``starter_users_ldif(locals)``. It starts an embedded
 ``redis-server`` when no ``redis_url`` is configured (unix socket under ``var_dir``, persistence
 off: the spool is the ledger, so Redis may forget everything), then ``ingress_processes`` SMTP
 processes, ``localprocesses`` local and ``remoteprocesses`` remote delivery pools and
 ``schedulerprocesses`` schedulers, restarts any child that dies (with a growing delay, logging
 why), and on SIGTERM or Ctrl-C stops the children, Redis last. Without LDAP it creates
-``users_ldif`` with a postmaster entry.
+``users_ldif`` with a postmaster entry (``starter_users_ldif``: the suffix and ``ou=people`` entries
+first, so ``ldapadd`` loads the file unchanged into an empty directory for that suffix).
 
 Failures: a missing ``redis-server`` binary or a Redis that does not come up is fatal at start
 (exit 69, a clear message). A child that keeps crashing is restarted every 30 s at most.
@@ -39,6 +40,28 @@ EX_UNAVAILABLE = 69
 MAX_DELAY = 30.0
 STABLE = 60.0  # a child up this long has its restart delay reset
 STOP_GRACE = 15.0
+
+
+def starter_users_ldif(locals_: list[str]) -> str:
+    """The first users file: the postmaster of every local domain (RFC 5321 4.5.1) as one qmailUser
+    entry under ``ou=people,dc=<first domain's labels>``, preceded by the suffix and container
+    entries, so that ``ldapadd -x -D <rootdn> -W -f users.ldif`` fills an empty directory whose suffix
+    is that ``dc=`` DN (the embedded reader skips those two: they have no address)."""
+    domains = list(dict.fromkeys(d.lower().rstrip(".") for d in locals_))
+    labels = domains[0].split(".")
+    suffix = ",".join(f"dc={label}" for label in labels)
+    entries = [
+        [f"dn: {suffix}", "objectClass: dcObject", "objectClass: organization", f"dc: {labels[0]}",
+         f"o: {domains[0]}"],
+        [f"dn: ou=people,{suffix}", "objectClass: organizationalUnit", "ou: people"],
+        [f"dn: uid=postmaster,ou=people,{suffix}", "objectClass: inetOrgPerson", "objectClass: qmailUser",
+         "cn: postmaster", "sn: postmaster", "uid: postmaster", f"mail: postmaster@{domains[0]}",
+         *(f"mailAlternateAddress: postmaster@{d}" for d in domains[1:]), "mailMessageStore: postmaster/"],
+    ]
+    header = ("# shardmail's embedded directory: qmailUser entries under ou=people, as on an LDAP server.\n"
+              f"# Into an empty slapd with suffix {suffix} and the qmailUser schema:\n"
+              f"#   ldapadd -x -H ldap://HOST -D <rootdn> -W -f users.ldif\n")
+    return header + "\n".join("\n".join(entry) + "\n" for entry in entries)
 
 
 @dataclass
@@ -110,17 +133,7 @@ class Supervisor:
         if path.exists():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        domains = list(dict.fromkeys(d.lower() for d in self.settings.locals))
-        lines = [
-            "# shardmail's embedded directory: qmailUser entries, as for an LDAP server (ldapadd -f works).",
-            f"dn: uid=postmaster,ou=people,dc={domains[0].replace('.', ',dc=')}",
-            "objectClass: inetOrgPerson", "objectClass: qmailUser",
-            "cn: postmaster", "sn: postmaster", "uid: postmaster",
-            f"mail: postmaster@{domains[0]}",
-            *(f"mailAlternateAddress: postmaster@{d}" for d in domains[1:]),
-            "mailMessageStore: postmaster/",
-        ]
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(starter_users_ldif(self.settings.locals))
         log.info("created %s with a postmaster entry", path)
 
     def plan(self) -> list[Child]:

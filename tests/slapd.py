@@ -2,8 +2,9 @@
 
 Each ``Slapd`` builds its own cn=config (slapadd -n0) in a tmp dir: the system core, cosine, nis and
 inetorgperson schemas plus the project's ``core/schema/qmailuser.ldif``, one mdb database for
-``dc=example,dc=test`` loaded from ``tests/data/users.ldif`` (slapadd checks every entry against the
-schema), then runs slapd in the foreground on 127.0.0.1 only. Nothing of the system slapd is used.
+``dc=example,dc=test`` (or another ``suffix``) loaded from ``tests/data/users.ldif`` (slapadd checks every
+entry against the schema; ``users_ldif=None`` leaves it empty, as a fresh install), then runs slapd in
+the foreground on 127.0.0.1 only. Nothing of the system slapd is used.
 
 Fixtures (register with ``pytest_plugins = ["tests.slapd"]`` in the top conftest): ``slapd``, one
 server for the session (read-only by convention: a test that changes entries or stops the server
@@ -63,7 +64,8 @@ def _values(values: Values) -> list[str]:
 class Slapd:
     """One slapd process and its files under ``directory``; start() again after stop() keeps the data."""
 
-    def __init__(self, directory: Path, users_ldif: Path = USERS_LDIF) -> None:
+    def __init__(self, directory: Path, users_ldif: Path | None = USERS_LDIF, suffix: str = SUFFIX) -> None:
+        """``users_ldif=None``: an empty database (not even the suffix entry), as after a fresh install."""
         self.directory = directory
         self.users_ldif = users_ldif
         self.config_dir = directory / "slapd.d"
@@ -72,7 +74,8 @@ class Slapd:
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
-        self.base_dn = SUFFIX
+        self.base_dn = suffix
+        self.admin_dn = f"cn=admin,{suffix}"
 
     @property
     def url(self) -> str:
@@ -107,8 +110,8 @@ class Slapd:
             "objectClass: olcDatabaseConfig",
             "objectClass: olcMdbConfig",
             "olcDatabase: {1}mdb",
-            _ldif_line("olcSuffix", SUFFIX),
-            _ldif_line("olcRootDN", ADMIN_DN),
+            _ldif_line("olcSuffix", self.base_dn),
+            _ldif_line("olcRootDN", self.admin_dn),
             _ldif_line("olcRootPW", ADMIN_PASSWORD),
             _ldif_line("olcDbDirectory", str(self.db_dir)),
             "olcDbNoSync: TRUE",  # test data: speed over durability
@@ -135,7 +138,8 @@ class Slapd:
         config = self.directory / "config.ldif"
         config.write_text(self.config_ldif())
         self._slapadd("-n0", "-l", str(config))
-        self._slapadd("-q", "-b", SUFFIX, "-l", str(self.users_ldif))
+        if self.users_ldif is not None:
+            self._slapadd("-q", "-b", self.base_dn, "-l", str(self.users_ldif))
 
     # -- process ------------------------------------------------------------------------------
 
@@ -222,7 +226,7 @@ class Slapd:
 
     def admin(self, timeout: int = 5) -> ldap3.Connection:
         """Bound as the rootdn; server errors raise ``LDAPException`` subclasses."""
-        return ldap3.Connection(self.server(timeout), ADMIN_DN, ADMIN_PASSWORD, auto_bind=True,
+        return ldap3.Connection(self.server(timeout), self.admin_dn, ADMIN_PASSWORD, auto_bind=True,
                                 receive_timeout=timeout, raise_exceptions=True)
 
     def _answers_or_exited(self, proc: subprocess.Popen[bytes]) -> bool:
@@ -234,7 +238,7 @@ class Slapd:
         except LDAPException:
             return False
         try:
-            return bool(conn.search(SUFFIX, "(objectClass=*)", ldap3.BASE))
+            return bool(conn.search("", "(objectClass=*)", ldap3.BASE))  # the root DSE: an empty database too
         except LDAPException:
             return False
         finally:

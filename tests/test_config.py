@@ -40,6 +40,7 @@ def test_defaults_without_any_source_use_the_fqdn_and_relative_var_dir() -> None
     assert settings.me
     assert settings.locals == list(dict.fromkeys(["localhost", settings.me]))
     assert settings.spool_root == Path("./var") / "spool"
+    assert settings.relaynets == ["127.0.0.1/32", "::1/128"]  # not all of 127.0.0.0/8
 
 
 def test_default_locals_have_no_duplicate_when_me_is_localhost() -> None:

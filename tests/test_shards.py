@@ -1,10 +1,12 @@
-"""Shard administration against real queued mail: drain under load, a shard added online, a rebalance
-SIGKILLed mid-way and run again (counts kept, each message delivered exactly once), and the pause that
-keeps consumers and the scheduler off a shard being rebalanced. Real redis-server, shardmail processes,
+"""Shard administration against real queued mail: random placement (spread over the open shards, never a
+draining one), drain under load, a shard added online, a rebalance SIGKILLed mid-way and run again (counts
+kept, each message delivered exactly once), and the pause that keeps consumers and the scheduler off a
+shard being rebalanced. Real redis-server, shardmail processes,
 unbound for MX records and an SMTP sink on loopback."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -128,6 +130,31 @@ def test_drain_under_load_stops_new_mail_and_the_shard_empties(node_factory: Cal
     wait_until(lambda: not any(s == [1] for s in where(node).values()), timeout=60, what="shard 1 empty")
     wait_until(lambda: not where(node), timeout=60, what="everything delivered")
     assert sum(maildir_copies(node).values()) == len(accepted)
+
+
+def test_random_placement_spreads_mail_and_never_picks_a_draining_shard(node_factory: Callable[..., Node]) -> None:
+    node = node_factory(shards="4", shard_policy="random")
+    assert node.command("shards", "drain", "2").returncode == 0
+    start_smtpd(node)
+    sent: list[str] = []
+    with smtplib.SMTP("127.0.0.1", node.port, timeout=30) as client:
+        client.ehlo("client.example.net")
+        for i in range(300):
+            client.mail("a@example.net")
+            client.rcpt(f"user{i}@test.example")
+            code, text = client.data(b"Subject: random\r\n\r\nbody\r\n")
+            assert code == 250, text
+            sent.append(text.decode().rsplit(" ", 1)[-1])
+    spooled = where(node)
+    shards = [spooled[m] for m in sent]
+    assert all(len(s) == 1 for s in shards)  # each message in one spool, once
+    picks = [s[0] for s in shards]
+    counts = Counter(picks)
+    assert set(counts) == {0, 1, 3}, counts  # never the draining shard
+    assert min(counts.values()) >= 60, counts  # 100 expected each; below 60 is > 6 standard deviations off
+    # not round robin (nor least-loaded's spreading): a fair choice repeats a shard back to back, all
+    # but never in 300 picks ((2/3)**299), while a rotation never does
+    assert any(a == b for a, b in itertools.pairwise(picks))
 
 
 def test_added_shard_is_used_by_running_ingress_pool_and_scheduler(node_factory: Callable[..., Node],

@@ -52,7 +52,7 @@ def test_relay_tricks_refused_for_an_outside_client(node_factory: Callable[..., 
 
 
 def test_relay_tricks_accepted_for_a_relay_client(node_factory: Callable[..., Node]) -> None:
-    node = node_factory()  # 127.0.0.0/8 may relay
+    node = node_factory()  # the client, 127.0.0.1, may relay by default
     node.start_smtpd()
     for address in TRICKS[:8]:
         assert rcpt(node, address).startswith("250"), address

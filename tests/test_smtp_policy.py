@@ -1,5 +1,5 @@
-"""Policy at the SMTP door, against real shardmail SMTP processes: badmailfrom, badrcptto,
-relaymailfrom, DNSBL reject and tag modes (a real unbound serving the blocklist zone; the client
+"""Policy at the SMTP door, against real shardmail SMTP processes: the default relaynets, badmailfrom,
+badrcptto, relaymailfrom, DNSBL reject and tag modes (a real unbound serving the blocklist zone; the client
 connects from 127.0.0.2, the RFC 5782 test address), and message rate limits per client address
 shared by two ingress processes through Redis."""
 
@@ -49,6 +49,23 @@ def test_badmailfrom_and_badrcptto(node_factory: Callable[..., Node]) -> None:
     assert transaction(talk, "a@example.net", "open@test.example")[1].startswith("250")
     assert transaction(talk, "", "user@test.example")[1].startswith("250")  # <> is not "bad" by default
     talk.close()
+
+
+def test_only_127_0_0_1_relays_by_default(node_factory: Callable[..., Node]) -> None:
+    """relaynets defaults to 127.0.0.1/32 and ::1/128: another loopback address stands for another host."""
+    node = node_factory()
+    node.start_smtpd()
+    for source, relays in (("127.0.0.1", True), ("127.0.0.2", False), ("127.255.255.254", False)):
+        talk = From(node.port, source)
+        talk.cmd("EHLO client.example")
+        mail, rcpt = transaction(talk, "a@example.net", "x@elsewhere.example")
+        assert mail.startswith("250"), (source, mail)
+        if relays:
+            assert rcpt.startswith("250 2.1.5"), (source, rcpt)
+        else:
+            assert rcpt == "554 5.7.1 Relaying denied", (source, rcpt)
+            assert transaction(talk, "a@example.net", "x@test.example")[1].startswith("250")  # locals still
+        talk.close()
 
 
 def test_relaymailfrom_lets_a_listed_sender_relay(node_factory: Callable[..., Node]) -> None:
