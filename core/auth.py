@@ -2,7 +2,7 @@
 
 Interface: ``Authenticator(settings, directory, throttle=None)``; ``await authenticator.verify(login,
 password, peer_ip) -> AuthVerdict`` (``result`` ok | bad | temporary | blocked, ``mail`` of the
-account for the Received header, ``reason`` for the log only, ``reply`` the SMTP line to send);
+account for the Received header, ``reason`` for the log only; ingress.replies turns the result into the SMTP line);
 ``authenticator.check(...)`` is the same, blocking. ``AuthThrottle(conn, prefix, settings)`` with
 ``allowed(ip, login) -> bool`` (one MGET) and ``failed(ip, login)`` (one pipelined round trip);
 ``ThrottleUnavailable``. ``Authenticator.close()`` stops its threads.
@@ -68,14 +68,6 @@ class AuthResult(enum.Enum):
     BLOCKED = "blocked"
 
 
-REPLIES = {
-    AuthResult.OK: "235 2.7.0 Authentication successful",
-    AuthResult.BAD: "535 5.7.8 Authentication credentials invalid",
-    AuthResult.TEMPORARY: "454 4.7.0 Temporary authentication failure, try again later",
-    AuthResult.BLOCKED: "454 4.7.0 Too many failed authentications, try again later",
-}
-
-
 @dataclass(frozen=True, slots=True)
 class AuthVerdict:
     result: AuthResult
@@ -85,10 +77,6 @@ class AuthVerdict:
     @property
     def ok(self) -> bool:
         return self.result is AuthResult.OK
-
-    @property
-    def reply(self) -> str:
-        return REPLIES[self.result]
 
 
 @dataclass(frozen=True, slots=True)

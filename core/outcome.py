@@ -1,7 +1,8 @@
-"""Delivery outcomes as values, and their one mapping to SMTP replies and exit codes.
+"""Delivery outcomes as values, and their mapping from peers' replies and to exit codes.
 
 Interface: ``Delivered``, ``Deferred``, ``Failed`` (frozen dataclasses; ``Outcome`` is their union),
-``smtp_reply(outcome) -> str``, ``from_reply(code, text) -> Outcome`` (a peer's reply),
+``from_reply(code, text) -> Outcome`` (a peer's reply; the reverse, an outcome as the reply
+shardmail's smtpd sends, is ingress.replies' ``outcome``),
 ``exit_code(outcome) -> int``, ``QueueUnavailable`` (raised by the
 front door when a message cannot be made durable or enqueued).
 
@@ -45,15 +46,6 @@ class Failed:
 
 
 Outcome = Delivered | Deferred | Failed
-
-
-def smtp_reply(outcome: Outcome, refusal: str = "554") -> str:
-    """The reply line for an outcome at SMTP time: 250, 451, or ``refusal`` (550 at RCPT, 554 after
-    DATA) for a permanent one, each with its enhanced code."""
-    if isinstance(outcome, Delivered):
-        return f"250 {outcome.status} {outcome.text or 'Ok'}"
-    basic = "451" if isinstance(outcome, Deferred) else refusal
-    return f"{basic} {outcome.status} {outcome.text}"
 
 
 def from_reply(code: int, text: str) -> Outcome:

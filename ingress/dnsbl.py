@@ -2,8 +2,8 @@
 
 Interface: ``Dnsbl(settings, resolver=None)``, ``await dnsbl.check(address) -> list[Hit]`` (hits in
 ``rbllist`` order; empty when listed nowhere), ``Hit`` (zone, action, reason, codes) with
-``hit.reply()`` (``554 5.7.1 <reason>``, for ``reject`` lists) and ``hit.header()`` (the
-``X-RBL-Check`` header line, for ``tag`` lists), ``query_name(address, zone)``, ``parse(entries)``,
+``hit.header()`` (the ``X-RBL-Check`` header line, for ``tag`` lists; a ``reject`` list's reason
+becomes ingress.replies' ``LISTED``), ``query_name(address, zone)``, ``parse(entries)``,
 ``make_resolver(settings)``.
 
 Query: IPv4 ``192.0.2.10`` in ``zone`` is ``10.2.0.192.zone``; IPv6 is the 32 nibbles of the
@@ -70,9 +70,6 @@ class Hit:
     action: str
     reason: str  # printable ASCII, at most REASON_LIMIT characters
     codes: tuple[str, ...]  # the A records, e.g. ("127.0.0.2",)
-
-    def reply(self) -> str:
-        return f"554 5.7.1 {self.reason}"
 
     def header(self) -> str:
         """The header line (no CRLF) a ``tag`` list adds to the message."""

@@ -37,6 +37,7 @@ from core.config import Settings
 from core.directory import Directory
 from core.ratelimit import AsyncRateLimiter
 from core.submit import Submitter
+from ingress import replies
 from ingress.committer import Committer
 from ingress.dnsbl import Dnsbl, Hit
 from ingress.guard import tarpit
@@ -83,14 +84,14 @@ class GatedHandler(Handler):
             if user and not await limiter.allow("sender", user):
                 log.warning("rate limit: %s (authenticated) is over %d messages per %d s", user,
                             self.settings.ratelimitsender, self.settings.ratelimitwindow)
-                return "451 4.7.1 Too many messages from this account, slow down and try again later"
+                return replies.RATE_ACCOUNT.line
             if not user and not await limiter.allow("ip", peer):
                 log.warning("rate limit: %s is over %d messages per %d s", peer, self.settings.ratelimitip,
                             self.settings.ratelimitwindow)
-                return "451 4.7.1 Too many messages from your address, slow down and try again later"
+                return replies.RATE_ADDRESS.line
         except redis.RedisError as exc:
             log.warning("rate limit unavailable (%s): MAIL deferred", exc)
-            return "451 4.3.0 Temporary failure, try again later"
+            return replies.TEMPORARY.line
         return None
 
     async def handle_RCPT(
@@ -108,14 +109,14 @@ class GatedHandler(Handler):
     def _refusal(self, session: Session, address: str, listed: Iterable[Hit]) -> str | None:
         sender = getattr(session, "mail_from", "")
         if self.policy.bad_sender(sender):
-            return "553 5.7.1 Sender address refused by policy"
+            return replies.SENDER_REFUSED.line
         if self.policy.bad_recipient(address):
-            return "553 5.7.1 Recipient address refused by policy"
+            return replies.RECIPIENT_REFUSED.line
         for hit in listed:
             if hit.action == "reject":
-                return hit.reply()
+                return replies.LISTED.format(reason=hit.reason)
         if routes_elsewhere(address) and not self.may_relay(session):
-            return "554 5.7.1 Sender-specified routing (%, !, quoted @) is not accepted"
+            return replies.ROUTING_REFUSED.line
         return None
 
     def tags(self, session: Session) -> bytes:

@@ -28,11 +28,9 @@ from typing import Any
 
 from core.address import peer_in
 from core.config import Settings
+from ingress import replies
 
 log = logging.getLogger("shardmail.smtpd")
-TOO_MANY = "421 4.7.0 {me} Too many connections{what}, try again later"
-TOO_MANY_ERRORS = "421 4.7.0 {me} Too many errors, closing connection"
-TOO_LONG = "421 4.4.2 {me} Session too long, closing connection"
 
 
 class ConnectionLimits:
@@ -46,10 +44,10 @@ class ConnectionLimits:
 
     def admit(self, ip: str) -> str | None:
         if self.open >= self.total:
-            return TOO_MANY.format(me=self.me, what="")
+            return replies.TOO_MANY_CONNECTIONS.format(me=self.me, what="")
         count = self.by_ip.get(ip, 0)
         if count >= self.per_ip and not peer_in(ip, self.exempt):
-            return TOO_MANY.format(me=self.me, what=" from your address")
+            return replies.TOO_MANY_CONNECTIONS.format(me=self.me, what=" from your address")
         self.open += 1
         self.by_ip[ip] = count + 1
         return None
@@ -127,7 +125,7 @@ class SessionGuard:
         me = self.guard_settings.me if self.guard_settings else ""
         transport = self.transport  # type: ignore[attr-defined]
         if transport is not None and not transport.is_closing():
-            transport.write((TOO_LONG.format(me=me) + "\r\n").encode())
+            transport.write((replies.SESSION_TOO_LONG.format(me=me) + "\r\n").encode())
             self._close()
 
     def push(self, status: Any) -> Awaitable[None]:
@@ -142,7 +140,7 @@ class SessionGuard:
         self._errors += 1
         if self._errors < settings.maxerrors:
             return sent
-        self._refusal = TOO_MANY_ERRORS.format(me=settings.me)
+        self._refusal = replies.TOO_MANY_ERRORS.format(me=settings.me)
         return self._last_words(sent, self._refusal)
 
     async def _last_words(self, sent: Awaitable[None], farewell: str) -> None:
@@ -155,7 +153,7 @@ class SessionGuard:
         """Once a session is encrypted, STARTTLS is an error (aiosmtpd would start a second TLS
         layer inside the first)."""
         if getattr(self, "_tls_protocol", None) is not None or self.transport.get_extra_info("sslcontext"):  # type: ignore[attr-defined]
-            await self.push("554 5.5.1 TLS already active")  # type: ignore[attr-defined]
+            await self.push(replies.TLS_ACTIVE.line)  # type: ignore[attr-defined]
             return
         await super().smtp_STARTTLS(arg)  # type: ignore[misc]
 

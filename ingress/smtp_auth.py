@@ -27,6 +27,7 @@ from aiosmtpd.smtp import MISSING, AuthResult
 
 from core.auth import Authenticator
 from core.auth import AuthResult as Verdict
+from ingress import replies
 
 log = logging.getLogger("shardmail.smtpd")
 
@@ -45,7 +46,7 @@ class AuthMechanisms:
                 return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3 or not parts[1]:
-            await self.push("501 5.5.2 Malformed PLAIN credentials")  # type: ignore[attr-defined]
+            await self.push(replies.AUTH_MALFORMED_PLAIN.line)  # type: ignore[attr-defined]
             return AuthResult(success=False, handled=True)
         return await self._check(parts[1], parts[2])
 
@@ -65,23 +66,23 @@ class AuthMechanisms:
         try:
             return b64decode(text.encode(), validate=True)
         except (binascii.Error, ValueError):
-            await self.push("501 5.5.2 Cannot decode base64")  # type: ignore[attr-defined]
+            await self.push(replies.AUTH_BAD_BASE64.line)  # type: ignore[attr-defined]
             return None
 
     async def _check(self, login: bytes, password: bytes) -> AuthResult:
         session = self.session  # type: ignore[attr-defined]
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
         if self.authenticator is None:
-            return AuthResult(success=False, handled=False, message="454 4.7.0 Authentication not available")
+            return AuthResult(success=False, handled=False, message=replies.AUTH_UNAVAILABLE.line)
         name = login.decode("utf-8", "replace")
         verdict = await self.authenticator.verify(name, password, peer)
         if verdict.ok:
             session.auth_mail = verdict.mail or name
             log.info("AUTH as %s from %s", session.auth_mail, peer)
-            return AuthResult(success=True, message=verdict.reply, auth_data=session.auth_mail)
+            return AuthResult(success=True, message=replies.auth(verdict.result), auth_data=session.auth_mail)
         log.warning("AUTH failed for %r from %s: %s", name[:100], peer, verdict.reason)
         if verdict.result is Verdict.BLOCKED:
-            await self.push(verdict.reply)  # type: ignore[attr-defined]
+            await self.push(replies.auth(verdict.result))  # type: ignore[attr-defined]
             self.transport.close()  # type: ignore[attr-defined]
             return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False, message=verdict.reply)
+        return AuthResult(success=False, handled=False, message=replies.auth(verdict.result))

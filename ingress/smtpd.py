@@ -44,8 +44,9 @@ from core.address import check_mailbox, clean_for_header, domain_matches, domain
 from core.config import Settings
 from core.directory import Directory, account_verdict, lookup_outcome
 from core.envelope import Client
-from core.outcome import QueueUnavailable, smtp_reply
+from core.outcome import QueueUnavailable
 from core.submit import Draft, Submitter
+from ingress import replies
 from ingress.committer import Committer
 
 log = logging.getLogger("shardmail.smtpd")
@@ -60,11 +61,9 @@ _DEFAULT_ENHANCED = {
     "530": "5.7.0", "552": "5.3.4", "554": "5.5.0", "555": "5.5.4",
 }  # fmt: skip
 _REWRITE = {
-    _MALFORMED: "501 5.1.3 Bad address syntax",
-    "501 Syntax: MAIL FROM: <address>": "501 5.5.4 Syntax: MAIL FROM:<address>",
-    "501 Syntax: RCPT TO: <address>": "501 5.5.4 Syntax: RCPT TO:<address>",
-    "552 Error: Too much mail data": "552 5.3.4 Message too big for system",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    _MALFORMED: replies.BAD_ADDRESS.line,
+    "501 Syntax: MAIL FROM: <address>": replies.MAIL_SYNTAX.line,
+    "501 Syntax: RCPT TO: <address>": replies.RCPT_SYNTAX.line,
 }
 _NO_ENHANCED = ("220", "354", "334")
 
@@ -325,8 +324,7 @@ class Server(SMTP):
         utf8 = None if sender else bool(self.envelope is not None and self.envelope.smtp_utf8)
         path = parse_path(arg, smtputf8=utf8, null=sender, postmaster=keyword == "TO:")
         if isinstance(path, str):
-            self._path_refusal = (f"501 5.1.7 Bad sender address syntax: {path}" if sender
-                                  else f"501 5.1.3 Bad recipient address syntax: {path}")
+            self._path_refusal = (replies.BAD_SENDER if sender else replies.BAD_RECIPIENT).format(why=path)
             return None, None
         if not path.mailbox:
             return "<>", path.params
@@ -346,12 +344,12 @@ class Server(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            await self.push(replies.NEED_RCPT.line)
             return
         if arg:
-            await self.push("501 Syntax: DATA")
+            await self.push(replies.DATA_SYNTAX.line)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(replies.GO_AHEAD)
         limit = self.data_size_limit
         data = bytearray()
         total = 0
@@ -378,11 +376,11 @@ class Server(SMTP):
         total -= 3
         if limit and total > limit:
             self._set_post_data_state()
-            await self.push("552 Error: Too much mail data")
+            await self.push(replies.TOO_BIG.line)
             return
         if len(data) > self.line_length_limit - 2 and max(map(len, data.split(b"\r\n"))) > self.line_length_limit - 2:
             self._set_post_data_state()
-            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            await self.push(replies.LINE_TOO_LONG.line)
             return
         if data.startswith(b"."):
             del data[0]
@@ -460,7 +458,7 @@ class Handler:
             _, verdict = await loop.run_in_executor(None, lookup_outcome, self.directory, address)
         if verdict is None:
             return None
-        return smtp_reply(replace(verdict, text=f"<{clean_for_header(address)}>: {verdict.text}"), refusal="550")
+        return replies.outcome(replace(verdict, text=f"<{clean_for_header(address)}>: {verdict.text}"), refusal=550)
 
     def may_relay(self, session: Session) -> bool:
         return peer_in(session.peer[0] if isinstance(session.peer, tuple) else "", self.relaynets)
@@ -478,10 +476,10 @@ class Handler:
         if address != "<>":  # aiosmtpd's spelling of the null sender; kept truthy for its state checks
             problem = check_mailbox(address, smtputf8)
             if problem:
-                return f"501 5.1.7 Bad sender address syntax: {problem}"
+                return replies.BAD_SENDER.format(why=problem)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        return "250 2.1.0 Ok"
+        return replies.SENDER_OK.line
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -489,27 +487,27 @@ class Handler:
         faults.check("smtpd.rcpt")
         smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
         if len(envelope.rcpt_tos) >= self.settings.maxrcptcount:
-            return "452 4.5.3 Too many recipients"
+            return replies.TOO_MANY_RECIPIENTS.line
         problem = check_mailbox(address, smtputf8)
         if problem:
-            return f"501 5.1.3 Bad recipient address syntax: {problem}"
+            return replies.BAD_RECIPIENT.format(why=problem)
         domain = domain_of(address)
         if domain_matches(domain, self.locals):
             refusal = await self.check_local(address)
             if refusal:
                 return refusal
         elif not domain_matches(domain, self.accepted) and not self.may_relay(session):
-            return "554 5.7.1 Relaying denied"
+            return replies.RELAY_DENIED.line
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
-        return "250 2.1.5 Ok"
+        return replies.RECIPIENT_OK.line
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         if _has_bare_cr_or_lf(content):
-            return "554 5.5.2 Message contains a bare CR or LF (RFC 5321 2.3.8); use CRLF line endings"
+            return replies.BARE_CR_LF.line
         if (loop := hops.check(content, self.settings.maxhops, added=1)) is not None:  # with our Received line
-            return smtp_reply(loop)
+            return replies.outcome(loop)
         smtputf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
         submitter = self.submitter
         message_id = submitter.new_id()
@@ -524,13 +522,13 @@ class Handler:
         try:
             await self.committer.commit(draft)
         except QueueUnavailable as exc:
-            return smtp_reply(replace(exc.outcome, text=f"{exc.outcome.text}, try again later"))
+            return replies.outcome(replace(exc.outcome, text=replies.TRY_AGAIN.format(text=exc.outcome.text)))
         except Exception:
             log.exception("unexpected failure queueing %s", message_id)
-            return "451 4.3.0 Internal error, try again later"
+            return replies.INTERNAL_ERROR.line
         log.info("queued %s from <%s> for %d rcpt, %d bytes", message_id, _sender(envelope),
                  len(envelope.rcpt_tos), len(body))
-        return f"250 2.0.0 Ok: queued as {message_id}"
+        return replies.QUEUED.format(id=message_id)
 
     def tags(self, session: Session) -> bytes:
         """Header lines the session adds above the message (ingress.gate's DNSBL tags)."""
@@ -548,7 +546,7 @@ class Handler:
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session error: %r", error, exc_info=error)
-        return "451 4.3.0 Internal error, try again later"
+        return replies.INTERNAL_ERROR.line
 
 
 _date_cache: tuple[int, str] = (0, "")

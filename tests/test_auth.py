@@ -17,6 +17,7 @@ from core.auth import AUTH_THREADS, Authenticator, AuthResult, AuthThrottle, Aut
 from core.config import Settings, load
 from core.directory import open_directory
 from core.redis_conn import connect
+from ingress import replies
 from tests.conftest import RedisServer
 from tests.slapd import Slapd, combined_ldif
 from tests.support import wait_until
@@ -85,11 +86,11 @@ def ldap_auth(auth_slapd: Slapd) -> Iterator[Authenticator]:
 @pytest.mark.parametrize(("login", "password"), SCHEMES)
 def test_each_scheme_against_slapd(ldap_auth: Authenticator, login: str, password: str) -> None:
     verdict = check(ldap_auth, login, password)
-    assert verdict.ok and verdict.mail == login and verdict.reply.startswith("235 2.7.0"), verdict
+    assert verdict.ok and verdict.mail == login and replies.auth(verdict.result).startswith("235 2.7.0"), verdict
     assert check(ldap_auth, login.upper(), password.encode()).ok  # addresses are case-insensitive
     assert check(ldap_auth, login.split("@")[0], password).ok  # no "@": the uid
     refused = check(ldap_auth, login, wrong(password))
-    assert refused.result is AuthResult.BAD and refused.reply.startswith("535 5.7.8"), refused
+    assert refused.result is AuthResult.BAD and replies.auth(refused.result).startswith("535 5.7.8"), refused
     assert check(ldap_auth, login, "").result is AuthResult.BAD
 
 
@@ -119,7 +120,8 @@ def test_unknown_and_refused_accounts_answer_like_a_wrong_password(ldap_auth: Au
         "catchall round": check(ldap_auth, "someone@auth.example", "pw-catchall-secret"),
     }
     for name, verdict in cases.items():
-        assert (verdict.result, verdict.mail, verdict.reply) == (wrong.result, wrong.mail, wrong.reply), name
+        said, expected = (verdict, replies.auth(verdict.result)), (wrong, replies.auth(wrong.result))
+        assert (said[0].result, said[0].mail, said[1]) == (expected[0].result, expected[0].mail, expected[1]), name
     assert "disabled" in cases["disabled"].reason and "unknown" in cases["unknown"].reason
     assert check(ldap_auth, "catchall@auth.example", "pw-catchall-secret").ok  # its own address, though
 
@@ -213,7 +215,8 @@ def test_directory_stopped_is_temporary_within_the_timeout(auth_slapd_fresh: Sla
             for login in ("auth-ssha@auth.example", "nobody@alias.example"):
                 started = time.monotonic()
                 verdict = check(auth, login, "pw-ssha-secret")
-                assert verdict.result is AuthResult.TEMPORARY and verdict.reply.startswith("454 4.7.0"), verdict
+                assert verdict.result is AuthResult.TEMPORARY, verdict
+                assert replies.auth(verdict.result).startswith("454 4.7.0"), verdict
                 assert time.monotonic() - started < LDAP_TIMEOUT + 1
         auth_slapd_fresh.start()
         # ldap3 skips an address that failed for RESET_AVAILABILITY_TIMEOUT (5 s): poll past it
@@ -333,7 +336,7 @@ def test_brute_force_from_one_ip_is_blocked_while_another_ip_gets_through(auth_s
         assert results[:20] == [AuthResult.BAD] * 20
         assert results[20:] == [AuthResult.BLOCKED] * 180
         blocked = check(auth, "gracie@auth.example", STATUS_PASSWORD, "203.0.113.9")  # right, but not looked at
-        assert blocked.result is AuthResult.BLOCKED and blocked.reply.startswith("454 4.7.0")
+        assert blocked.result is AuthResult.BLOCKED and replies.auth(blocked.result).startswith("454 4.7.0")
         assert check(auth, "gracie@auth.example", STATUS_PASSWORD, "198.51.100.7").ok
         # an IPv6 client counts per /64: a neighbour address shares the count
         for n in range(20):
@@ -397,7 +400,7 @@ def test_redis_down_refuses_auth_for_now(auth_slapd: Slapd, own_redis: RedisServ
         own_redis.stop()
         started = time.monotonic()
         verdict = check(auth, "gracie", STATUS_PASSWORD)
-        assert verdict.result is AuthResult.TEMPORARY and verdict.reply.startswith("454 4.7.0"), verdict
+        assert verdict.result is AuthResult.TEMPORARY and replies.auth(verdict.result).startswith("454 4.7.0"), verdict
         assert time.monotonic() - started < 3
         assert auth.throttle is not None
         auth.throttle.failed("192.0.2.1", "gracie")  # logged, not raised

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from core.config import Settings, load
+from ingress import replies
 from ingress.dnsbl import REASON_LIMIT, Blocklist, Dnsbl, Hit, parse, query_name
 from tests.dns_server import DnsServer, Zone
 
@@ -92,7 +93,7 @@ def test_listed_ipv4_in_each_list_in_rbllist_order(both: Dnsbl) -> None:
         Hit("block.dnsbl.test", "reject", "Test entry, see https://block.example/q?127.0.0.2", ("127.0.0.2",)),
         Hit("tag.dnsbl.test", "tag", "Tagged: suspicious", ("127.0.0.3",)),
     ]
-    assert hits[0].reply() == "554 5.7.1 Test entry, see https://block.example/q?127.0.0.2"
+    assert replies.LISTED.format(reason=hits[0].reason) == "554 5.7.1 Test entry, see https://block.example/q?127.0.0.2"
     assert hits[1].header() == "X-RBL-Check: tag.dnsbl.test Tagged: suspicious"
     assert check(both, "192.0.2.10") == [
         Hit("block.dnsbl.test", "reject", "Spam source 192.0.2.10", ("127.0.0.10", "127.0.0.4"))]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
