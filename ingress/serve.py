@@ -34,11 +34,11 @@ from core.ratelimit import AsyncRateLimiter
 from core.redis_conn import connect
 from core.redis_conn import url as redis_url
 from core.submit import Submitter
+from ingress.aiosmtpd_adapter import Server
 from ingress.committer import Committer
 from ingress.gate import GatedHandler
 from ingress.guard import ConnectionLimits, SessionGuard
 from ingress.smtp_auth import AuthMechanisms
-from ingress.smtpd import Server
 from ingress.tls import TLSConfigError, server_context
 
 log = logging.getLogger("shardmail.ingress")
@@ -59,8 +59,8 @@ def listening_socket(spec: str) -> socket.socket:
 
 
 class IngressServer(SessionGuard, AuthMechanisms, Server):
-    """The SMTP server of every listener: shardmail's replies (ingress.smtpd) with its limits
-    (ingress.guard) and SMTP AUTH (ingress.smtp_auth)."""
+    """The SMTP server of every listener: shardmail's replies (ingress.aiosmtpd_adapter, ingress.replies)
+    with its limits (ingress.guard) and SMTP AUTH (ingress.smtp_auth)."""
 
 
 async def serve(settings: Settings) -> None:

@@ -55,6 +55,30 @@ def test_starttls_forgets_the_session_and_is_not_offered_again(node_factory: Cal
     talk.close()
 
 
+@pytest.mark.parametrize("injected", ["MAIL FROM:<injected@example.net>", "EHLO injected.example",
+                                      "RSET\r\nMAIL FROM:<injected@example.net>\r\nRCPT TO:<user@test.example>"])
+def test_no_plaintext_command_sent_with_starttls_survives_it(node_factory: Callable[..., Node], injected: str) -> None:
+    """Commands pipelined after STARTTLS in the same plaintext packet (the CVE-2011-0411 kind of
+    injection) are never run inside the TLS session: the first reply over TLS answers the first
+    command sent over TLS, and the state is the fresh one of RFC 3207 4.2."""
+    node, context = tls_node(node_factory)
+    talk = TlsConversation(node.port)
+    assert "STARTTLS" in talk.cmd("EHLO client.example")
+    talk.send(f"STARTTLS\r\n{injected}\r\n")
+    assert talk.reply().startswith("220")
+    assert talk.buffer == b""  # and no plaintext answer to what followed
+    try:
+        talk.starttls(context)
+        first = talk.cmd("EHLO client.example")
+    except (ssl.SSLError, ConnectionError, OSError):
+        return  # the server threw the connection away: nothing injected ran either
+    assert first.startswith("250-mx.test.example") and "injected" not in first, first
+    assert talk.cmd("MAIL FROM:<a@example.net>").startswith("250 2.1.0")  # no transaction was open
+    assert talk.cmd("RCPT TO:<user@test.example>").startswith("250 2.1.5")
+    assert talk.cmd("RSET").startswith("250")
+    talk.close()
+
+
 def test_without_a_certificate_no_starttls_is_offered(smtp: Callable[[], Conversation]) -> None:
     talk = smtp()
     assert "STARTTLS" not in talk.cmd("EHLO client.example")
