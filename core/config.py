@@ -330,6 +330,6 @@ def describe() -> list[tuple[str, Any, str]]:
     """(key, default, doc) for each setting: the source of the configuration reference."""
     rows = []
     for fld in dataclasses.fields(Settings):
-        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
+        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[operator]
         rows.append((fld.name, default, fld.metadata["doc"]))
     return rows

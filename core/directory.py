@@ -277,8 +277,10 @@ class LdapBackend:
 
     def __init__(self, settings: Settings) -> None:
         import ldap3
+        from ldap3.core.exceptions import LDAPException
 
         self._ldap3 = ldap3
+        self._ldap_error = LDAPException
         # Failover by hand: ldap3's active ServerPool sleeps between rounds when all servers are
         # down (10 s), far beyond ldaptimeout; here each server costs at most one connect timeout.
         # get_info=NONE: no schema read at every bind (an extra search per connection), and no
@@ -306,7 +308,7 @@ class LdapBackend:
                     auto_bind=self._ldap3.AUTO_BIND_NO_TLS if self.login else True, read_only=True,
                     client_strategy=self._ldap3.SYNC, raise_exceptions=False,
                 )
-            except self._ldap3.core.exceptions.LDAPException as exc:
+            except self._ldap_error as exc:
                 problems.append(f"{server.host}: {exc}")
                 continue
             self._local.conn = conn

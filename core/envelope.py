@@ -202,7 +202,7 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)  # one for all: json.lo
 def _channel(value: object) -> Channel:
     if value not in CHANNELS:
         raise EnvelopeError(f"unknown channel {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 _STATES = ("pending", "delivered", "deferred", "failed", "bounced")

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client import Counter, Histogram
 
-from core.envelope import CHANNELS, Envelope, Mark
+from core.envelope import CHANNELS, Channel, Envelope, Mark
 from core.outcome import QueueUnavailable
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -73,7 +73,7 @@ def reason_class(status: str) -> str:
     return "other"
 
 
-def outcomes(channel: str, marks: Iterable[Mark]) -> None:
+def outcomes(channel: Channel, marks: Iterable[Mark]) -> None:
     """A pool recorded these attempts (one call per message or transaction)."""
     for mark in marks:
         counter = _delivery.get((channel, mark.state))

@@ -62,7 +62,7 @@ def _load_crypt() -> Callable[[str, str], Any] | None:
             except ImportError:
                 log.warning("no crypt(3) available (install legacycrypt): {CRYPT} passwords never match")
                 return None
-    return module.crypt  # type: ignore[no-any-return]
+    return module.crypt
 
 
 _crypt = _load_crypt()

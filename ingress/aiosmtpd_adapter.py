@@ -198,7 +198,7 @@ class _Auth(Mapping[str, Any]):
                 for name in _cached.auth_names(obj):
                     method = getattr(obj, name)
                     mechanism = getattr(method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-"))
-                    table[mechanism] = aiosmtpd.smtp._AuthMechAttr(method, obj is self._server)  # type: ignore[attr-defined]
+                    table[mechanism] = aiosmtpd.smtp._AuthMechAttr(method, obj is self._server)
             for mechanism in self._exclude:
                 table.pop(mechanism, None)
             self._built = table
@@ -234,7 +234,7 @@ def _ehlo_version(handler: object) -> str | None:
 
 _wiring = _Wiring()
 _cached = _CachedInspect()
-aiosmtpd.smtp.inspect = _cached  # type: ignore[attr-defined]
+aiosmtpd.smtp.inspect = _cached  # type: ignore[assignment]
 aiosmtpd.smtp.dir = _cached.dir  # type: ignore[attr-defined]  # shadows the builtin in that module only
 _sanitized_log = aiosmtpd.smtp.sanitized_log
 
@@ -246,7 +246,7 @@ def _quiet_sanitized_log(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None
         _sanitized_log(func, msg, *args, **kwargs)
 
 
-aiosmtpd.smtp.sanitized_log = _quiet_sanitized_log  # type: ignore[attr-defined]
+aiosmtpd.smtp.sanitized_log = _quiet_sanitized_log
 
 
 class Server(SMTP):
@@ -287,7 +287,7 @@ class Server(SMTP):
         """Run a command whose replies go out as they are (EHLO/HELO carry no enhanced codes), in
         one write."""
         self._raw_replies = True
-        self._held = held = []
+        self._held = held = list[bytes]()
         try:
             await command
         finally:

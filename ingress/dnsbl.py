@@ -142,10 +142,12 @@ class Dnsbl:
             for bl, task in zip(self.lists, tasks, strict=True):
                 if task in pending:
                     self._trouble(bl.zone, f"no answer within {self.timeout:g} s", dns.exception.Timeout())
-        hits = []
+        hits: list[Hit] = []
         for task in tasks:
-            if task in done and not task.cancelled() and task.exception() is None and task.result() is not None:
-                hits.append(task.result())
+            if task in done and not task.cancelled() and task.exception() is None:
+                hit = task.result()
+                if hit is not None:
+                    hits.append(hit)
         return hits
 
     async def _ask(self, bl: Blocklist, name: str, deadline: float) -> Hit | None:

@@ -70,11 +70,11 @@ class GatedHandler(Handler):
                 return refusal
         status = await super().handle_MAIL(server, session, envelope, address, options)
         if status.startswith("250"):
-            session.mail_from = "" if address == "<>" else address
+            session.mail_from = "" if address == "<>" else address  # type: ignore[attr-defined]  # ours
             if self.dnsbl and getattr(session, "rbl", None) is None and not super().may_relay(session) \
                     and not session.authenticated:
                 peer = session.peer[0] if isinstance(session.peer, tuple) else ""
-                session.rbl = asyncio.ensure_future(self.dnsbl.check(peer))
+                session.rbl = asyncio.ensure_future(self.dnsbl.check(peer))  # type: ignore[attr-defined]  # ours
         return status
 
     async def _over_rate(self, session: Session, limiter: AsyncRateLimiter) -> str | None:

@@ -98,7 +98,7 @@ class SessionGuard:
     async def _handle_client(self) -> None:
         try:
             if self._refusal is not None:
-                await self.push(self._refusal)  # type: ignore[attr-defined]
+                await self.push(self._refusal)
                 self._close()
                 return
             await super()._handle_client()  # type: ignore[misc]
@@ -153,7 +153,7 @@ class SessionGuard:
         """Once a session is encrypted, STARTTLS is an error (aiosmtpd would start a second TLS
         layer inside the first)."""
         if getattr(self, "_tls_protocol", None) is not None or self.transport.get_extra_info("sslcontext"):  # type: ignore[attr-defined]
-            await self.push(replies.TLS_ACTIVE.line)  # type: ignore[attr-defined]
+            await self.push(replies.TLS_ACTIVE.line)
             return
         await super().smtp_STARTTLS(arg)  # type: ignore[misc]
 

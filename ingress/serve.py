@@ -24,6 +24,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio
 
@@ -58,7 +59,7 @@ def listening_socket(spec: str) -> socket.socket:
     return sock
 
 
-class IngressServer(SessionGuard, AuthMechanisms, Server):
+class IngressServer(SessionGuard, AuthMechanisms, Server):  # type: ignore[misc]  # push: see SessionGuard
     """The SMTP server of every listener: shardmail's replies (ingress.aiosmtpd_adapter, ingress.replies)
     with its limits (ingress.guard) and SMTP AUTH (ingress.smtp_auth)."""
 
@@ -90,11 +91,12 @@ async def serve(settings: Settings) -> None:
     def factory(kind: str) -> Callable[[], Server]:
         """Port 25 style (STARTTLS offered when there is a certificate), submission (STARTTLS, then
         AUTH before any mail) or smtps (TLS from the first byte, then AUTH before any mail)."""
-        options = {
+        kinds: dict[str, dict[str, Any]] = {
             "smtp": {"tls_context": tls},
             "submission": {"tls_context": tls, "auth_required": True},
             "smtps": {"auth_required": True, "auth_require_tls": False},  # the socket is TLS already
-        }[kind]
+        }
+        options = kinds[kind]
 
         def make() -> Server:
             return IngressServer(

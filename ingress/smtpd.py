@@ -39,7 +39,7 @@ from core.address import check_mailbox, clean_for_header, domain_matches, domain
 from core.config import Settings
 from core.directory import Directory, account_verdict, lookup_outcome
 from core.envelope import Client
-from core.outcome import QueueUnavailable
+from core.outcome import Deferred, Failed, QueueUnavailable
 from core.submit import Draft, Submitter
 from ingress import replies
 from ingress.committer import Committer
@@ -61,6 +61,7 @@ class Handler:
     async def check_local(self, address: str) -> str | None:
         """The refusal for a local recipient the directory does not take, or None (RCPT time: never
         accept and bounce later). A lookup the cache can answer costs no thread hop."""
+        verdict: Failed | Deferred | None
         known, user = self.directory.cached(address)
         if known:
             verdict = account_verdict(user)

@@ -20,9 +20,13 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from core.config import ConfigError, Settings, describe, load
 from core.outcome import EX_CONFIG, EX_TEMPFAIL
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 
 def _settings(path: str | None) -> Settings:
@@ -88,7 +92,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from ops.watch import watch
 
         return watch(settings, max(0.1, args.watch), args.json)
-    conn = connect(settings)
+    conn: redis.Redis | None = connect(settings)
     try:
         status = gather(settings, conn)
     except redis.RedisError as exc:
@@ -156,18 +160,13 @@ def cmd_qshape(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    import redis
 
     from core.redis_conn import connect
     from ops.queue import Filter, QueueAdmin, parse_ids
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(args.config)
-    conn = connect(settings)
-    try:
-        conn.ping()
-    except redis.RedisError:
-        conn = None
+    conn = _ping(connect(settings))
     admin = QueueAdmin(settings, conn)
     flt = Filter(_shards(getattr(args, "shard", "all"), settings, "--shard"), getattr(args, "held", False),
                  getattr(args, "domain", "") or "")
@@ -207,7 +206,6 @@ def cmd_ldaplookup(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    import redis
 
     from core.redis_conn import connect
     from core.shards import ShardMap
@@ -216,12 +214,9 @@ def cmd_shards(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     shard_map = ShardMap(settings)
     if args.action == "list":
-        conn = connect(settings)
-        try:
-            conn.ping()
-        except redis.RedisError as exc:
-            print(f"shardmail: Redis unavailable ({exc}); showing the spool only", file=sys.stderr)
-            conn = None
+        conn = _ping(connect(settings))
+        if conn is None:
+            print("shardmail: Redis unavailable; showing the spool only", file=sys.stderr)
         print(shard_admin.render(shard_admin.listing(settings, conn)))
         return 0
     if args.action == "add":
@@ -394,7 +389,18 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _queue_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _ping(conn: Redis) -> Redis | None:
+    """The connection if Redis answers, else None (the caller shows what the spool alone tells)."""
+    import redis
+
+    try:
+        conn.ping()
+    except redis.RedisError:
+        return None
+    return conn
+
+
+def _queue_parser(sub: argparse._SubParsersAction) -> None:
     queue = sub.add_parser("queue", help="list, show, hold, release, requeue, delete or flush queued mail")
     actions = queue.add_subparsers(dest="action", required=True)
     ids_help = "message ids; - reads them from stdin (the first word of each line, as `queue list` prints)"

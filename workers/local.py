@@ -148,7 +148,7 @@ class LocalDelivery:
         if b"delivered-to:" in headers.lower() and re.search(  # (a pattern per address: only when needed)
                 rb"^delivered-to:[ \t]*" + re.escape(address.encode()) + rb"[ \t]*\r?$", headers, re.I | re.M):
             return Failed("5.4.6", "Mail loop: message already delivered to this address")
-        outcome: Outcome = Delivered("delivered")
+        outcome: Outcome | Staged = Delivered("delivered")
         acted = False
         if user.programs and "noprogram" not in user.modes and self.settings.deliveryprograms:
             message = self.local_copy(envelope, address, body)
