@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import redis.asyncio
 
+from core import sdnotify
 from core.auth import Authenticator, AuthThrottle
 from core.config import Settings
 from core.directory import open_directory
@@ -118,6 +119,7 @@ async def serve(settings: Settings) -> None:
                for spec, kind in listeners]
     log.info("listening on %s%s", ", ".join(f"{spec} ({kind})" for spec, kind in listeners),
              "" if tls is None else "; STARTTLS offered")
+    sdnotify.ready("SMTP on " + ", ".join(spec for spec, _ in listeners))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
