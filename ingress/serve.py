@@ -28,6 +28,7 @@ from typing import Any
 
 import redis.asyncio
 
+from core import sdnotify
 from core.auth import Authenticator, AuthThrottle
 from core.config import Settings
 from core.directory import open_directory
@@ -120,6 +121,7 @@ async def serve(settings: Settings) -> None:
                for spec, kind in listeners]
     log.info("listening on %s%s", ", ".join(f"{spec} ({kind})" for spec, kind in listeners),
              "" if tls is None else "; STARTTLS offered")
+    sdnotify.ready("SMTP on " + ", ".join(spec for spec, _ in listeners))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -112,10 +112,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
         import subprocess
 
+        from core import sdnotify
+
         argv = [sys.executable, "-m", "ops.cli", "worker", args.channel, "--shards", args.shards]
         if args.concurrency:
             argv += ["--concurrency", str(args.concurrency)]
         names = [["--name", f"{args.name}.{i}"] if args.name else [] for i in range(args.processes)]
+        sdnotify.ready(f"{args.processes} {args.channel} pools")  # before them: they do not inherit NOTIFY_SOCKET
         children = [subprocess.Popen(argv + name) for name in names]
         return max(child.wait() for child in children)
     if args.channel == "remote":

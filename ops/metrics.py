@@ -36,7 +36,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from core import metrics
+from core import metrics, sdnotify
 from core.config import Settings
 from core.envelope import CHANNELS
 from core.jobs import Jobs
@@ -184,4 +184,5 @@ def serve_forever(settings: Settings, listen: str) -> None:
     host, port = parse_listen(listen)
     _server, thread = start_http_server(port, host, registry(settings, directory))
     log.info("metrics on http://%s/metrics (counters from %s)", listen, directory)
+    sdnotify.ready(f"metrics on {listen}")
     thread.join()

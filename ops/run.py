@@ -31,6 +31,7 @@ from pathlib import Path
 
 import redis
 
+from core import sdnotify
 from core.config import Settings
 from core.redis_conn import embedded_socket, url
 from ops.metrics import Exporter, child_env
@@ -165,6 +166,7 @@ class Supervisor:
         self.ensure_users_file()
         self._metrics_dir = Exporter.prepare(self.settings)  # before any child imports prometheus_client
         self.metrics = Exporter.start(self.settings, self._metrics_dir)
+        sdnotify.ready("Redis answers; starting the roles")  # before them: they do not inherit NOTIFY_SOCKET
         for child in self.plan():
             child.start()
             self.children.append(child)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from core import metrics
+from core import metrics, sdnotify
 from core.config import Settings
 from core.jobs import pause_key
 from core.submit import Submitter
@@ -129,6 +129,7 @@ class Scheduler:
     def run(self, stop: threading.Event) -> None:
         backoff = PASS_WAIT
         log.info("scheduler %s for shards %s", self.name, self.settler.map.ids())
+        sdnotify.ready("scheduler")
         try:
             while not stop.is_set():
                 try:

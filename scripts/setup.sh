@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd unbound postfix openssl"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd unbound postfix openssl prometheus systemd"
+# Installed without their Recommends: prometheus would bring prometheus-node-exporter (one more service on every
+# interface), systemd a D-Bus daemon and a time syncer; the tests need only their binaries.
+LEAN_PACKAGES="prometheus systemd"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -33,8 +36,16 @@ if [ -n "$missing" ]; then
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=yes
     fi
+    plain=""
+    lean=""
+    for pkg in $missing; do
+        case " $LEAN_PACKAGES " in *" $pkg "*) lean="$lean $pkg" ;; *) plain="$plain $pkg" ;; esac
+    done
+    had_exporter=""
+    dpkg-query -W -f='${Status}' prometheus-node-exporter 2>/dev/null | grep -q "ok installed" && had_exporter=yes
     apt-get update -qq
-    apt-get install -y -qq $missing >/dev/null
+    if [ -n "$plain" ]; then apt-get install -y -qq $plain >/dev/null; fi
+    if [ -n "$lean" ]; then apt-get install -y -qq --no-install-recommends $lean >/dev/null; fi
     if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
     case " $missing " in *" slapd "*) invoke-rc.d slapd stop >/dev/null 2>&1 || true ;; esac
     # dovecot too is only a binary for the tests' private servers (tests/dovecot.py): no IMAP on 143/993.
@@ -43,6 +54,25 @@ if [ -n "$missing" ]; then
     # unbound too (tests/dns_server.py): no resolver on port 53 at boot, recursing to the Internet.
     case " $missing " in *" unbound "*) invoke-rc.d unbound stop >/dev/null 2>&1 || true
         systemctl disable unbound.service unbound-resolvconf.service >/dev/null 2>&1 || true ;; esac
+    # prometheus too (tests/test_metrics.py starts its own on 127.0.0.1 with a config and data in tmp_path): the
+    # package's service would listen on :9090 of every interface, now and at boot. A node exporter that came with
+    # it (apt configured to install Recommends anyway) goes the same way; one that was there before stays.
+    case " $missing " in *" prometheus "*)
+        units="prometheus"
+        if [ -z "$had_exporter" ] && dpkg-query -W -f='${Status}' prometheus-node-exporter 2>/dev/null \
+                | grep -q "ok installed"; then
+            units="$units prometheus-node-exporter"
+        fi
+        for unit in $units; do
+            if [ -d /run/systemd/system ]; then
+                systemctl disable --now "$unit" >/dev/null 2>&1 || true
+            else  # no systemd (a container): stop what the init script may have started, and no start at boot
+                service "$unit" stop >/dev/null 2>&1 || true
+                systemctl disable "$unit" >/dev/null 2>&1 || true
+                update-rc.d "$unit" disable >/dev/null 2>&1 || true
+            fi
+        done ;;
+    esac
 fi
 
 

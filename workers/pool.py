@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Literal
 
-from core import faults, metrics
+from core import faults, metrics, sdnotify
 from core.config import Settings
 from core.directory import lookup_outcome, open_directory
 from core.envelope import Envelope, EnvelopeError, Mark
@@ -200,4 +200,5 @@ def run_local(settings: Settings, shards: list[int] | None, name: str | None = N
         signal.signal(signum, lambda *_: stop.set())
     log.info("local pool on shards %s, %d threads", shards if shards is not None else "all",
              settings.concurrencylocal)
+    sdnotify.ready("local pool")
     consumer.run(stop, stable_name=name is not None)

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from core import metrics
+from core import metrics, sdnotify
 from core.config import Settings
 from core.envelope import Channel, EnvelopeError
 from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Waiter
@@ -152,6 +152,7 @@ async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Even
     backoff = IDLE_WAIT
     log.info("remote pool on shards %s: %d sessions, %d per destination", shards, settings.concurrencyremote,
              settings.concurrencydestination)
+    sdnotify.ready("remote pool")
     reclaimed = not stable
     try:
         while not stop.is_set():
