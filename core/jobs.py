@@ -65,6 +65,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from core.envelope import CHANNELS, Channel
+from core.shards import shard_label
 
 DELIVER_FUNC = "workers.pool.deliver"
 CLAIM_LEASE = 600  # seconds a claim may run before rq's cleanup considers it abandoned
@@ -146,18 +147,18 @@ def _member(raw: bytes | str) -> tuple[str, Channel]:
 
 
 def queue_name(prefix: str, shard: int, channel: Channel) -> str:
-    return f"{prefix}.s{shard}.{channel}"
+    return f"{prefix}.{shard_label(shard)}.{channel}"
 
 
 def pause_key(prefix: str, shard: int) -> str:
     """While this key exists (the rebalancer holds it, with an expiry), nothing is claimed from the
     shard's queues."""
-    return f"{prefix}:paused:s{shard}"
+    return f"{prefix}:paused:{shard_label(shard)}"
 
 
 def wake_key(prefix: str, shard: int, channel: Channel) -> str:
     """The key an idle pool of this queue blocks on, set by every push onto the queue."""
-    return f"{prefix}:wake:s{shard}:{channel}"
+    return f"{prefix}:wake:{shard_label(shard)}:{channel}"
 
 
 def job_id(message_id: str, channel: Channel) -> str:
@@ -299,7 +300,7 @@ class Jobs:
             return
         key = self.tally_key(int(time.time()) // 60)
         for (shard, channel), count in counts.items():
-            pipe.hincrby(key, f"{kind}:s{shard}:{channel}", count)
+            pipe.hincrby(key, f"{kind}:{shard_label(shard)}:{channel}", count)
         pipe.expire(key, TALLY_TTL)
 
     def tally_key(self, minute: int) -> str:
@@ -307,10 +308,10 @@ class Jobs:
 
     # -- the scheduler's structures ---------------------------------------------------------------
     def settle_key(self, shard: int) -> str:
-        return f"{self.prefix}:settle:s{shard}"
+        return f"{self.prefix}:settle:{shard_label(shard)}"
 
     def retry_key(self, shard: int) -> str:
-        return f"{self.prefix}:retry:s{shard}"
+        return f"{self.prefix}:retry:{shard_label(shard)}"
 
     def settled(self, shard: int, count: int) -> list[tuple[str, Channel]]:
         """Take up to ``count`` finished attempts from the shard's settle list."""

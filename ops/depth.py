@@ -9,9 +9,9 @@ registries (in flight) and failed registries, the retry set (deferred, and how m
 due), the settle list, the per-minute tallies core.jobs keeps (rates over the last minute: this
 minute's count plus the last minute's weighted by the part of it still inside the window) and rq's
 worker registry (one small script lists the live workers with their queues). Spool figures come
-from directory listings only, never from reading a file: the spooled count, held mail, and the
-oldest message (ids start with their arrival time, so the smallest name is the oldest). A split
-directory whose mtime has not moved since a listing that began well after it is not listed again.
+from directory listings only, never from reading a file (core.spool's ``census``): the spooled
+count, held mail, and the oldest message. A split directory whose mtime has not moved since a
+listing that began well after it is not listed again.
 
 JSON fields: ``version``, ``time``, ``redis`` (false: Redis unreachable, its figures are 0),
 ``spool_age`` (s since the spool was listed), ``shards``: [{``shard``, ``state`` (open|draining|paused,
@@ -30,7 +30,6 @@ Settings: ``shards``, ``redis_prefix``, ``spool_dir``/``var_dir``, ``queue_split
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,11 +40,10 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from core.config import Settings
 from core.envelope import CHANNELS, id_time
 from core.jobs import Jobs, pause_key
-from core.shards import ShardMap
+from core.shards import ShardMap, shard_label
+from core.spool import Listings
 
 VERSION = 1
-TRUST_AFTER_NS = 1_000_000_000  # a directory's mtime this much older than our listing's start is settled
-_ID = re.compile(r"[0-9A-F]{26}")
 _SLOT = re.compile(r"([.-]\d+)+$")  # a pool's slot or process number: mx.local-0 and mx.local-1.2 are "mx.local"
 
 # Every live rq worker (its hash still there, no death recorded): key, queues, state, last heartbeat.
@@ -107,68 +105,27 @@ class Status:
     pools: list[Pool] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Listing:
-    mtime_ns: int
-    listed_ns: int
-    count: int
-    oldest: str | None
-
-
 class Census:
-    """Spool figures from directory listings, remembering each directory's last listing: one whose
-    mtime has not moved since a listing that started at least ``TRUST_AFTER_NS`` after that mtime
-    cannot have changed (a later create, rename or unlink would move it), so a refresh of an idle
-    queue costs a stat per directory."""
+    """Spool figures per shard (core.spool's ``census``), remembering the directory listings between
+    calls (``Listings``), so a refresh of an idle queue costs a stat per directory."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, _Listing] = {}
+        self._listings = Listings()
         self.listed_at = 0.0
         self.cost = 0.0  # CPU seconds the last ``take`` spent
         self.last: dict[int, tuple[int, int, str | None]] = {}
-
-    def _dir(self, path: str) -> _Listing:
-        started = time.time_ns()
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except FileNotFoundError:
-            return _Listing(0, started, 0, None)
-        known = self._seen.get(path)
-        if known is not None and known.mtime_ns == mtime and known.listed_ns - mtime >= TRUST_AFTER_NS:
-            return known
-        try:
-            names = os.listdir(path)
-        except FileNotFoundError:
-            names = []
-        oldest = min(names, default=None)
-        if oldest is not None and not _ID.fullmatch(oldest):
-            oldest = min((n for n in names if _ID.fullmatch(n)), default=None)
-        listing = self._seen[path] = _Listing(mtime, started, len(names), oldest)
-        return listing
 
     def take(self, shard_map: ShardMap, shards: list[int]) -> dict[int, tuple[int, int, str | None]]:
         """Per shard: (spooled, held, oldest id)."""
         cpu = time.process_time()
         result = {}
         for shard in shards:
-            base = f"{shard_map.root}/s{shard}"
-            spooled, oldest = 0, None
-            for split in range(shard_map.split):
-                listing = self._dir(f"{base}/queue/{split}")
-                spooled += listing.count
-                if listing.oldest is not None and (oldest is None or listing.oldest < oldest):
-                    oldest = listing.oldest
-            result[shard] = (spooled, _held(shard_map, shard, self), oldest)
+            counts = shard_map.spool(shard).census(self._listings)
+            result[shard] = (counts.spooled, counts.held, counts.oldest)
         self.listed_at = time.time()
         self.cost = time.process_time() - cpu
         self.last = result
         return result
-
-
-def _held(shard_map: ShardMap, shard: int, census: Census) -> int:
-    """Messages on hold: the files in the shard's ``hold/`` (what ``Spool.held`` lists), counted
-    through the census so that an unchanged directory costs a stat."""
-    return census._dir(f"{shard_map.root}/s{shard}/hold").count
 
 
 def _rate(current: int, previous: int, now: float) -> float:
@@ -230,7 +187,7 @@ def gather(settings: Settings, conn: redis.Redis | None, census: Census | None =
         channels = {}
         for c, channel in enumerate(CHANNELS):
             ready, started, failed, head = answers[base + 4 * c : base + 4 * c + 4] if answers else (0, 0, 0, None)
-            key = f"s{shard}:{channel}"
+            key = f"{shard_label(shard)}:{channel}"
             channels[channel] = ChannelDepth(
                 ready, started, failed, workers_on.get((shard, channel), 0),
                 _rate(tallies[0].get(f"in:{key}", 0), tallies[1].get(f"in:{key}", 0), now),

@@ -9,7 +9,7 @@ The spool is the truth and Redis only rings the bell, so every command starts fr
 entry and treats Redis as something to tidy: a job whose entry is gone (held, deleted) ends
 harmlessly wherever it turns up (the pools finish it, the scheduler's settle calls it "gone").
 Ids are unique per node and say nothing about their shard, so a message is looked for in each
-shard of the shard map (two stats each: queue/<split>/<id> and hold/<id>).
+shard of the shard map (``Spool.where``: two stats each, queued and held).
 
 - ``list`` reads each entry's envelope line and marks, never its body (core.spool's ``peek``); it
   streams shard by shard in directory order, so it stays flat on big queues. Held messages are
@@ -69,7 +69,7 @@ from core.config import Settings
 from core.envelope import CHANNELS, Channel, Envelope, EnvelopeError, Mark, valid_id
 from core.jobs import Item, Jobs
 from core.outcome import EX_OK, EX_TEMPFAIL
-from core.shards import ShardMap
+from core.shards import ShardMap, shard_label
 
 log = logging.getLogger("shardmail.queue")
 EX_NOTFOUND = 1
@@ -264,8 +264,8 @@ class QueueAdmin:
                 self.out.write(("\n  " if totals.messages == 1 else ",\n  ") + json.dumps(doc))
                 continue
             flag = "!" if found.held else "*" if is_active else " "
-            self.out.write(f"{envelope.id}{flag} s{found.shard:<3} {envelope.size:>9}  {_when(envelope.birth)}  "
-                           f"<{envelope.sender}>\n")
+            self.out.write(f"{envelope.id}{flag} {shard_label(found.shard):<4} {envelope.size:>9}  "
+                           f"{_when(envelope.birth)}  <{envelope.sender}>\n")
             for index in rcpts:
                 entry = _recipient(envelope, index, states)
                 line = f"    <{entry['address']}>  {entry['state']}"

@@ -51,6 +51,7 @@ from rq.serializers import JSONSerializer
 from core import metrics
 from core.envelope import Channel
 from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Waiter
+from core.shards import shard_label
 
 log = logging.getLogger("shardmail.consumer")
 IDLE_WAIT = 0.05  # s: the first back-off after a Redis error
@@ -128,7 +129,7 @@ class Consumer:
         queues = list(self.follow())
         if queues == self.queues:
             return False
-        log.info("now consuming %s", ", ".join(f"s{shard}.{channel}" for shard, channel in queues))
+        log.info("now consuming %s", ", ".join(f"{shard_label(shard)}.{channel}" for shard, channel in queues))
         self.queues = queues
         return True
 
