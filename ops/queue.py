@@ -62,11 +62,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import redis
-from rq.registry import StartedJobRegistry
 
 from core.address import domain_of
 from core.config import Settings
-from core.envelope import CHANNELS, Channel, Envelope, EnvelopeError, Mark, valid_id
+from core.envelope import Channel, Envelope, EnvelopeError, Mark, valid_id
 from core.jobs import Item, Jobs
 from core.outcome import EX_OK, EX_TEMPFAIL
 from core.shards import ShardMap, shard_label
@@ -206,15 +205,7 @@ class QueueAdmin:
 
     def active(self, shards: Iterable[int]) -> set[str]:
         """Ids of messages with a claim in flight (a live lease), from the started registries."""
-        if self.jobs is None:
-            return set()
-        now = time.time()
-        with self.jobs.conn.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                for channel in CHANNELS:
-                    pipe.zrangebyscore(StartedJobRegistry(queue=self.jobs.queue(shard, channel)).key, now, "+inf")
-            answers = pipe.execute()
-        return {raw.decode().partition(":")[0].rpartition("-")[0] for members in answers for raw in members}
+        return set() if self.jobs is None else self.jobs.in_flight(shards)
 
     def _each(self, ids: list[str]) -> Iterator[Found]:
         """The messages named, in order; each unknown one reported (self.missing counts them)."""

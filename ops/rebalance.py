@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import redis
-from rq.registry import StartedJobRegistry
 
 from core import faults
 from core.config import Settings
@@ -151,12 +150,7 @@ class Rebalancer:
 
     def _in_flight(self, shard: int) -> set[str]:
         """Messages with an unexpired claim on the shard (being delivered right now)."""
-        busy: set[str] = set()
-        for channel in CHANNELS:
-            registry = StartedJobRegistry(queue=self.jobs.queue(shard, channel))
-            for raw in self.conn.zrangebyscore(registry.key, time.time(), "+inf"):
-                busy.add(raw.decode().partition(":")[0].rpartition("-")[0])
-        return busy
+        return self.jobs.in_flight([shard])
 
     # -- moving ----------------------------------------------------------------------------------
     def run(self, source: int, targets: list[int], count: int | None = None,
@@ -268,9 +262,7 @@ class Rebalancer:
         spool = self.map.spool(source)
         removed = 0
         for channel in CHANNELS:
-            queue = self.jobs.queue(source, channel)
-            stale = [raw.decode() for raw in self.conn.lrange(queue.key, 0, -1)]
-            stale = [j for j in stale if not os.path.exists(spool.path(j.rpartition("-")[0]))]
+            stale = [m for m in self.jobs.queued(source, channel) if spool.where(m) != "queue"]
             removed += self.jobs.drop_queued(source, channel, stale)
         return removed
 
