@@ -16,7 +16,7 @@ workers go on emptying it.
 
 ``pause_key(shard)`` names the Redis key (with an expiry, renewed by its holder) under which the
 rebalancer has a shard to itself: consumers claim nothing from a paused shard and the scheduler
-leaves it alone (core.jobs' claim script, scheduler.serve's lease script check it atomically).
+leaves it alone (core.jobs' claim script, core.lease's renewal script check it atomically).
 
 Ingress picks per message: round robin (default), random, or least loaded by queue depth
 (IndiMail's modes), never a draining shard. The shard list, the draining markers and the depths
