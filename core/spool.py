@@ -8,7 +8,8 @@ another shard, for the rebalancer), ``remove(id)``, ``scan() -> Iterator[Entry]`
 ``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``; ``syncfs(fd)`` and
 ``SYNCFS`` (whether it is available), the group commit of several files' writes. Held mail
 (``shardmail queue``): ``hold(id)``, ``unhold(id)``, ``held()``, ``held_path(id)``, ``where(id)``,
-``peek(id, held=False)`` (envelope and marks without reading the body), ``load(id, held=True)``,
+``peek(id, held=False)`` (envelope and marks without reading the body), ``find(id) -> Entry``
+(queued or held), ``entries(held=False) -> Iterator[Entry]``, ``load(id, held=True)``,
 ``discard(id, held=False)`` (an admin's delete, durable). Listings for the ops views:
 ``census(listings) -> Counts`` (entries, held ones and the oldest id, from directory listings
 alone, ``Listings`` remembering them between calls), ``queue_dirs()`` and ``heads(directory)``
@@ -137,12 +138,20 @@ _DECODER = json.JSONDecoder()
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One committed spool file as the scan found it; ``envelope`` is None when ``error`` is set."""
+    """One spool entry as a reader found it (``scan``, ``entries``, ``find``): its id, the shard it
+    lies in, whether it is on hold, and its envelope with marks; ``envelope`` is None when ``error``
+    says why it could not be read; ``file`` is where it lies (``path``, the same as a Path)."""
 
     id: str
-    path: Path
+    shard: int
     envelope: Envelope | None
+    held: bool = False
     error: str = ""
+    file: str = ""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,6 +543,33 @@ class Spool:
             raise Recycled(errno.ENOENT, f"spool entry {message_id} now holds {envelope.id}")
         return envelope.with_marks(decode_marks(tail))
 
+    def find(self, message_id: str) -> Entry | None:
+        """The entry of this id, queued or held, read as ``peek`` does (no body); None when neither
+        name exists (or it went while we looked); with ``error`` set when it cannot be read."""
+        where = self.where(message_id)
+        if where is None:
+            return None
+        held = where == "hold"
+        path = self._hold_s + message_id if held else self._path(message_id)
+        try:
+            return Entry(message_id, self.shard, self.peek(message_id, held=held), held, "", path)
+        except FileNotFoundError:
+            return None
+        except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
+            return Entry(message_id, self.shard, None, held, str(exc), path)
+
+    def entries(self, held: bool = False) -> Iterator[Entry]:
+        """Every readable entry, queued (or ``held``), read as ``peek`` does (no body), in directory
+        order: for listing big queues. One gone meanwhile (or recycled) or unreadable is skipped
+        (the sweep moves it aside and reports it)."""
+        for message_id in self.held() if held else self.ids():
+            try:
+                envelope = self.peek(message_id, held=held)
+            except (EnvelopeError, OSError, UnicodeDecodeError):  # FileNotFoundError (Recycled) too
+                continue
+            yield Entry(message_id, self.shard, envelope, held, "",
+                        self._hold_s + message_id if held else self._path(message_id))
+
     def discard(self, message_id: str, held: bool = False) -> None:
         """Delete an entry for good (an admin's delete): unlink, then the directory fsync'd, so it
         does not come back after a crash. FileNotFoundError if it is not there."""
@@ -582,19 +618,19 @@ class Spool:
     def scan(self) -> Iterator[Entry]:
         """Every committed entry; corrupt ones are yielded with ``error`` set, never raised."""
         for message_id in self.ids():
-            path = self.path(message_id)
+            path = self._path(message_id)
             try:
                 envelope = self.read(message_id)
             except Recycled as exc:
-                if path.exists():  # not recycled meanwhile: a stale name (see the crash notes)
-                    yield Entry(message_id, path, None, str(exc))
+                if os.path.exists(path):  # not recycled meanwhile: a stale name (see the crash notes)
+                    yield Entry(message_id, self.shard, None, False, str(exc), path)
                 continue
             except FileNotFoundError:
                 continue  # delivered and removed while we looked
             except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
-                yield Entry(message_id, path, None, str(exc))
+                yield Entry(message_id, self.shard, None, False, str(exc), path)
                 continue
-            yield Entry(message_id, path, envelope)
+            yield Entry(message_id, self.shard, envelope, False, "", path)
 
     def leftovers(self, now: float | None = None) -> Iterator[Leftover]:
         now = time.time() if now is None else now

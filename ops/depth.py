@@ -40,7 +40,7 @@ from core.config import Settings
 from core.envelope import CHANNELS, id_time
 from core.jobs import Jobs, QueueFigures, ShardFigures, WorkerRecord
 from core.shards import ShardMap
-from core.spool import Listings
+from core.spool import Counts, Listings
 
 VERSION = 1
 _SLOT = re.compile(r"([.-]\d+)+$")  # a pool's slot or process number: mx.local-0 and mx.local-1.2 are "mx.local"
@@ -96,15 +96,12 @@ class Census:
         self._listings = Listings()
         self.listed_at = 0.0
         self.cost = 0.0  # CPU seconds the last ``take`` spent
-        self.last: dict[int, tuple[int, int, str | None]] = {}
+        self.last: dict[int, Counts] = {}
 
-    def take(self, shard_map: ShardMap, shards: list[int]) -> dict[int, tuple[int, int, str | None]]:
-        """Per shard: (spooled, held, oldest id)."""
+    def take(self, shard_map: ShardMap, shards: list[int]) -> dict[int, Counts]:
+        """Per shard: its entries, held entries and oldest id."""
         cpu = time.process_time()
-        result = {}
-        for shard in shards:
-            counts = shard_map.spool(shard).census(self._listings)
-            result[shard] = (counts.spooled, counts.held, counts.oldest)
+        result = {shard: shard_map.spool(shard).census(self._listings) for shard in shards}
         self.listed_at = time.time()
         self.cost = time.process_time() - cpu
         self.last = result
@@ -139,7 +136,7 @@ def gather(settings: Settings, conn: redis.Redis | None, census: Census | None =
     pools, workers_on = _pools(workers)
     rows = []
     for shard in shards:
-        spooled, held, oldest = disk.get(shard, (0, 0, None))
+        counts = disk.get(shard) or Counts(0, 0, None)
         found = figures.get(shard) or ShardFigures({channel: QueueFigures() for channel in CHANNELS})
         channels = {}
         for channel in CHANNELS:
@@ -149,9 +146,9 @@ def gather(settings: Settings, conn: redis.Redis | None, census: Census | None =
                 _rate(*queue.entered, now), _rate(*queue.left, now),
                 _age(queue.head, now) if queue.head else None)
         state = "paused" if found.paused else "draining" if shard in draining else "open"
-        rows.append(ShardDepth(shard, state, shard in draining, spooled, held,
-                               _age(oldest, now) if oldest else None, found.deferred, found.due, found.settling,
-                               channels))
+        rows.append(ShardDepth(shard, state, shard in draining, counts.spooled, counts.held,
+                               _age(counts.oldest, now) if counts.oldest else None, found.deferred, found.due,
+                               found.settling, channels))
     return Status(now, conn is not None, max(0.0, now - census.listed_at), rows, pools)
 
 
