@@ -5,7 +5,11 @@ Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)
 ``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many``,
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
 ``fail(claim, why)``, ``depths(shards)``, ``wake(queues)``; ``Waiter(jobs, timeout)`` (an idle
-pool's blocking wait);
+pool's blocking wait); ``announce(queues, name) -> Registration`` (a pool in rq's worker registry:
+``heartbeat(ttl)``, ``death()``);
+for the views ``in_flight(shards)`` (messages with a live claim), ``doorbells(shard)`` (every
+``<id>:<channel>`` Redis knows), ``queued(shard, channel)``, ``census(shards, now)`` (every
+queue figure and the live workers, one round trip: ``ShardFigures``, ``QueueFigures``, ``WorkerRecord``);
 for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
 ``release_due(shard, entries)``, ``unschedule(shard, id)``; for admins ``forget(shard, id, now)``,
 ``bring_forward(shard, now, n)``, ``drop_queued(shard, channel, ids)``; ``settle_key``/``retry_key``;
@@ -53,19 +57,23 @@ Settings: ``redis_prefix`` (via the prefix passed in).
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from core.envelope import CHANNELS, Channel
+from core.shards import shard_label
 
+log = logging.getLogger("shardmail.jobs")
 DELIVER_FUNC = "workers.pool.deliver"
 CLAIM_LEASE = 600  # seconds a claim may run before rq's cleanup considers it abandoned
 FAILURE_TTL = 7 * 86400  # seconds a job that raised stays in rq's failed registry
@@ -139,6 +147,26 @@ return removed
 """
 
 
+# Every live rq worker (its hash still there, no death recorded): key, queues, state, last heartbeat.
+_WORKERS = """
+local out = {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local fields = redis.call('HMGET', key, 'queues', 'state', 'last_heartbeat', 'death')
+  if fields[1] and not fields[4] then
+    table.insert(out, key)
+    table.insert(out, fields[1])
+    table.insert(out, fields[2] or '')
+    table.insert(out, fields[3] or '')
+  end
+end
+return out
+"""
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def _member(raw: bytes | str) -> tuple[str, Channel]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     message_id, _, channel = text.rpartition(":")
@@ -146,18 +174,18 @@ def _member(raw: bytes | str) -> tuple[str, Channel]:
 
 
 def queue_name(prefix: str, shard: int, channel: Channel) -> str:
-    return f"{prefix}.s{shard}.{channel}"
+    return f"{prefix}.{shard_label(shard)}.{channel}"
 
 
 def pause_key(prefix: str, shard: int) -> str:
     """While this key exists (the rebalancer holds it, with an expiry), nothing is claimed from the
     shard's queues."""
-    return f"{prefix}:paused:s{shard}"
+    return f"{prefix}:paused:{shard_label(shard)}"
 
 
 def wake_key(prefix: str, shard: int, channel: Channel) -> str:
     """The key an idle pool of this queue blocks on, set by every push onto the queue."""
-    return f"{prefix}:wake:s{shard}:{channel}"
+    return f"{prefix}:wake:{shard_label(shard)}:{channel}"
 
 
 def job_id(message_id: str, channel: Channel) -> str:
@@ -188,6 +216,56 @@ class Item:
     recipients: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class QueueFigures:
+    """One rq queue: jobs ready, claimed (started registry) and failed (failed registry), the message
+    at the head of the ready list, and the jobs that entered and left it this minute and the last."""
+
+    ready: int = 0
+    in_flight: int = 0
+    failed: int = 0
+    head: str | None = None
+    entered: tuple[int, int] = (0, 0)
+    left: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardFigures:
+    """One shard's Redis figures: its queues, its retry set (deferred, and due by now), its settle
+    list, and whether a rebalance holds its pause key."""
+
+    channels: dict[str, QueueFigures]
+    deferred: int = 0
+    due: int = 0
+    settling: int = 0
+    paused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """A live worker in rq's registry serving this deployment's queues."""
+
+    name: str
+    queues: list[tuple[int, str]]
+    state: str = ""
+    heartbeat: str = ""
+
+
+class Registration:
+    """A pool's entry in rq's worker registry (what ``rq info`` and rq-dashboard list)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def heartbeat(self, ttl: int) -> None:
+        """Alive for ``ttl`` more seconds."""
+        self._worker.heartbeat(ttl)
+
+    def death(self) -> None:
+        """Gone from the registry (a pool stopping, or re-registering with other queues)."""
+        self._worker.register_death()
+
+
 class Jobs:
     """rq queues of one Redis deployment, cached per (shard, channel)."""
 
@@ -199,6 +277,24 @@ class Jobs:
         self._forget = conn.register_script(_FORGET)
         self._flush = conn.register_script(_FLUSH)
         self._drop_queued = conn.register_script(_DROP_QUEUED)
+        self._registries: dict[tuple[int, str], tuple[str, str]] = {}
+        self._queue_re = re.compile(re.escape(prefix) + r"\.s(\d+)\.(local|remote)")
+
+    def _started(self, shard: int, channel: Channel) -> str:
+        """The key of the queue's StartedJobRegistry (cached: a registry object per call cost more
+        than the command that uses it)."""
+        return self._keys(shard, channel)[0]
+
+    def _failed(self, shard: int, channel: Channel) -> str:
+        return self._keys(shard, channel)[1]
+
+    def _keys(self, shard: int, channel: Channel) -> tuple[str, str]:
+        keys = self._registries.get((shard, channel))
+        if keys is None:
+            queue = self.queue(shard, channel)
+            keys = self._registries[shard, channel] = (StartedJobRegistry(queue=queue).key,
+                                                        FailedJobRegistry(queue=queue).key)
+        return keys
 
     def queue(self, shard: int, channel: Channel) -> Queue:
         key = (shard, channel)
@@ -262,7 +358,7 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for shard in shards:
                 queue = self.queue(shard, channel)
-                self._claim(keys=[queue.key, StartedJobRegistry(queue=queue).key, pause_key(self.prefix, shard),
+                self._claim(keys=[queue.key, self._started(shard, channel), pause_key(self.prefix, shard),
                                   wake_key(self.prefix, shard, channel)],
                             args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
                                   execution], client=pipe)
@@ -283,8 +379,7 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for claim in claims:
                 tally[claim.shard, claim.channel] = tally.get((claim.shard, claim.channel), 0) + 1
-                registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
-                pipe.zrem(registry_key, f"{claim.job_id}:{claim.execution}")
+                pipe.zrem(self._started(claim.shard, claim.channel), f"{claim.job_id}:{claim.execution}")
                 pipe.delete(f"rq:job:{claim.job_id}")
                 if claim.settle:
                     pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
@@ -299,7 +394,7 @@ class Jobs:
             return
         key = self.tally_key(int(time.time()) // 60)
         for (shard, channel), count in counts.items():
-            pipe.hincrby(key, f"{kind}:s{shard}:{channel}", count)
+            pipe.hincrby(key, f"{kind}:{shard_label(shard)}:{channel}", count)
         pipe.expire(key, TALLY_TTL)
 
     def tally_key(self, minute: int) -> str:
@@ -307,10 +402,10 @@ class Jobs:
 
     # -- the scheduler's structures ---------------------------------------------------------------
     def settle_key(self, shard: int) -> str:
-        return f"{self.prefix}:settle:s{shard}"
+        return f"{self.prefix}:settle:{shard_label(shard)}"
 
     def retry_key(self, shard: int) -> str:
-        return f"{self.prefix}:retry:s{shard}"
+        return f"{self.prefix}:retry:{shard_label(shard)}"
 
     def settled(self, shard: int, count: int) -> list[tuple[str, Channel]]:
         """Take up to ``count`` finished attempts from the shard's settle list."""
@@ -355,7 +450,7 @@ class Jobs:
             for channel in CHANNELS:
                 queue = self.queue(shard, channel)
                 ident = job_id(message_id, channel)
-                self._forget(keys=[queue.key, StartedJobRegistry(queue=queue).key, FailedJobRegistry(queue=queue).key,
+                self._forget(keys=[queue.key, self._started(shard, channel), self._failed(shard, channel),
                                    f"rq:job:{ident}", self.retry_key(shard)],
                              args=[ident, f"{message_id}:{channel}", now], client=pipe)
             answers = pipe.execute()
@@ -366,11 +461,12 @@ class Jobs:
         """Up to ``count`` retry entries due later rescored to ``now`` (``flush``); returns them."""
         return [_member(m) for m in self._flush(keys=[self.retry_key(shard)], args=[repr(now), count])]
 
-    def drop_queued(self, shard: int, channel: Channel, job_ids: list[str]) -> int:
-        """Take these jobs out of the queue list in one pass of the list per 5,000 ids (the
+    def drop_queued(self, shard: int, channel: Channel, message_ids: list[str]) -> int:
+        """Take these messages' jobs out of the queue list in one pass of the list per 5,000 ids (the
         rebalancer: messages no longer in the shard), with their hashes where they still name this
         queue; returns how many went."""
         queue = self.queue(shard, channel)
+        job_ids = [job_id(m, channel) for m in message_ids]
         return sum(self._drop_queued(keys=[queue.key], args=[queue.name, *job_ids[start:start + 5000]])
                    for start in range(0, len(job_ids), 5000))
 
@@ -384,15 +480,14 @@ class Jobs:
         expiry = int(time.time()) + CLAIM_LEASE
         with self.conn.pipeline(transaction=False) as pipe:
             for claim in claims:
-                registry_key = StartedJobRegistry(queue=self.queue(claim.shard, claim.channel)).key
-                pipe.zadd(registry_key, {f"{claim.job_id}:{claim.execution}": expiry}, xx=True)
+                pipe.zadd(self._started(claim.shard, claim.channel), {f"{claim.job_id}:{claim.execution}": expiry},
+                          xx=True)
             pipe.execute()
 
     def reclaim(self, shard: int, channel: Channel, worker: str) -> int:
         """Give back every claim recorded under ``worker``: a pool starting under a stable name
         takes back what its previous life (killed mid-batch) held. Returns how many."""
-        queue = self.queue(shard, channel)
-        entries = [raw.decode() for raw in self.conn.zrange(StartedJobRegistry(queue=queue).key, 0, -1)]
+        entries = [raw.decode() for raw in self.conn.zrange(self._started(shard, channel), 0, -1)]
         if not entries:
             return 0
         with self.conn.pipeline(transaction=False) as pipe:
@@ -415,7 +510,7 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for claim in claims:
                 queue = self.queue(claim.shard, claim.channel)
-                pipe.zrem(StartedJobRegistry(queue=queue).key, f"{claim.job_id}:{claim.execution}")
+                pipe.zrem(self._started(claim.shard, claim.channel), f"{claim.job_id}:{claim.execution}")
                 pipe.hset(f"rq:job:{claim.job_id}", "status", "queued")
                 pipe.lpush(queue.key, claim.job_id)
                 queues.add((claim.shard, claim.channel))
@@ -424,12 +519,116 @@ class Jobs:
 
     def fail(self, claim: Claim, why: str) -> None:
         """A job raised (a bug, not a delivery outcome): keep it in rq's failed registry for a human."""
-        queue = self.queue(claim.shard, claim.channel)
         with self.conn.pipeline(transaction=False) as pipe:
-            pipe.zrem(StartedJobRegistry(queue=queue).key, f"{claim.job_id}:{claim.execution}")
+            pipe.zrem(self._started(claim.shard, claim.channel), f"{claim.job_id}:{claim.execution}")
             pipe.hset(f"rq:job:{claim.job_id}", mapping={"status": "failed", "exc_info": why[:4000]})
-            pipe.zadd(FailedJobRegistry(queue=queue).key, {claim.job_id: time.time() + FAILURE_TTL})
+            pipe.zadd(self._failed(claim.shard, claim.channel), {claim.job_id: time.time() + FAILURE_TTL})
             pipe.execute()
+
+    # -- views: what ops and the sweep read -------------------------------------------------------------
+    def queued(self, shard: int, channel: Channel) -> list[str]:
+        """The messages whose jobs wait in the queue, in queue order."""
+        return [_text(raw).rpartition("-")[0] for raw in self.conn.lrange(self.queue(shard, channel).key, 0, -1)]
+
+    def in_flight(self, shards: Iterable[int], now: float | None = None) -> set[str]:
+        """Messages with an unexpired claim (being delivered right now) on these shards, one round trip."""
+        now = time.time() if now is None else now
+        with self.conn.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                for channel in CHANNELS:
+                    pipe.zrangebyscore(self._started(shard, channel), now, "+inf")
+            answers = pipe.execute()
+        return {_text(raw).partition(":")[0].rpartition("-")[0] for members in answers for raw in members}
+
+    def doorbells(self, shard: int, now: float | None = None) -> set[str]:
+        """Every ``<id>:<channel>`` Redis knows for the shard, however it knows it: queued jobs,
+        unexpired claims (one whose lease ran out belongs to a pool that is gone: it rings no bell),
+        the retry set and the settle list; one round trip, read in that order (a job's own)."""
+        now = time.time() if now is None else now
+        with self.conn.pipeline(transaction=False) as pipe:
+            for channel in CHANNELS:
+                pipe.lrange(self.queue(shard, channel).key, 0, -1)
+                pipe.zrangebyscore(self._started(shard, channel), now, "+inf")
+            pipe.zrange(self.retry_key(shard), 0, -1)
+            pipe.lrange(self.settle_key(shard), 0, -1)
+            answers = pipe.execute()
+        known: set[str] = set()
+        for c, channel in enumerate(CHANNELS):
+            known.update(f"{_text(raw).rpartition('-')[0]}:{channel}" for raw in answers[2 * c])
+            known.update(f"{_text(raw).partition(':')[0].rpartition('-')[0]}:{channel}" for raw in answers[2 * c + 1])
+        known.update(_text(x) for x in answers[-2])
+        known.update(_text(x) for x in answers[-1])
+        return known
+
+    def census(self, shards: Iterable[int], now: float, activity: bool = True
+               ) -> tuple[dict[int, ShardFigures], list[WorkerRecord]]:
+        """Every queue figure of these shards and (``activity``) the per-minute tallies and the live
+        workers serving this deployment's queues, in one round trip (``shardmail status``, the
+        Prometheus scrape)."""
+        shards = list(shards)
+        minute = int(now) // 60
+        with self.conn.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                for channel in CHANNELS:
+                    queue = self.queue(shard, channel)
+                    pipe.llen(queue.key)
+                    pipe.zcard(self._started(shard, channel))
+                    pipe.zcard(self._failed(shard, channel))
+                    pipe.lindex(queue.key, 0)
+                pipe.zcard(self.retry_key(shard))
+                pipe.zcount(self.retry_key(shard), "-inf", now)
+                pipe.llen(self.settle_key(shard))
+                pipe.exists(pause_key(self.prefix, shard))
+            if activity:
+                pipe.hgetall(self.tally_key(minute))
+                pipe.hgetall(self.tally_key(minute - 1))
+                pipe.eval(_WORKERS, 1, "rq:workers")
+            answers = pipe.execute()
+        tallies = ({_text(k): int(v) for k, v in answers[-3].items()},
+                   {_text(k): int(v) for k, v in answers[-2].items()}) if activity else ({}, {})
+        per_shard = 4 * len(CHANNELS) + 4
+        figures = {}
+        for index, shard in enumerate(shards):
+            row = answers[index * per_shard : (index + 1) * per_shard]
+            channels = {}
+            for c, channel in enumerate(CHANNELS):
+                ready, started, failed, head = row[4 * c : 4 * c + 4]
+                field_name = f"{shard_label(shard)}:{channel}"
+                channels[channel] = QueueFigures(
+                    ready, started, failed, _text(head).rpartition("-")[0] if head else None,
+                    (tallies[0].get(f"in:{field_name}", 0), tallies[1].get(f"in:{field_name}", 0)),
+                    (tallies[0].get(f"out:{field_name}", 0), tallies[1].get(f"out:{field_name}", 0)))
+            deferred, due, settling, paused = row[4 * len(CHANNELS):]
+            figures[shard] = ShardFigures(channels, deferred, due, settling, bool(paused))
+        return figures, self._workers(answers[-1]) if activity else []
+
+    def _workers(self, raw: list) -> list[WorkerRecord]:
+        records = []
+        for i in range(0, len(raw) - 3, 4):
+            served = [self._queue_re.fullmatch(q) for q in _text(raw[i + 1]).split(",")]
+            queues = [(int(m.group(1)), m.group(2)) for m in served if m]
+            if queues:  # else a worker of another deployment (or a stock rq worker on other queues)
+                records.append(WorkerRecord(_text(raw[i]).removeprefix("rq:worker:"), queues, _text(raw[i + 2]),
+                                            _text(raw[i + 3])))
+        return records
+
+    def announce(self, queues: Iterable[tuple[int, Channel]], name: str) -> Registration | None:
+        """Register a pool in rq's worker registry (birth now, state busy; the caller sends
+        heartbeats and the death), so ``rq info`` and rq-dashboard list it with its queues. None
+        if Redis said no."""
+        worker = Worker([self.queue(shard, channel) for shard, channel in queues], name=name, connection=self.conn,
+                        serializer=JSONSerializer)
+        try:
+            try:
+                worker.register_birth()
+            except ValueError:  # our own name, left by a previous life of this pool that was killed
+                worker.register_death()
+                worker.register_birth()
+            worker.set_state("busy")
+        except (redis.RedisError, ValueError) as exc:
+            log.warning("not registered as an rq worker: %s", exc)
+            return None
+        return Registration(worker)
 
     def depths(self, shards: Iterable[int]) -> dict[int, int]:
         """Ready jobs per shard (all channels), in one round trip."""

@@ -1,6 +1,7 @@
 """The shard map: which shards exist, where their spools are, how ingress picks one.
 
-Interface: ``ShardMap(settings)`` with ``spool(shard)``, ``ids()``, ``draining()``, ``drain(shard)``,
+Interface: ``shard_label(shard)`` (``s<N>``: a shard's name in queue names, Redis keys, logs and
+listings); ``ShardMap(settings)`` with ``spool(shard)``, ``ids()``, ``draining()``, ``drain(shard)``,
 ``reopen(shard)``, ``add() -> int``, ``pause_key(shard)``; ``Picker(shard_map, jobs)`` with
 ``pick() -> int``.
 
@@ -15,7 +16,7 @@ workers go on emptying it.
 
 ``pause_key(shard)`` names the Redis key (with an expiry, renewed by its holder) under which the
 rebalancer has a shard to itself: consumers claim nothing from a paused shard and the scheduler
-leaves it alone (core.jobs' claim script, scheduler.serve's lease script check it atomically).
+leaves it alone (core.jobs' claim script, core.lease's renewal script check it atomically).
 
 Ingress picks per message: round robin (default), random, or least loaded by queue depth
 (IndiMail's modes), never a draining shard. The shard list, the draining markers and the depths
@@ -41,16 +42,24 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
-from core import jobs
 from core.config import Settings
 from core.spool import Spool, fsync_dir
+
+if TYPE_CHECKING:  # core.jobs names its keys with shard_label: imported where used, not at load
+    from core.jobs import Jobs
 
 REFRESH_SECONDS = 1.0
 DRAINING = "draining"  # the marker file in a shard's directory
 _SHARD_DIR = re.compile(r"s(\d+)")
+
+
+def shard_label(shard: int) -> str:
+    """A shard's name wherever one is written: queue names, Redis keys, logs, listings."""
+    return f"s{shard}"
 
 
 class NoShardAvailable(Exception):
@@ -92,10 +101,12 @@ class ShardMap:
         return spool
 
     def pause_key(self, shard: int) -> str:
-        return jobs.pause_key(self.prefix, shard)
+        from core.jobs import pause_key
+
+        return pause_key(self.prefix, shard)
 
     def _marker(self, shard: int) -> Path:
-        return self.root / f"s{shard}" / DRAINING
+        return Spool.directory(self.root, shard) / DRAINING
 
     def draining(self) -> set[int]:
         return {shard for shard in self.ids() if self._marker(shard).exists()}
@@ -140,7 +151,7 @@ class ShardMap:
             for directory in (built.queue, built.base):
                 fsync_dir(directory)
             fsync_dir(staging)
-            os.rename(built.base, self.root / f"s{shard}")
+            os.rename(built.base, Spool.directory(self.root, shard))
             fsync_dir(self.root)
             os.rmdir(staging)
             self.ids(fresh=True)
@@ -150,7 +161,7 @@ class ShardMap:
 class Picker:
     """Chooses the shard for each new message."""
 
-    def __init__(self, shard_map: ShardMap, queues: jobs.Jobs, policy: str = "roundrobin") -> None:
+    def __init__(self, shard_map: ShardMap, queues: Jobs, policy: str = "roundrobin") -> None:
         self.map = shard_map
         self.queues = queues
         self.policy = policy

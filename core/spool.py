@@ -8,8 +8,13 @@ another shard, for the rebalancer), ``remove(id)``, ``scan() -> Iterator[Entry]`
 ``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``; ``syncfs(fd)`` and
 ``SYNCFS`` (whether it is available), the group commit of several files' writes. Held mail
 (``shardmail queue``): ``hold(id)``, ``unhold(id)``, ``held()``, ``held_path(id)``, ``where(id)``,
-``peek(id, held=False)`` (envelope and marks without reading the body), ``load(id, held=True)``,
-``discard(id, held=False)`` (an admin's delete, durable).
+``peek(id, held=False)`` (envelope and marks without reading the body), ``find(id) -> Entry``
+(queued or held), ``entries(held=False) -> Iterator[Entry]``, ``load(id, held=True)``,
+``discard(id, held=False)`` (an admin's delete, durable). Listings for the ops views:
+``census(listings) -> Counts`` (entries, held ones and the oldest id, from directory listings
+alone, ``Listings`` remembering them between calls), ``queue_dirs()`` and ``heads(directory)``
+(every entry's envelope line and marks, bodies unread: qshape's fast path, shared out among
+processes by directory); ``Spool.directory(root, shard)`` (a shard's directory, for the shard map).
 
 Layout of one shard (``<root>/s<shard>/``)::
 
@@ -101,9 +106,11 @@ import contextlib
 import ctypes
 import errno
 import itertools
+import json
 import logging
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -113,7 +120,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core import faults, syscalls
-from core.envelope import Envelope, EnvelopeError, Mark, decode, decode_marks, encode, encode_mark
+from core.envelope import FORMAT_VERSION, Envelope, EnvelopeError, Mark, decode, decode_marks, encode, encode_mark
 
 log = logging.getLogger("shardmail.spool")
 LEFTOVER_AGE = 36 * 3600  # qmail's rule: a tmp file this old belongs to no living writer
@@ -121,16 +128,30 @@ SPLIT_STEP_US = 100_000
 FREE_SLOTS = 1024  # spent files kept per shard for reuse
 RECYCLE_MAX = 32 * 1024  # bigger files are deleted: a pool of them would hold too much disk
 FREE_RELIST = 0.05  # s between listings of an empty free/
+TRUST_AFTER_NS = 1_000_000_000  # a directory's mtime this much older than our listing's start is settled
+HEAD = 2048  # bytes ``heads`` reads first: the envelope line, and the marks too when the body is short
+CHUNK = 4096  # bytes per further read of the marks
+NOATIME = getattr(os, "O_NOATIME", 0)  # a look at the queue must not dirty a million inodes (relatime's first read)
+_ID = re.compile(r"[0-9A-F]{26}")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One committed spool file as the scan found it; ``envelope`` is None when ``error`` is set."""
+    """One spool entry as a reader found it (``scan``, ``entries``, ``find``): its id, the shard it
+    lies in, whether it is on hold, and its envelope with marks; ``envelope`` is None when ``error``
+    says why it could not be read; ``file`` is where it lies (``path``, the same as a Path)."""
 
     id: str
-    path: Path
+    shard: int
     envelope: Envelope | None
+    held: bool = False
     error: str = ""
+    file: str = ""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +161,52 @@ class Leftover:
     path: Path
     age: float
     committed: bool  # the same id is already in queue/
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """A shard's spool from its directory listings: committed entries, held ones, the oldest
+    committed entry's id (ids begin with their arrival time; None when there is none)."""
+
+    spooled: int
+    held: int
+    oldest: str | None
+
+
+@dataclass(slots=True)
+class _Listing:
+    mtime_ns: int
+    listed_ns: int
+    count: int
+    oldest: str | None
+
+
+class Listings:
+    """Directory listings remembered between censuses: a directory whose mtime has not moved since
+    a listing that started at least ``TRUST_AFTER_NS`` after that mtime cannot have changed (a later
+    create, rename or unlink would move it), so a census of an idle queue costs a stat per directory."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, _Listing] = {}
+
+    def take(self, path: str) -> _Listing:
+        started = time.time_ns()
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return _Listing(0, started, 0, None)
+        known = self._seen.get(path)
+        if known is not None and known.mtime_ns == mtime and known.listed_ns - mtime >= TRUST_AFTER_NS:
+            return known
+        try:
+            names = os.listdir(path)
+        except FileNotFoundError:
+            names = []
+        oldest = min(names, default=None)
+        if oldest is not None and not _ID.fullmatch(oldest):
+            oldest = min((n for n in names if _ID.fullmatch(n)), default=None)
+        listing = self._seen[path] = _Listing(mtime, started, len(names), oldest)
+        return listing
 
 
 class Recycled(FileNotFoundError):
@@ -194,7 +261,7 @@ class Spool:
     def __init__(self, root: str | os.PathLike[str], shard: int, split: int = 23) -> None:
         self.shard = shard
         self.split = split
-        self.base = Path(root) / f"s{shard}"
+        self.base = self.directory(root, shard)
         self.tmp = self.base / "tmp"
         self.queue = self.base / "queue"
         self.corrupt = self.base / "corrupt"
@@ -218,6 +285,11 @@ class Spool:
         self._hold_sync = _DirSync(self.hold_dir)
         self._queue_s = [f"{self.queue}/{i}/" for i in range(split)]
         self.device = os.stat(self.base).st_dev  # spools on one file system share a group commit's syncs
+
+    @staticmethod
+    def directory(root: str | os.PathLike[str], shard: int) -> Path:
+        """Where a shard's spool lies under the spool root (whether or not it exists yet)."""
+        return Path(root) / f"s{shard}"
 
     def _bucket(self, message_id: str) -> int:
         """The split directory: from the id's arrival time in 0.1 s steps, turning over all of them.
@@ -471,6 +543,33 @@ class Spool:
             raise Recycled(errno.ENOENT, f"spool entry {message_id} now holds {envelope.id}")
         return envelope.with_marks(decode_marks(tail))
 
+    def find(self, message_id: str) -> Entry | None:
+        """The entry of this id, queued or held, read as ``peek`` does (no body); None when neither
+        name exists (or it went while we looked); with ``error`` set when it cannot be read."""
+        where = self.where(message_id)
+        if where is None:
+            return None
+        held = where == "hold"
+        path = self._hold_s + message_id if held else self._path(message_id)
+        try:
+            return Entry(message_id, self.shard, self.peek(message_id, held=held), held, "", path)
+        except FileNotFoundError:
+            return None
+        except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
+            return Entry(message_id, self.shard, None, held, str(exc), path)
+
+    def entries(self, held: bool = False) -> Iterator[Entry]:
+        """Every readable entry, queued (or ``held``), read as ``peek`` does (no body), in directory
+        order: for listing big queues. One gone meanwhile (or recycled) or unreadable is skipped
+        (the sweep moves it aside and reports it)."""
+        for message_id in self.held() if held else self.ids():
+            try:
+                envelope = self.peek(message_id, held=held)
+            except (EnvelopeError, OSError, UnicodeDecodeError):  # FileNotFoundError (Recycled) too
+                continue
+            yield Entry(message_id, self.shard, envelope, held, "",
+                        self._hold_s + message_id if held else self._path(message_id))
+
     def discard(self, message_id: str, held: bool = False) -> None:
         """Delete an entry for good (an admin's delete): unlink, then the directory fsync'd, so it
         does not come back after a crash. FileNotFoundError if it is not there."""
@@ -498,22 +597,40 @@ class Spool:
     def count(self) -> int:
         return sum(1 for _ in self.ids())
 
+    # -- listings for the ops views (ops.depth, ops.qshape) --------------------------------------------
+    def census(self, listings: Listings | None = None) -> Counts:
+        """Entries, held entries and the oldest entry, from directory listings only (never a file
+        read); ``listings`` remembers them, so an unchanged directory costs a stat."""
+        listings = listings or Listings()
+        spooled, oldest = 0, None
+        for directory in self._queue_s:
+            listing = listings.take(directory)
+            spooled += listing.count
+            if listing.oldest is not None and (oldest is None or listing.oldest < oldest):
+                oldest = listing.oldest
+        return Counts(spooled, listings.take(self._hold_s).count, oldest)
+
+    def queue_dirs(self) -> list[str]:
+        """The committed entries' directories (one per split), for ``heads``: a reader shares them
+        out among processes."""
+        return list(self._queue_s)
+
     def scan(self) -> Iterator[Entry]:
         """Every committed entry; corrupt ones are yielded with ``error`` set, never raised."""
         for message_id in self.ids():
-            path = self.path(message_id)
+            path = self._path(message_id)
             try:
                 envelope = self.read(message_id)
             except Recycled as exc:
-                if path.exists():  # not recycled meanwhile: a stale name (see the crash notes)
-                    yield Entry(message_id, path, None, str(exc))
+                if os.path.exists(path):  # not recycled meanwhile: a stale name (see the crash notes)
+                    yield Entry(message_id, self.shard, None, False, str(exc), path)
                 continue
             except FileNotFoundError:
                 continue  # delivered and removed while we looked
             except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
-                yield Entry(message_id, path, None, str(exc))
+                yield Entry(message_id, self.shard, None, False, str(exc), path)
                 continue
-            yield Entry(message_id, path, envelope)
+            yield Entry(message_id, self.shard, envelope, False, "", path)
 
     def leftovers(self, now: float | None = None) -> Iterator[Leftover]:
         now = time.time() if now is None else now
@@ -524,6 +641,83 @@ class Spool:
             except FileNotFoundError:
                 continue
             yield Leftover(path, age, self.path(name).exists())
+
+
+def heads(directory: str) -> Iterator[tuple[dict, bytes]]:
+    """Every entry of one of ``queue_dirs``: its envelope line as decoded JSON (core.envelope's
+    fields) and its mark lines, the body never read (the envelope's ``size`` says where the marks
+    begin). Read with O_NOATIME where allowed (the files' owner, or root), so a look at a big queue
+    dirties no inode. Entries gone, recycled, truncated, unreadable or of another format are
+    skipped (the sweep reports them)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    flags = os.O_RDONLY | NOATIME
+    try:
+        for name in os.listdir(dir_fd):
+            try:
+                found = _head_and_marks(dir_fd, name, flags)
+            except FileNotFoundError:
+                continue  # delivered and removed meanwhile
+            except PermissionError:
+                if not flags & NOATIME:
+                    continue
+                flags = os.O_RDONLY  # not the files' owner: atimes then move, as with any reader
+                try:
+                    found = _head_and_marks(dir_fd, name, flags)
+                except OSError:
+                    continue
+            except OSError:
+                continue
+            if found is not None:
+                yield found
+    finally:
+        os.close(dir_fd)
+
+
+def _head_and_marks(dir_fd: int, name: str, flags: int = os.O_RDONLY) -> tuple[dict, bytes] | None:
+    """The envelope (as decoded JSON) and the mark lines of one entry, without reading its body:
+    the first ``HEAD`` bytes, then (when the body is longer) reads from the end of the body on.
+    None for an entry that is gone, recycled, truncated or not an envelope."""
+    fd = os.open(name, flags, dir_fd=dir_fd)  # FileNotFoundError, PermissionError: for the caller
+    try:
+        head = os.read(fd, HEAD)
+        newline = head.find(b"\n")
+        if newline < 0:
+            if len(head) < HEAD:
+                return None
+            head += os.pread(fd, 1 << 20, HEAD)  # a very long recipient list
+            newline = head.find(b"\n")
+            if newline < 0:
+                return None
+        doc = _DECODER.decode(head[:newline].decode("utf-8"))
+        if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION or doc.get("id") != name:
+            return None  # another format, or a recycled file now holding another message
+        end = newline + 1 + int(doc["size"])  # where the marks start
+        if len(head) >= end:
+            blob = head[end:]
+            if len(head) < HEAD:
+                return doc, blob
+            offset = len(head)
+        else:
+            tail = os.pread(fd, CHUNK, end - 1)  # from the body's last byte: none means truncated
+            if not tail:
+                return None
+            blob, offset = tail[1:], end - 1 + len(tail)
+            if len(tail) < CHUNK:
+                return doc, blob
+        chunks = [blob]
+        while True:
+            more = os.pread(fd, CHUNK, offset)
+            chunks.append(more)
+            offset += len(more)
+            if len(more) < CHUNK:
+                return doc, b"".join(chunks)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError, OSError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -4,14 +4,14 @@ Interface: ``Census`` (spool figures, remembered between calls), ``gather(settin
 now) -> Status``, ``render(status) -> str``, ``as_dict(status)`` / ``as_json(status)`` (field names
 below are stable; ``version`` changes if one ever does).
 
-Redis figures come from one pipelined round trip for every shard: rq's queue lists (ready), started
-registries (in flight) and failed registries, the retry set (deferred, and how many of those are
-due), the settle list, the per-minute tallies core.jobs keeps (rates over the last minute: this
-minute's count plus the last minute's weighted by the part of it still inside the window) and rq's
-worker registry (one small script lists the live workers with their queues). Spool figures come
-from directory listings only, never from reading a file: the spooled count, held mail, and the
-oldest message (ids start with their arrival time, so the smallest name is the oldest). A split
-directory whose mtime has not moved since a listing that began well after it is not listed again.
+Redis figures come from one pipelined round trip for every shard (core.jobs' ``census``): rq's
+queue lists (ready), started registries (in flight) and failed registries, the retry set
+(deferred, and how many of those are due), the settle list, the per-minute tallies core.jobs keeps
+(rates over the last minute: this minute's count plus the last minute's weighted by the part of it
+still inside the window) and rq's worker registry (the live workers with their queues). Spool figures come
+from directory listings only, never from reading a file (core.spool's ``census``): the spooled
+count, held mail, and the oldest message. A split directory whose mtime has not moved since a
+listing that began well after it is not listed again.
 
 JSON fields: ``version``, ``time``, ``redis`` (false: Redis unreachable, its figures are 0),
 ``spool_age`` (s since the spool was listed), ``shards``: [{``shard``, ``state`` (open|draining|paused,
@@ -30,39 +30,20 @@ Settings: ``shards``, ``redis_prefix``, ``spool_dir``/``var_dir``, ``queue_split
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 
 import redis
-from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from core.config import Settings
 from core.envelope import CHANNELS, id_time
-from core.jobs import Jobs, pause_key
+from core.jobs import Jobs, QueueFigures, ShardFigures, WorkerRecord
 from core.shards import ShardMap
+from core.spool import Counts, Listings
 
 VERSION = 1
-TRUST_AFTER_NS = 1_000_000_000  # a directory's mtime this much older than our listing's start is settled
-_ID = re.compile(r"[0-9A-F]{26}")
 _SLOT = re.compile(r"([.-]\d+)+$")  # a pool's slot or process number: mx.local-0 and mx.local-1.2 are "mx.local"
-
-# Every live rq worker (its hash still there, no death recorded): key, queues, state, last heartbeat.
-_WORKERS = """
-local out = {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local fields = redis.call('HMGET', key, 'queues', 'state', 'last_heartbeat', 'death')
-  if fields[1] and not fields[4] then
-    table.insert(out, key)
-    table.insert(out, fields[1])
-    table.insert(out, fields[2] or '')
-    table.insert(out, fields[3] or '')
-  end
-end
-return out
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class ChannelDepth:
@@ -107,68 +88,24 @@ class Status:
     pools: list[Pool] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Listing:
-    mtime_ns: int
-    listed_ns: int
-    count: int
-    oldest: str | None
-
-
 class Census:
-    """Spool figures from directory listings, remembering each directory's last listing: one whose
-    mtime has not moved since a listing that started at least ``TRUST_AFTER_NS`` after that mtime
-    cannot have changed (a later create, rename or unlink would move it), so a refresh of an idle
-    queue costs a stat per directory."""
+    """Spool figures per shard (core.spool's ``census``), remembering the directory listings between
+    calls (``Listings``), so a refresh of an idle queue costs a stat per directory."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, _Listing] = {}
+        self._listings = Listings()
         self.listed_at = 0.0
         self.cost = 0.0  # CPU seconds the last ``take`` spent
-        self.last: dict[int, tuple[int, int, str | None]] = {}
+        self.last: dict[int, Counts] = {}
 
-    def _dir(self, path: str) -> _Listing:
-        started = time.time_ns()
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except FileNotFoundError:
-            return _Listing(0, started, 0, None)
-        known = self._seen.get(path)
-        if known is not None and known.mtime_ns == mtime and known.listed_ns - mtime >= TRUST_AFTER_NS:
-            return known
-        try:
-            names = os.listdir(path)
-        except FileNotFoundError:
-            names = []
-        oldest = min(names, default=None)
-        if oldest is not None and not _ID.fullmatch(oldest):
-            oldest = min((n for n in names if _ID.fullmatch(n)), default=None)
-        listing = self._seen[path] = _Listing(mtime, started, len(names), oldest)
-        return listing
-
-    def take(self, shard_map: ShardMap, shards: list[int]) -> dict[int, tuple[int, int, str | None]]:
-        """Per shard: (spooled, held, oldest id)."""
+    def take(self, shard_map: ShardMap, shards: list[int]) -> dict[int, Counts]:
+        """Per shard: its entries, held entries and oldest id."""
         cpu = time.process_time()
-        result = {}
-        for shard in shards:
-            base = f"{shard_map.root}/s{shard}"
-            spooled, oldest = 0, None
-            for split in range(shard_map.split):
-                listing = self._dir(f"{base}/queue/{split}")
-                spooled += listing.count
-                if listing.oldest is not None and (oldest is None or listing.oldest < oldest):
-                    oldest = listing.oldest
-            result[shard] = (spooled, _held(shard_map, shard, self), oldest)
+        result = {shard: shard_map.spool(shard).census(self._listings) for shard in shards}
         self.listed_at = time.time()
         self.cost = time.process_time() - cpu
         self.last = result
         return result
-
-
-def _held(shard_map: ShardMap, shard: int, census: Census) -> int:
-    """Messages on hold: the files in the shard's ``hold/`` (what ``Spool.held`` lists), counted
-    through the census so that an unchanged directory costs a stat."""
-    return census._dir(f"{shard_map.root}/s{shard}/hold").count
 
 
 def _rate(current: int, previous: int, now: float) -> float:
@@ -182,70 +119,37 @@ def _pool_name(name: str) -> str:
     return _SLOT.sub("", name) or name
 
 
-def _redis_figures(settings: Settings, conn: redis.Redis, shards: list[int], now: float) -> list:
-    """Per shard: per channel (ready, in flight, failed, head job), then (deferred, due, settling,
-    paused by a rebalance); then this minute's and the last minute's tallies and the live workers.
-    One round trip."""
-    jobs = Jobs(conn, settings.redis_prefix)
-    minute = int(now) // 60
-    with conn.pipeline(transaction=False) as pipe:
-        for shard in shards:
-            for channel in CHANNELS:
-                queue = jobs.queue(shard, channel)
-                pipe.llen(queue.key)
-                pipe.zcard(StartedJobRegistry(queue=queue).key)
-                pipe.zcard(FailedJobRegistry(queue=queue).key)
-                pipe.lindex(queue.key, 0)
-            pipe.zcard(jobs.retry_key(shard))
-            pipe.zcount(jobs.retry_key(shard), "-inf", now)
-            pipe.llen(jobs.settle_key(shard))
-            pipe.exists(pause_key(settings.redis_prefix, shard))
-        pipe.hgetall(jobs.tally_key(minute))
-        pipe.hgetall(jobs.tally_key(minute - 1))
-        pipe.eval(_WORKERS, 1, "rq:workers")
-        return pipe.execute()
-
-
 def gather(settings: Settings, conn: redis.Redis | None, census: Census | None = None, now: float | None = None,
            spool: bool = True) -> Status:
-    """Every figure, in one Redis round trip and the spool listings (``spool=False``: the census's
-    last figures, for a watcher keeping its listing cost down)."""
+    """Every figure, in one Redis round trip (core.jobs' ``census``) and the spool listings
+    (``spool=False``: the census's last figures, for a watcher keeping its listing cost down)."""
     now = time.time() if now is None else now
     census = census or Census()
     shard_map = ShardMap(settings)
     shards = list(shard_map.ids())
     disk = census.take(shard_map, shards) if spool or not census.listed_at else census.last
     draining = shard_map.draining()
-    answers: list = []
+    figures: dict[int, ShardFigures] = {}
+    workers: list[WorkerRecord] = []
     if conn is not None:
-        answers = _redis_figures(settings, conn, shards, now)
-    per_shard = len(CHANNELS) * 4 + 4
-    tallies = ({_text(k): int(v) for k, v in answers[-3].items()},
-               {_text(k): int(v) for k, v in answers[-2].items()}) if answers else ({}, {})
-    pools, workers_on = _pools(settings, answers[-1] if answers else [])
+        figures, workers = Jobs(conn, settings.redis_prefix).census(shards, now)
+    pools, workers_on = _pools(workers)
     rows = []
-    for index, shard in enumerate(shards):
-        spooled, held, oldest = disk.get(shard, (0, 0, None))
-        base = index * per_shard
+    for shard in shards:
+        counts = disk.get(shard) or Counts(0, 0, None)
+        found = figures.get(shard) or ShardFigures({channel: QueueFigures() for channel in CHANNELS})
         channels = {}
-        for c, channel in enumerate(CHANNELS):
-            ready, started, failed, head = answers[base + 4 * c : base + 4 * c + 4] if answers else (0, 0, 0, None)
-            key = f"s{shard}:{channel}"
+        for channel in CHANNELS:
+            queue = found.channels[channel]
             channels[channel] = ChannelDepth(
-                ready, started, failed, workers_on.get((shard, channel), 0),
-                _rate(tallies[0].get(f"in:{key}", 0), tallies[1].get(f"in:{key}", 0), now),
-                _rate(tallies[0].get(f"out:{key}", 0), tallies[1].get(f"out:{key}", 0), now),
-                _age(_text(head).rpartition("-")[0], now) if head else None)
-        deferred, due, settling, paused = answers[base + 4 * len(CHANNELS) : base + per_shard] if answers else (
-            0, 0, 0, 0)
-        state = "paused" if paused else "draining" if shard in draining else "open"
-        rows.append(ShardDepth(shard, state, shard in draining, spooled, held,
-                               _age(oldest, now) if oldest else None, deferred, due, settling, channels))
+                queue.ready, queue.in_flight, queue.failed, workers_on.get((shard, channel), 0),
+                _rate(*queue.entered, now), _rate(*queue.left, now),
+                _age(queue.head, now) if queue.head else None)
+        state = "paused" if found.paused else "draining" if shard in draining else "open"
+        rows.append(ShardDepth(shard, state, shard in draining, counts.spooled, counts.held,
+                               _age(counts.oldest, now) if counts.oldest else None, found.deferred, found.due,
+                               found.settling, channels))
     return Status(now, conn is not None, max(0.0, now - census.listed_at), rows, pools)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _age(message_id: str, now: float) -> float | None:
@@ -255,23 +159,17 @@ def _age(message_id: str, now: float) -> float | None:
         return None
 
 
-def _pools(settings: Settings, raw: list) -> tuple[list[Pool], dict[tuple[int, str], int]]:
+def _pools(workers: list[WorkerRecord]) -> tuple[list[Pool], dict[tuple[int, str], int]]:
     """Live rq workers serving this deployment's queues, by pool; and workers per (shard, channel)."""
-    queue_re = re.compile(re.escape(settings.redis_prefix) + r"\.s(\d+)\.(local|remote)")
     by_pool: dict[tuple[str, str], tuple[list[str], set[int]]] = {}
     per_queue: dict[tuple[int, str], int] = {}
-    for i in range(0, len(raw) - 3, 4):
-        name = _text(raw[i]).removeprefix("rq:worker:")
-        served = [queue_re.fullmatch(q) for q in _text(raw[i + 1]).split(",")]
-        served_ok = [(int(m.group(1)), m.group(2)) for m in served if m]
-        if not served_ok:
-            continue  # a worker of another deployment (or a stock rq worker on other queues)
-        for shard, channel in served_ok:
+    for worker in workers:
+        for shard, channel in worker.queues:
             per_queue[shard, channel] = per_queue.get((shard, channel), 0) + 1
-        channel = served_ok[0][1]
-        names, shards = by_pool.setdefault((_pool_name(name), channel), ([], set()))
-        names.append(name)
-        shards.update(s for s, _ in served_ok)
+        channel = worker.queues[0][1]
+        names, shards = by_pool.setdefault((_pool_name(worker.name), channel), ([], set()))
+        names.append(worker.name)
+        shards.update(s for s, _ in worker.queues)
     pools = [Pool(pool, channel, len(names), sorted(names), sorted(shards))
              for (pool, channel), (names, shards) in sorted(by_pool.items())]
     return pools, per_queue

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,6 @@ import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from core import metrics, sdnotify
 from core.config import Settings
@@ -57,40 +57,18 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class QueueCollector:
-    """Queue depth per shard and channel, from Redis at scrape time (one round trip)."""
+    """Queue depth per shard and channel, from Redis at scrape time (core.jobs' ``census``, one round trip)."""
 
     def __init__(self, settings: Settings, conn: redis.Redis) -> None:
         self.conn = conn
         self.jobs = Jobs(conn, settings.redis_prefix)
         self.shard_map = ShardMap(settings)
-        self._keys: dict[int, list[str]] = {}
-
-    def _shard_keys(self, shard: int) -> list[str]:
-        """[queue, started, failed] per channel, then retry and settle keys."""
-        keys = self._keys.get(shard)
-        if keys is None:
-            keys = []
-            for channel in CHANNELS:
-                queue = self.jobs.queue(shard, channel)
-                keys += [queue.key, StartedJobRegistry(queue=queue).key, FailedJobRegistry(queue=queue).key]
-            keys += [self.jobs.retry_key(shard), self.jobs.settle_key(shard)]
-            self._keys[shard] = keys
-        return keys
 
     def collect(self) -> Iterator[Metric]:
         shards = list(self.shard_map.ids())
         up = GaugeMetricFamily(metrics.REDIS_UP, "1 if this scrape's Redis round trip worked")
         try:
-            with self.conn.pipeline(transaction=False) as pipe:
-                for shard in shards:
-                    keys = self._shard_keys(shard)
-                    for c in range(len(CHANNELS)):
-                        pipe.llen(keys[3 * c])
-                        pipe.zcard(keys[3 * c + 1])
-                        pipe.zcard(keys[3 * c + 2])
-                    pipe.zcard(keys[-2])
-                    pipe.llen(keys[-1])
-                answers = pipe.execute()
+            figures, _ = self.jobs.census(shards, time.time(), activity=False)
         except redis.RedisError as exc:
             log.warning("queue depth not scraped: Redis unavailable (%s)", exc)
             up.add_metric([], 0)
@@ -108,16 +86,16 @@ class QueueCollector:
                                      labels=["shard"])
         settling = GaugeMetricFamily(metrics.QUEUE_SETTLING, "Finished attempts the scheduler has yet to settle",
                                      labels=["shard"])
-        per_shard = 3 * len(CHANNELS) + 2
-        for i, shard in enumerate(shards):
-            row = answers[i * per_shard : (i + 1) * per_shard]
-            for c, channel in enumerate(CHANNELS):
+        for shard in shards:
+            row = figures[shard]
+            for channel in CHANNELS:
                 labels = [str(shard), channel]
-                ready.add_metric(labels, row[3 * c])
-                flight.add_metric(labels, row[3 * c + 1])
-                failed.add_metric(labels, row[3 * c + 2])
-            deferred.add_metric([str(shard)], row[-2])
-            settling.add_metric([str(shard)], row[-1])
+                queue = row.channels[channel]
+                ready.add_metric(labels, queue.ready)
+                flight.add_metric(labels, queue.in_flight)
+                failed.add_metric(labels, queue.failed)
+            deferred.add_metric([str(shard)], row.deferred)
+            settling.add_metric([str(shard)], row.settling)
         yield from (ready, flight, failed, deferred, settling)
 
 

@@ -10,9 +10,9 @@ counts recipients never tried yet, ``deferred`` those whose last attempt was def
 both. The first row is the total; then domains by their count, biggest first.
 
 Fast on big queues (a million messages in a few seconds): an entry is read only as far as its
-envelope line and its marks (the envelope's ``size`` says where the body ends and the marks begin,
-so the body is never read), and the split directories are shared out among ``PER_CORE`` processes
-per core, whose counts are merged.
+envelope line and its marks (core.spool's ``heads``: the body is never read), and the spool's
+split directories (``Spool.queue_dirs``) are shared out among ``PER_CORE`` processes per core,
+whose counts are merged.
 
 Failures: an entry that cannot be read is skipped (the sweep reports it); nothing here writes.
 
@@ -21,7 +21,6 @@ Settings: ``shards``, ``spool_dir``/``var_dir`` (through core.shards).
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from bisect import bisect_right
@@ -30,18 +29,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from core.config import Settings
-from core.envelope import FORMAT_VERSION, decode_marks
+from core.envelope import decode_marks
 from core.shards import ShardMap
+from core.spool import heads
 
 BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # upper bounds, minutes; the last column is beyond
-HEAD = 2048  # bytes read first: the envelope line, and the marks too when the body is short
-CHUNK = 4096  # bytes per further read of the marks
 # Processes per core: an entry whose page is not cached waits for the disk, and the others use the CPU
 # meanwhile (50,000 entries out of the page cache here: 5.5 s with one process per core, 2.1-2.7 s
 # with four; cached, the same 0.5 s either way).
 PER_CORE = 4
-NOATIME = getattr(os, "O_NOATIME", 0)  # a look at the queue must not dirty a million inodes (relatime's first read)
-_DECODER = json.JSONDecoder()
 
 
 @dataclass
@@ -60,50 +56,6 @@ def bucket(age_minutes: float) -> int:
     return bisect_right(BUCKETS, age_minutes)
 
 
-def _head_and_marks(dir_fd: int, name: str, flags: int = os.O_RDONLY) -> tuple[dict, bytes] | None:
-    """The envelope (as decoded JSON) and the mark lines of one entry, without reading its body:
-    the first ``HEAD`` bytes, then (when the body is longer) reads from the end of the body on.
-    None for an entry that is gone, recycled, truncated or not an envelope."""
-    fd = os.open(name, flags, dir_fd=dir_fd)  # FileNotFoundError, PermissionError: for the caller
-    try:
-        head = os.read(fd, HEAD)
-        newline = head.find(b"\n")
-        if newline < 0:
-            if len(head) < HEAD:
-                return None
-            head += os.pread(fd, 1 << 20, HEAD)  # a very long recipient list
-            newline = head.find(b"\n")
-            if newline < 0:
-                return None
-        doc = _DECODER.decode(head[:newline].decode("utf-8"))
-        if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION or doc.get("id") != name:
-            return None  # another format, or a recycled file now holding another message
-        end = newline + 1 + int(doc["size"])  # where the marks start
-        if len(head) >= end:
-            blob = head[end:]
-            if len(head) < HEAD:
-                return doc, blob
-            offset = len(head)
-        else:
-            tail = os.pread(fd, CHUNK, end - 1)  # from the body's last byte: none means truncated
-            if not tail:
-                return None
-            blob, offset = tail[1:], end - 1 + len(tail)
-            if len(tail) < CHUNK:
-                return doc, blob
-        chunks = [blob]
-        while True:
-            more = os.pread(fd, CHUNK, offset)
-            chunks.append(more)
-            offset += len(more)
-            if len(more) < CHUNK:
-                return doc, b"".join(chunks)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError, OSError):
-        return None
-    finally:
-        os.close(fd)
-
-
 def _domain(address: str) -> str:
     """As core.address.domain_of, with qshape's names for the null sender and bare local parts."""
     if "@" not in address:
@@ -114,69 +66,44 @@ def _domain(address: str) -> str:
 Tally = list[dict[str, int]]  # per age bucket: domain -> pending recipients
 
 
-def _shape_dir(path: str, which: str, by: str, now: float) -> Tally:
+def _shape_dir(directory: str, which: str, by: str, now: float) -> Tally:
     """The counts of one split directory. The per-message path is kept lean (a million entries
     pass through it): per-bucket dicts instead of (domain, bucket) keys, a cache of host parts
     already normalised, marks decoded only where there are any."""
     tally: Tally = [{} for _ in range(len(BUCKETS) + 1)]
-    try:
-        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return tally
     hosts: dict[str, str] = {}
     want_ready, want_deferred, by_sender = which != "deferred", which != "ready", by == "sender"
-    flags = os.O_RDONLY | NOATIME
-    try:
-        for name in os.listdir(dir_fd):
-            try:
-                found = _head_and_marks(dir_fd, name, flags)
-            except FileNotFoundError:
-                continue  # delivered and removed meanwhile
-            except PermissionError:
-                if not flags & NOATIME:
-                    continue
-                flags = os.O_RDONLY  # not the files' owner: atimes then move, as with any reader
-                try:
-                    found = _head_and_marks(dir_fd, name, flags)
-                except OSError:
-                    continue
-            except OSError:
-                continue  # unreadable: the sweep reports it
-            if found is None:
+    for doc, blob in heads(directory):
+        if not blob and not want_ready:
+            continue  # never tried: nothing deferred here
+        try:
+            counts = tally[bisect_right(BUCKETS, max(0.0, now - float(doc["birth"])) / 60)]
+            recipients = doc["rcpt"]
+            if blob:
+                states = {mark.index: mark.state for mark in decode_marks(blob)}
+                wanted = []
+                for index, pair in enumerate(recipients):
+                    state = states.get(index)
+                    if state is None or state == "pending":
+                        if want_ready:
+                            wanted.append(pair)
+                    elif state == "deferred" and want_deferred:
+                        wanted.append(pair)  # final states (delivered, failed, bounced) never count
+                recipients = wanted
+            if by_sender:
+                if recipients:
+                    sender = _domain(str(doc["sender"]))
+                    counts[sender] = counts.get(sender, 0) + len(recipients)
                 continue
-            doc, blob = found
-            if not blob and not want_ready:
-                continue  # never tried: nothing deferred here
-            try:
-                counts = tally[bisect_right(BUCKETS, max(0.0, now - float(doc["birth"])) / 60)]
-                recipients = doc["rcpt"]
-                if blob:
-                    states = {mark.index: mark.state for mark in decode_marks(blob)}
-                    wanted = []
-                    for index, pair in enumerate(recipients):
-                        state = states.get(index)
-                        if state is None or state == "pending":
-                            if want_ready:
-                                wanted.append(pair)
-                        elif state == "deferred" and want_deferred:
-                            wanted.append(pair)  # final states (delivered, failed, bounced) never count
-                    recipients = wanted
-                if by_sender:
-                    if recipients:
-                        sender = _domain(str(doc["sender"]))
-                        counts[sender] = counts.get(sender, 0) + len(recipients)
-                    continue
-                for address, _channel in recipients:
-                    _, at, host = address.rpartition("@")
-                    if not at:
-                        domain = "<>" if not address else "(local)"
-                    else:
-                        domain = hosts.get(host) or hosts.setdefault(host, host.rstrip(".").lower() or "(local)")
-                    counts[domain] = counts.get(domain, 0) + 1
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-                continue
-    finally:
-        os.close(dir_fd)
+            for address, _channel in recipients:
+                _, at, host = address.rpartition("@")
+                if not at:
+                    domain = "<>" if not address else "(local)"
+                else:
+                    domain = hosts.get(host) or hosts.setdefault(host, host.rstrip(".").lower() or "(local)")
+                counts[domain] = counts.get(domain, 0) + 1
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            continue
     return tally
 
 
@@ -189,8 +116,7 @@ def shape(settings: Settings, shards: Iterable[int], which: str, by: str, now: f
     """Read every split directory of the shards, ``processes`` (default ``PER_CORE`` a core) sharing
     them out, reading only envelopes and marks; merge the counts."""
     shard_map = ShardMap(settings)
-    units = [(f"{shard_map.root}/s{shard}/queue/{split}", which, by, now)
-             for shard in shards for split in range(shard_map.split)]
+    units = [(directory, which, by, now) for shard in shards for directory in shard_map.spool(shard).queue_dirs()]
     processes = processes or PER_CORE * (os.cpu_count() or 1)
     total = Row("TOTAL")
     rows: dict[str, Row] = {}

@@ -9,7 +9,7 @@ The spool is the truth and Redis only rings the bell, so every command starts fr
 entry and treats Redis as something to tidy: a job whose entry is gone (held, deleted) ends
 harmlessly wherever it turns up (the pools finish it, the scheduler's settle calls it "gone").
 Ids are unique per node and say nothing about their shard, so a message is looked for in each
-shard of the shard map (two stats each: queue/<split>/<id> and hold/<id>).
+shard of the shard map (``Spool.where``: two stats each, queued and held).
 
 - ``list`` reads each entry's envelope line and marks, never its body (core.spool's ``peek``); it
   streams shard by shard in directory order, so it stays flat on big queues. Held messages are
@@ -58,32 +58,23 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 import redis
-from rq.registry import StartedJobRegistry
 
 from core.address import domain_of
 from core.config import Settings
-from core.envelope import CHANNELS, Channel, Envelope, EnvelopeError, Mark, valid_id
+from core.envelope import Channel, Envelope, Mark, valid_id
 from core.jobs import Item, Jobs
 from core.outcome import EX_OK, EX_TEMPFAIL
-from core.shards import ShardMap
+from core.shards import ShardMap, shard_label
+from core.spool import Entry
 
 log = logging.getLogger("shardmail.queue")
 EX_NOTFOUND = 1
 WAIT_STEP = 0.1  # s between two looks at an attempt in flight
 FLUSH_BATCH = 1000  # retry entries rescored per round trip
-
-@dataclass(frozen=True, slots=True)
-class Found:
-    """A message where it lies: its shard, whether it is on hold, its envelope with marks."""
-
-    shard: int
-    held: bool
-    envelope: Envelope
-
 
 @dataclass(frozen=True, slots=True)
 class Filter:
@@ -93,7 +84,7 @@ class Filter:
     held_only: bool = False
     domain: str = ""
 
-    def matches(self, found: Found) -> bool:
+    def matches(self, found: Entry) -> bool:
         if self.held_only and not found.held:
             return False
         return not self.domain or bool(domain_channels(found.envelope, self.domain))
@@ -169,54 +160,35 @@ class QueueAdmin:
         self.missing = 0  # ids asked for that were not found
 
     # -- finding messages -------------------------------------------------------------------------
-    def locate(self, message_id: str) -> Found | None:
-        """The message in whichever shard (queue/ or hold/) holds it; None if none does."""
+    def locate(self, message_id: str) -> Entry | None:
+        """The message in whichever shard holds it (queued or held); None if none does. Every entry
+        this module hands on (``locate``, ``messages``) was read: its envelope is never None."""
         if not valid_id(message_id):
             return None
         for shard in self.map.ids():
-            spool = self.map.spool(shard)
-            where = spool.where(message_id)
-            if where is None:
-                continue
-            try:
-                return Found(shard, where == "hold", spool.peek(message_id, held=where == "hold"))
-            except FileNotFoundError:  # delivered (or moved) while we looked: look on
-                continue
-            except (EnvelopeError, OSError, UnicodeDecodeError) as exc:
-                self._say_err(f"{message_id}: unreadable spool entry in shard {shard}: {exc}")
+            found = self.map.spool(shard).find(message_id)
+            if found is None:
+                continue  # not here, or delivered (or moved) while we looked: look on
+            if found.envelope is None:
+                self._say_err(f"{message_id}: unreadable spool entry in shard {shard}: {found.error}")
                 return None
+            return found
         return None
 
-    def messages(self, flt: Filter) -> Iterator[Found]:
-        """Every message the filter takes, shard by shard (queue/ then hold/), bodies unread."""
+    def messages(self, flt: Filter) -> Iterator[Entry]:
+        """Every message the filter takes, shard by shard (queued then held), bodies unread."""
         for shard in flt.shards:
             spool = self.map.spool(shard)
-            sources = [(True, spool.held())] if flt.held_only else [(False, spool.ids()), (True, spool.held())]
-            for held, ids in sources:
-                for message_id in ids:
-                    try:
-                        envelope = spool.peek(message_id, held=held)
-                    except FileNotFoundError:
-                        continue  # gone while we looked (or a recycled name)
-                    except (EnvelopeError, OSError, UnicodeDecodeError):
-                        continue  # the sweep moves it aside and reports it
-                    found = Found(shard, held, envelope)
+            for held in (True,) if flt.held_only else (False, True):
+                for found in spool.entries(held):
                     if flt.matches(found):
                         yield found
 
     def active(self, shards: Iterable[int]) -> set[str]:
         """Ids of messages with a claim in flight (a live lease), from the started registries."""
-        if self.jobs is None:
-            return set()
-        now = time.time()
-        with self.jobs.conn.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                for channel in CHANNELS:
-                    pipe.zrangebyscore(StartedJobRegistry(queue=self.jobs.queue(shard, channel)).key, now, "+inf")
-            answers = pipe.execute()
-        return {raw.decode().partition(":")[0].rpartition("-")[0] for members in answers for raw in members}
+        return set() if self.jobs is None else self.jobs.in_flight(shards)
 
-    def _each(self, ids: list[str]) -> Iterator[Found]:
+    def _each(self, ids: list[str]) -> Iterator[Entry]:
         """The messages named, in order; each unknown one reported (self.missing counts them)."""
         for message_id in ids:
             found = self.locate(message_id)
@@ -264,8 +236,8 @@ class QueueAdmin:
                 self.out.write(("\n  " if totals.messages == 1 else ",\n  ") + json.dumps(doc))
                 continue
             flag = "!" if found.held else "*" if is_active else " "
-            self.out.write(f"{envelope.id}{flag} s{found.shard:<3} {envelope.size:>9}  {_when(envelope.birth)}  "
-                           f"<{envelope.sender}>\n")
+            self.out.write(f"{envelope.id}{flag} {shard_label(found.shard):<4} {envelope.size:>9}  "
+                           f"{_when(envelope.birth)}  <{envelope.sender}>\n")
             for index in rcpts:
                 entry = _recipient(envelope, index, states)
                 line = f"    <{entry['address']}>  {entry['state']}"
@@ -365,7 +337,7 @@ class QueueAdmin:
             worst = max(worst, self._hold_one(found, force, wait))
         return self._status(worst)
 
-    def _hold_one(self, found: Found, force: bool, wait: float) -> int:
+    def _hold_one(self, found: Entry, force: bool, wait: float) -> int:
         message_id = found.envelope.id
         spool = self.map.spool(found.shard)
         if found.held:
@@ -430,7 +402,7 @@ class QueueAdmin:
             worst = max(worst, self._release_one(found, "released"))
         return self._status(worst)
 
-    def _release_one(self, found: Found, verb: str) -> int:
+    def _release_one(self, found: Entry, verb: str) -> int:
         message_id = found.envelope.id
         try:
             self.map.spool(found.shard).unhold(message_id)
@@ -445,9 +417,9 @@ class QueueAdmin:
         if self.conn is None:
             self._say(f"{message_id}: {verb}; Redis is unavailable: the scheduler's next sweep queues it")
             return EX_TEMPFAIL
-        return self._rebuild(Found(found.shard, False, found.envelope), verb)
+        return self._rebuild(replace(found, held=False), verb)
 
-    def _rebuild(self, found: Found, verb: str) -> int:
+    def _rebuild(self, found: Entry, verb: str) -> int:
         try:
             result = self._drop(found.shard, found.envelope.id)
             live = {c for c, (_, claim) in result.items() if claim == 1}
@@ -482,7 +454,7 @@ class QueueAdmin:
     def delete_all(self, flt: Filter) -> int:
         return self._delete(self.messages(flt), summary=True)
 
-    def _delete(self, found_messages: Iterable[Found], summary: bool = False) -> int:
+    def _delete(self, found_messages: Iterable[Entry], summary: bool = False) -> int:
         worst = EX_OK
         count = 0
         warned = False

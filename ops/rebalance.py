@@ -29,7 +29,7 @@ jobs left in the source for moved messages find no file and are dropped too (and
 them out). Nothing is ever in two shards, so nothing is delivered twice.
 
 Failures: Redis errors and disk errors propagate (the CLI reports them; everything done so far is
-consistent, and running again continues). Settings: those of core.shards and scheduler.retry.
+consistent, and running again continues). Settings: those of core.shards.
 """
 
 from __future__ import annotations
@@ -42,15 +42,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import redis
-from rq.registry import StartedJobRegistry
 
 from core import faults
+from core.backoff import next_time
 from core.config import Settings
 from core.envelope import CHANNELS, Envelope, id_time, valid_id
 from core.jobs import Jobs
+from core.lease import LEASE_MS, acquire, lease_key
 from core.shards import ShardMap
-from scheduler.retry import Settler
-from scheduler.serve import LEASE_MS, lease_key
 
 log = logging.getLogger("shardmail.rebalance")
 BATCH = 500
@@ -104,7 +103,7 @@ class Rebalancer:
         self.conn = conn
         self.map = ShardMap(settings)
         self.jobs = Jobs(conn, settings.redis_prefix)
-        self.next_time = Settler.next_time
+        self.next_time = next_time
         self.clock = clock
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.rebalance"
         self.journal = f"{settings.redis_prefix}:rebalance:journal"
@@ -128,14 +127,9 @@ class Rebalancer:
                 log.warning("took shard %d over from %s, which died mid-run", shard, previous)
         if holder:
             raise ShardBusy(f"shard {shard} is being rebalanced by {holder.decode()}")
-        deadline = time.monotonic() + WAIT_LEASE
-        while not self.conn.set(lease, self.name, nx=True, px=LEASE_MS):
-            if self.conn.get(lease) == self.name.encode():
-                break
-            if time.monotonic() > deadline:
-                self._release(shard)
-                raise ShardBusy(f"the scheduler leading shard {shard} did not hand it over within {WAIT_LEASE:.0f} s")
-            time.sleep(0.1)
+        if not acquire(self.conn, self.settings.redis_prefix, shard, self.name, WAIT_LEASE):
+            self._release(shard)
+            raise ShardBusy(f"the scheduler leading shard {shard} did not hand it over within {WAIT_LEASE:.0f} s")
         self._kept = time.monotonic()
 
     def _keep_holding(self, shard: int) -> None:
@@ -151,12 +145,7 @@ class Rebalancer:
 
     def _in_flight(self, shard: int) -> set[str]:
         """Messages with an unexpired claim on the shard (being delivered right now)."""
-        busy: set[str] = set()
-        for channel in CHANNELS:
-            registry = StartedJobRegistry(queue=self.jobs.queue(shard, channel))
-            for raw in self.conn.zrangebyscore(registry.key, time.time(), "+inf"):
-                busy.add(raw.decode().partition(":")[0].rpartition("-")[0])
-        return busy
+        return self.jobs.in_flight([shard])
 
     # -- moving ----------------------------------------------------------------------------------
     def run(self, source: int, targets: list[int], count: int | None = None,
@@ -268,9 +257,7 @@ class Rebalancer:
         spool = self.map.spool(source)
         removed = 0
         for channel in CHANNELS:
-            queue = self.jobs.queue(source, channel)
-            stale = [raw.decode() for raw in self.conn.lrange(queue.key, 0, -1)]
-            stale = [j for j in stale if not os.path.exists(spool.path(j.rpartition("-")[0]))]
+            stale = [m for m in self.jobs.queued(source, channel) if spool.where(m) != "queue"]
             removed += self.jobs.drop_queued(source, channel, stale)
         return removed
 

@@ -15,7 +15,7 @@ For a message (its spool entry is the truth; Redis only said which attempt ended
    bounce of a double bounce is dropped and logged;
 3. an entry with every recipient delivered or bounced leaves the spool;
 4. otherwise each channel asked about with recipients still pending goes into the shard's retry
-   set at qmail's next attempt (scheduler.backoff) after its latest deferral, or at once when a
+   set at qmail's next attempt (core.backoff) after its latest deferral, or at once when a
    recipient was never tried.
 
 ``release`` moves due entries into their rq queues, keeping each queue under ``releasewindow``
@@ -39,12 +39,12 @@ from collections.abc import Callable, Iterable
 import redis
 
 from core import faults, metrics
+from core.backoff import expired, next_time
 from core.config import Settings
 from core.envelope import Channel, Envelope, EnvelopeError, Mark
 from core.jobs import Jobs
 from core.outcome import QueueUnavailable
 from core.submit import Draft, Submitter
-from scheduler.backoff import expired, next_attempt
 from scheduler.bounce import addressing, compose, failure
 
 log = logging.getLogger("shardmail.scheduler")
@@ -117,16 +117,7 @@ class Settler:
                                   f"{mark.text} (given up: queued longer than {days:g} days)"[:500], now))
         return marks
 
-    @staticmethod
-    def next_time(envelope: Envelope, channel: Channel, now: float) -> float | None:
-        """When the channel's pending recipients are next due; None if it has none."""
-        states = envelope.states()
-        pending = envelope.pending(channel)
-        if not pending:
-            return None
-        if any(states[i] is None or states[i].state == "pending" for i in pending):  # type: ignore[union-attr]
-            return now
-        return min(next_attempt(envelope.birth, states[i].at, channel) for i in pending)  # type: ignore[union-attr]
+    next_time = staticmethod(next_time)  # core.backoff's: when a channel is next due
 
     def _bounce(self, envelope: Envelope, now: float) -> Envelope:
         failed = envelope.unreported()

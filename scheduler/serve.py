@@ -1,17 +1,15 @@
 """``shardmail scheduler``: retries, bounces and sweeps, one leader per shard.
 
 Interface: ``Scheduler(settings, conn, name)`` with ``run(stop)`` (until the event is set) and
-``step() -> int`` (one pass over the shards it leads; for tests); ``Leases`` (the per-shard lease);
-``run_scheduler(settings)`` (the process, until SIGTERM).
+``step() -> int`` (one pass over the shards it leads; for tests); ``run_scheduler(settings)`` (the
+process, until SIGTERM).
 
 Several schedulers may run (on one node or many): each shard is led by whoever holds its Redis
-lease ``<prefix>:lease:s<N>`` (SET NX with a ``LEASE_MS`` expiry, renewed on every pass by a
-script that renews only a lease still held, so a holder that dies or stalls loses it within
-``LEASE_MS`` and another takes over; and a shard whose pause key exists, held by the rebalancer,
-is given up rather than renewed). For each shard it leads, a pass settles finished attempts
-from the settle list (scheduler.retry), releases due retries into the queues, and every
-``sweepinterval`` seconds, and whenever it takes a lease afresh (a new lead, or its own again after
-Redis lost everything), sweeps the shard's spool (scheduler.sweep).
+lease (core.lease: renewed on every pass, lost within ``LEASE_MS`` by a holder that dies or
+stalls, given up while the rebalancer holds the shard's pause key). For each shard it leads, a
+pass settles finished attempts from the settle list (scheduler.retry), releases due retries into
+the queues, and every ``sweepinterval`` seconds, and whenever it takes a lease afresh (a new lead,
+or its own again after Redis lost everything), sweeps the shard's spool (scheduler.sweep).
 
 Failures: Redis unavailable → the pass is skipped and retried with a growing pause (up to 5 s);
 the spool keeps everything meanwhile and nothing is bounced for it. Disk errors on one message are
@@ -28,70 +26,19 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
 
 import redis
 
 from core import metrics, sdnotify
 from core.config import Settings
-from core.jobs import pause_key
+from core.lease import Leases
 from core.submit import Submitter
 from scheduler.retry import Settler
 from scheduler.sweep import Sweeper
 
 log = logging.getLogger("shardmail.scheduler")
-LEASE_MS = 15_000
 PASS_WAIT = 0.2  # s between passes when there was nothing to do (an idle pass: two round trips)
 MAX_BACKOFF = 5.0
-_RENEW = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-  return 0
-end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 2 or 0
-"""
-
-
-def lease_key(prefix: str, shard: int) -> str:
-    return f"{prefix}:lease:s{shard}"
-
-
-class Leases:
-    """Which shards this scheduler leads, renewed (or taken) in one round trip per pass."""
-
-    def __init__(self, conn: redis.Redis, prefix: str, name: str, shards: Callable[[], Sequence[int]]) -> None:
-        self.conn = conn
-        self.prefix = prefix
-        self.name = name
-        self.shards = shards  # asked on every pass: shards added online are led from the next one
-        self._renew = conn.register_script(_RENEW)
-
-    def key(self, shard: int) -> str:
-        return lease_key(self.prefix, shard)
-
-    def held(self) -> list[int]:
-        return [shard for shard, fresh in self.renew() if fresh is not None]
-
-    def renew(self) -> list[tuple[int, bool | None]]:
-        """Per shard: None (another leads it), False (still ours) or True (just taken: a new
-        lead, or ours again after Redis forgot everything)."""
-        shards = list(self.shards())
-        with self.conn.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                self._renew(keys=[self.key(shard), pause_key(self.prefix, shard)], args=[self.name, LEASE_MS],
-                            client=pipe)
-            answers = pipe.execute()
-        return [(shard, None if not answer else answer == 2) for shard, answer in zip(shards, answers, strict=True)]
-
-    def give_up(self, shards: list[int]) -> None:
-        for shard in shards:
-            if self.conn.get(self.key(shard)) == self.name.encode():
-                self.conn.delete(self.key(shard))
-
-
 class Scheduler:
     def __init__(self, settings: Settings, conn: redis.Redis, name: str | None = None) -> None:
         self.settings = settings

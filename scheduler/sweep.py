@@ -33,9 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rq.registry import StartedJobRegistry
-
-from core.envelope import CHANNELS, Channel, id_time, valid_id
+from core.envelope import Channel, id_time, valid_id
 from core.spool import LEFTOVER_AGE
 from scheduler.retry import Settler
 
@@ -61,19 +59,8 @@ class Sweeper:
         self.jobs = settler.jobs
 
     def doorbells(self, shard: int) -> set[str]:
-        """Every ``<id>:<channel>`` Redis knows for the shard, however it knows it."""
-        conn = self.jobs.conn
-        known: set[str] = set()
-        for channel in CHANNELS:
-            queue = self.jobs.queue(shard, channel)
-            for raw in conn.lrange(queue.key, 0, -1):
-                known.add(_doorbell(raw.decode().rpartition("-")[0], channel))
-            # a claim whose lease ran out belongs to a pool that is gone: it rings no bell
-            for raw in conn.zrangebyscore(StartedJobRegistry(queue=queue).key, time.time(), "+inf"):
-                known.add(_doorbell(raw.decode().partition(":")[0].rpartition("-")[0], channel))
-        known.update(x.decode() for x in conn.zrange(self.jobs.retry_key(shard), 0, -1))
-        known.update(x.decode() for x in conn.lrange(self.jobs.settle_key(shard), 0, -1))
-        return known
+        """Every ``<id>:<channel>`` Redis knows for the shard, however it knows it (core.jobs)."""
+        return self.jobs.doorbells(shard)
 
     def sweep(self, shard: int, progress: Callable[[int], None] | None = None) -> SweepReport:
         report = SweepReport()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.backoff import expired, next_attempt
+from core.backoff import expired, next_attempt
 
 
 def test_remote_and_local_schedules_are_qmails() -> None:

@@ -78,7 +78,7 @@ def _oracle(shard_map: ShardMap, which: str, by: str, now: float) -> list[tuple[
 def test_marks_after_long_bodies_are_read_without_the_body(node_factory: Callable[..., Node]) -> None:
     """Bodies longer than the first read put the marks behind a pread from the body's end: a
     deferred recipient counts as deferred, a delivered or bounced one not at all."""
-    from ops.qshape import HEAD
+    from core.spool import HEAD
 
     node = node_factory()
     settings = node.settings()
@@ -110,7 +110,7 @@ def test_fast_path_agrees_with_whole_entries(node_factory: Callable[..., Node]) 
     import os
     import random
 
-    from ops.qshape import HEAD
+    from core.spool import HEAD
 
     node = node_factory(shards="3")
     settings = node.settings()

@@ -14,10 +14,10 @@ from pathlib import Path
 import redis
 
 from core.envelope import DOUBLE_BOUNCE_SENDER, Envelope, Mark, Recipient
+from core.lease import Leases
 from core.redis_conn import connect
 from core.submit import Draft, Submitter
 from scheduler.retry import Settler
-from scheduler.serve import Leases
 from scheduler.sweep import Sweeper
 from tests.conftest import Node
 

@@ -23,9 +23,9 @@ import redis
 
 from core.envelope import id_time
 from core.jobs import Jobs
+from core.lease import Leases
 from core.redis_conn import connect
 from core.shards import ShardMap
-from scheduler.serve import Leases
 from tests.conftest import Node, _connectable
 from tests.dns_server import DnsServer
 from tests.smtp_peers import Sink
@@ -258,7 +258,7 @@ def test_rebalance_keeps_retry_times_and_leaves_claimed_mail(node_factory: Calla
     assert all(spooled[c.message_id] == [0] for c in busy)
     assert sum(1 for s in spooled.values() if s == [1]) == 20
     if spooled[deferred.id] == [1]:
-        from scheduler.backoff import next_attempt
+        from core.backoff import next_attempt
 
         score = conn.zscore(jobs.retry_key(1), f"{deferred.id}:remote")
         assert score == pytest.approx(next_attempt(deferred.birth, deferred.birth + 5, "remote"))

@@ -2,9 +2,7 @@
 
 Interface: ``Consumer(jobs, queues, handle, batch=100, name=..., wake_timeout=...)`` with
 ``run(stop)`` (until the event is set) and ``drain() -> int`` (until the queues are empty; for
-tests and benchmarks); ``announce(jobs, queues, name)`` (the rq worker registration, for pools
-with a loop of their own),
-``take_back(jobs, queues, name)`` (requeue what a killed process of the same name held).
+tests and benchmarks); ``take_back(jobs, queues, name)`` (requeue what a killed process of the same name held).
 ``queues`` is a list of (shard, channel) (or ``follow``, a function giving the current list, for
 a pool on every shard: shards added online are taken up within a heartbeat); ``handle(claims)``
 does the work for a batch and returns the claims it is done with (the rest stay started, e.g.
@@ -22,8 +20,8 @@ still comes in batches (each ingress commit rings; a local batch costs two syncf
 size), as often as the pools polled before. A stop is seen when the wait ends, within
 ``WAKE_TIMEOUT``; ``drain`` never waits.
 
-While it runs, the consumer is registered in rq's worker registry (birth, heartbeats every
-``HEARTBEAT`` seconds, death at exit), so ``rq info`` and rq-dashboard list the pools with their
+While it runs, the consumer is registered in rq's worker registry (``Jobs.announce``: birth,
+heartbeats every ``HEARTBEAT`` seconds, death at exit), so ``rq info`` and rq-dashboard list the pools with their
 queues.
 
 Failures: a handler that raises (a bug) puts the batch's unfinished claims into rq's failed
@@ -45,12 +43,11 @@ import traceback
 from collections.abc import Callable, Sequence
 
 import redis
-from rq import Worker
-from rq.serializers import JSONSerializer
 
 from core import metrics
 from core.envelope import Channel
-from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Waiter
+from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Registration, Waiter
+from core.shards import shard_label
 
 log = logging.getLogger("shardmail.consumer")
 IDLE_WAIT = 0.05  # s: the first back-off after a Redis error
@@ -59,24 +56,6 @@ HEARTBEAT = 10.0  # s between rq worker heartbeats
 MAX_BACKOFF = 5.0
 
 Handler = Callable[[list[Claim]], Sequence[Claim]]
-
-
-def announce(jobs: Jobs, queues: Sequence[tuple[int, Channel]], name: str) -> Worker | None:
-    """Register a pool in rq's worker registry (birth now; the caller sends heartbeats and the
-    death), so ``rq info`` and rq-dashboard list it with its queues. None if Redis said no."""
-    worker = Worker([jobs.queue(shard, channel) for shard, channel in queues], name=name, connection=jobs.conn,
-                    serializer=JSONSerializer)
-    try:
-        try:
-            worker.register_birth()
-        except ValueError:  # our own name, left by a previous life of this pool that was killed
-            worker.register_death()
-            worker.register_birth()
-        worker.set_state("busy")
-    except (redis.RedisError, ValueError) as exc:
-        log.warning("not registered as an rq worker: %s", exc)
-        return None
-    return worker
 
 
 def take_back(jobs: Jobs, queues: Sequence[tuple[int, Channel]], name: str) -> None:
@@ -128,12 +107,12 @@ class Consumer:
         queues = list(self.follow())
         if queues == self.queues:
             return False
-        log.info("now consuming %s", ", ".join(f"s{shard}.{channel}" for shard, channel in queues))
+        log.info("now consuming %s", ", ".join(f"{shard_label(shard)}.{channel}" for shard, channel in queues))
         self.queues = queues
         return True
 
-    def _rq_worker(self) -> Worker | None:
-        return announce(self.jobs, self.queues, self.name)
+    def _rq_worker(self) -> Registration | None:
+        return self.jobs.announce(self.queues, self.name)
 
     def run(self, stop: threading.Event, stable_name: bool = False) -> None:
         """Until ``stop``; with ``stable_name`` (the supervisor's slot names), claims left under this
@@ -153,7 +132,7 @@ class Consumer:
                         worker = self._rq_worker()
                     if time.monotonic() - beat > HEARTBEAT:
                         if self._refollow() and worker is not None:
-                            worker.register_death()
+                            worker.death()
                             worker = self._rq_worker()  # registered again with its new queues
                         if worker is not None:
                             worker.heartbeat(int(HEARTBEAT * 3))
@@ -172,7 +151,7 @@ class Consumer:
             waiter.close()
             if worker is not None:
                 with contextlib.suppress(redis.RedisError):
-                    worker.register_death()
+                    worker.death()
 
     def drain(self) -> int:
         total = 0

@@ -46,7 +46,7 @@ from core.envelope import Channel, EnvelopeError
 from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Waiter
 from core.redis_conn import connect
 from core.shards import ShardMap
-from workers.consumer import GATHER, HEARTBEAT, IDLE_WAIT, MAX_BACKOFF, announce, take_back
+from workers.consumer import GATHER, HEARTBEAT, IDLE_WAIT, MAX_BACKOFF, take_back
 from workers.remote import RemoteEngine
 
 log = logging.getLogger("shardmail.remote")
@@ -162,15 +162,15 @@ async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Even
                     await loop.run_in_executor(rpc, take_back, jobs, queues, name)
                     reclaimed = True
                 if worker is None:
-                    worker = await loop.run_in_executor(rpc, announce, jobs, queues, name)
+                    worker = await loop.run_in_executor(rpc, jobs.announce, queues, name)
                 if time.monotonic() - beat > HEARTBEAT:
                     if follow and shard_map.ids() != shards:
                         shards = shard_map.ids()
                         queues = [(s, "remote") for s in shards]
                         log.info("now consuming shards %s", shards)
                         if worker is not None:
-                            await loop.run_in_executor(rpc, worker.register_death)
-                        worker = await loop.run_in_executor(rpc, announce, jobs, queues, name)
+                            await loop.run_in_executor(rpc, worker.death)
+                        worker = await loop.run_in_executor(rpc, jobs.announce, queues, name)
                     if worker is not None:
                         await loop.run_in_executor(rpc, worker.heartbeat, int(HEARTBEAT * 3))
                     await loop.run_in_executor(rpc, jobs.extend, engine.claims())
@@ -216,7 +216,7 @@ async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Even
                 log.warning("could not give %d jobs back (%s): the sweep will", len(left), exc)
         if worker is not None:
             with contextlib.suppress(redis.RedisError):
-                await loop.run_in_executor(rpc, worker.register_death)
+                await loop.run_in_executor(rpc, worker.death)
         rpc.shutdown()
         io.shutdown()
 

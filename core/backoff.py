@@ -1,7 +1,8 @@
 """qmail's retry schedule, as a pure function of a message's birth and its last attempt.
 
 Interface: ``SKIP`` (per channel), ``next_attempt(birth, attempted, channel) -> float``,
-``expired(birth, attempted, lifetime) -> bool``.
+``expired(birth, attempted, lifetime) -> bool``, ``next_time(envelope, channel, now)`` (when a
+spool entry's channel is next due: what the scheduler schedules and the rebalancer re-rings).
 
 ``next = birth + (isqrt(attempted - birth) + skip)²`` with skip 10 for local and 20 for remote
 delivery: remote attempts at birth, +400 s, +1600 s, +3600 s, +6400 s ... (the gaps grow linearly,
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from math import isqrt
 
+from core.envelope import Channel, Envelope
+
 SKIP = {"local": 10, "remote": 20}
 
 
@@ -34,3 +37,15 @@ def next_attempt(birth: float, attempted: float, channel: str) -> float:
 
 def expired(birth: float, attempted: float, lifetime: float) -> bool:
     return attempted - birth >= lifetime
+
+
+def next_time(envelope: Envelope, channel: Channel, now: float) -> float | None:
+    """When the channel's pending recipients are next due: ``now`` if one was never tried, else the
+    earliest ``next_attempt`` after their deferrals; None if the channel has none pending."""
+    states = envelope.states()
+    pending = envelope.pending(channel)
+    if not pending:
+        return None
+    if any(states[i] is None or states[i].state == "pending" for i in pending):  # type: ignore[union-attr]
+        return now
+    return min(next_attempt(envelope.birth, states[i].at, channel) for i in pending)  # type: ignore[union-attr]
