@@ -9,7 +9,9 @@ for Postfix, so the comparison does not flatter shardmail). A run ends when ever
 file in a Maildir. Prints msg/s for each side, the ratio, and peak memory (sum of PSS; slapd is
 counted on shardmail's side).
 
-    .venv/bin/python -m bench.local_delivery [--messages 20000] [--rounds 1] [--cpu] [--workdir DIR]
+    .venv/bin/python -m bench.local_delivery [--messages 20000] [--rounds 1] [--cpu] [--workdir DIR] [--smoke]
+
+``--smoke`` (for CI): 200 messages, one round, shardmail alone on a free port, with ``--cpu``; seconds.
 
 ``--cpu`` adds CPU milliseconds per message for each process role (user + system, from /proc, over
 the measured run; Postfix's forked processes are counted through their master's reaped-children
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ingress import wait_banner
+from bench.ingress import free_port, wait_banner
 from bench.postfix_peer import ensure_postfix_tools, peak_memory_sampler, postfix_instance, with_descendants
 from bench.smtp_load import run_load
 
@@ -198,7 +200,7 @@ def run_shardmail(workdir: Path, args: argparse.Namespace) -> tuple[float, float
     ldif.write_text(users_ldif())
     slapd = Slapd(workdir / "slapd", users_ldif=ldif)
     slapd.start()
-    port = 2528
+    port = args.port
     port_free(port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDMAIL_")}
     env.update({"SHARDMAIL_VAR_DIR": str(workdir / "var"), "SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{port}",
@@ -284,8 +286,14 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="print CPU ms per message of each process role")
     parser.add_argument("--workdir", type=Path, help="keep the runs under this directory instead of deleting "
                         "them at the end (deleting many files slows file creation here for minutes after)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="200 messages, one round, shardmail alone, seconds: checks the figures are produced")
     args = parser.parse_args()
-    ensure_postfix_tools()
+    args.port = 2528
+    if args.smoke:
+        args.messages, args.rounds, args.skip_postfix, args.cpu, args.port = 200, 1, True, True, free_port()
+    if not args.skip_postfix:
+        ensure_postfix_tools()
     ours: list[float] = []
     theirs: list[float] = []
     with contextlib.ExitStack() as stack:

@@ -7,7 +7,7 @@ adds two shards with ``shardmail shards add``, then times ``shardmail shards reb
 and none is left in shard 0. Postfix has no counterpart (its queue is not sharded), so there is no
 ratio; the recover rate of the same spool is printed beside it, as the other whole-spool pass.
 
-    .venv/bin/python -m bench.rebalance [--messages 50000]
+    .venv/bin/python -m bench.rebalance [--messages 50000] [--smoke]
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def shardmail(env: dict[str, str], *args: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--smoke", action="store_true", help="300 messages: seconds, for CI")
     args = parser.parse_args()
+    if args.smoke:
+        args.messages = 300
     work = Path(tempfile.mkdtemp(prefix="shardmail-rebalance-", dir="/var/tmp"))
     sock = work / "redis.sock"
     server, _ = start_redis(work)

@@ -8,7 +8,7 @@ the empty server, divided by the messages). Targets: >= 20,000 msg/s, <= 300 byt
 (a stock rq job hash takes about 540). A second pass shows what a recover costs when every message
 still has its doorbell.
 
-    .venv/bin/python -m bench.recover [--messages 200000] [--shards 4]
+    .venv/bin/python -m bench.recover [--messages 200000] [--shards 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="300 messages: seconds, for CI")
     args = parser.parse_args()
+    if args.smoke:
+        args.messages = 300
     work = Path(tempfile.mkdtemp(prefix="bench-recover-", dir="/var/tmp"))
     redis_proc = None
     try:

@@ -1,8 +1,9 @@
 """A small SMTP load generator for benchmarks that need many recipients (smtp-source has one).
 
 Interface: ``run_load(port, messages, sessions, size, recipients) -> float`` (seconds taken);
-``python -m bench.smtp_load --port P --messages N``. One connection per message, like
-smtp-source's default; recipients taken in turn from the list; loopback only.
+``python -m bench.smtp_load --port P --messages N``; ``--smoke`` (for CI) sends 300 messages to an
+in-process aiosmtpd sink on a free port instead. One connection per message, like smtp-source's
+default; recipients taken in turn from the list; loopback only.
 """
 
 from __future__ import annotations
@@ -113,16 +114,39 @@ def run_load(port: int, messages: int, sessions: int, size: int, recipients: lis
     return time.perf_counter() - started, failures
 
 
+class _Sink:
+    """aiosmtpd handler for --smoke: every message is accepted and dropped."""
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        return "250 2.0.0 dropped"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, help="where to send (required unless --smoke)")
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=5120)
     parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--smoke", action="store_true", help="300 messages to an in-process sink, seconds")
     args = parser.parse_args()
-    seconds, failed = run_load(args.port, args.messages, args.sessions, args.size,
-                               [f"user{i:03d}@test.example" for i in range(args.users)])
+    sink = None
+    if args.smoke:
+        from aiosmtpd.controller import Controller
+
+        from bench.ingress import free_port
+
+        args.messages, args.sessions, args.port = 300, 10, free_port()
+        sink = Controller(_Sink(), hostname="127.0.0.1", port=args.port)
+        sink.start()
+    elif args.port is None:
+        parser.error("--port is required (or --smoke)")
+    try:
+        seconds, failed = run_load(args.port, args.messages, args.sessions, args.size,
+                                   [f"user{i:03d}@test.example" for i in range(args.users)])
+    finally:
+        if sink is not None:
+            sink.stop()
     print(f"{args.messages} messages in {seconds:.1f} s: {args.messages / seconds:.0f} msg/s, {failed} failed")
 
 
