@@ -71,7 +71,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from core.envelope import CHANNELS, Channel
-from core.shards import shard_label
+from core.shards import LABEL_PATTERN, shard_label
 
 log = logging.getLogger("shardmail.jobs")
 DELIVER_FUNC = "workers.pool.deliver"
@@ -278,7 +278,7 @@ class Jobs:
         self._flush = conn.register_script(_FLUSH)
         self._drop_queued = conn.register_script(_DROP_QUEUED)
         self._registries: dict[tuple[int, str], tuple[str, str]] = {}
-        self._queue_re = re.compile(re.escape(prefix) + r"\.s(\d+)\.(local|remote)")
+        self._queue_re = re.compile(rf"{re.escape(prefix)}\.{LABEL_PATTERN}\.({'|'.join(CHANNELS)})")
 
     def _started(self, shard: int, channel: Channel) -> str:
         """The key of the queue's StartedJobRegistry (cached: a registry object per call cost more

@@ -54,7 +54,8 @@ if TYPE_CHECKING:  # core.jobs names its keys with shard_label: imported where u
 
 REFRESH_SECONDS = 1.0
 DRAINING = "draining"  # the marker file in a shard's directory
-_SHARD_DIR = re.compile(r"s(\d+)")
+LABEL_PATTERN = r"s(\d+)"  # what shard_label writes, for the readers of names (one group: the number)
+_SHARD_DIR = re.compile(LABEL_PATTERN)
 
 
 def shard_label(shard: int) -> str:
