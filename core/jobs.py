@@ -63,6 +63,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from rq import Queue, Worker
@@ -71,6 +72,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from core.envelope import CHANNELS, Channel
+from core.redis_conn import text as _text
 from core.shards import LABEL_PATTERN, shard_label
 
 log = logging.getLogger("shardmail.jobs")
@@ -163,12 +165,8 @@ return out
 """
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
-def _member(raw: bytes | str) -> tuple[str, Channel]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
+def _member(raw: Any) -> tuple[str, Channel]:
+    text = _text(raw)
     message_id, _, channel = text.rpartition(":")
     return message_id, channel  # type: ignore[return-value]
 
@@ -234,7 +232,7 @@ class ShardFigures:
     """One shard's Redis figures: its queues, its retry set (deferred, and due by now), its settle
     list, and whether a rebalance holds its pause key."""
 
-    channels: dict[str, QueueFigures]
+    channels: dict[Channel, QueueFigures]
     deferred: int = 0
     due: int = 0
     settling: int = 0
@@ -315,7 +313,7 @@ class Jobs:
         object per message and took about 45 % of the ingress commit thread's Python time."""
         stamp = utcformat(now())
         queues: set[str] = set()
-        tally: dict[tuple[int, str], int] = {}
+        tally: dict[tuple[int, Channel], int] = {}
         with self.conn.pipeline(transaction=False) as pipe:
             for item in items:
                 tally[item.shard, item.channel] = tally.get((item.shard, item.channel), 0) + 1
@@ -375,7 +373,7 @@ class Jobs:
         scheduler's doorbell for each (``<id>:<channel>`` on the shard's settle list: it retries,
         bounces or removes what the attempt left) unless its claim says ``settle=False`` (the
         entry is gone already: the scheduler would only find it missing), in one round trip."""
-        tally: dict[tuple[int, str], int] = {}
+        tally: dict[tuple[int, Channel], int] = {}
         with self.conn.pipeline(transaction=False) as pipe:
             for claim in claims:
                 tally[claim.shard, claim.channel] = tally.get((claim.shard, claim.channel), 0) + 1
@@ -386,7 +384,7 @@ class Jobs:
             self._tally(pipe, "out", tally)
             pipe.execute()
 
-    def _tally(self, pipe: redis.client.Pipeline, kind: str, counts: dict[tuple[int, str], int]) -> None:
+    def _tally(self, pipe: redis.client.Pipeline, kind: str, counts: dict[tuple[int, Channel], int]) -> None:
         """Add to this minute's counters (``<prefix>:tally:<unix minute>``, field ``<kind>:s<N>:<channel>``)
         inside the caller's pipeline: one HINCRBY per shard and channel, not per job; ``shardmail
         status`` turns this minute's and the last into rates."""
@@ -487,7 +485,7 @@ class Jobs:
     def reclaim(self, shard: int, channel: Channel, worker: str) -> int:
         """Give back every claim recorded under ``worker``: a pool starting under a stable name
         takes back what its previous life (killed mid-batch) held. Returns how many."""
-        entries = [raw.decode() for raw in self.conn.zrange(self._started(shard, channel), 0, -1)]
+        entries = [_text(raw) for raw in self.conn.zrange(self._started(shard, channel), 0, -1)]
         if not entries:
             return 0
         with self.conn.pipeline(transaction=False) as pipe:

@@ -13,6 +13,7 @@ Settings: ``redis_url``, ``var_dir``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -20,6 +21,11 @@ from core.config import Settings
 
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 5.0
+
+
+def text(raw: Any) -> str:
+    """A Redis reply as text: redis-py types replies loosely (bytes here, str under decode_responses)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def embedded_socket(settings: Settings) -> Path:

@@ -117,6 +117,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from core import faults, syscalls
@@ -152,6 +153,14 @@ class Entry:
     @property
     def path(self) -> Path:
         return Path(self.file)
+
+    @property
+    def read(self) -> Envelope:
+        """The envelope of an entry its reader vouches for (listings that report unreadable ones
+        apart); asking it of an unreadable entry is a bug."""
+        if self.envelope is None:
+            raise ValueError(f"{self.id}: unreadable spool entry ({self.error})")
+        return self.envelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,11 +405,10 @@ class Spool:
         All appends, then one ``syncfs`` for them all where it is available (else, and for a single
         entry, an fdatasync each); an entry is durable only when its result is None."""
         if len(items) == 1 or not SYNCFS:
-            return [_capture(lambda item=item: self.mark(*item)) for item in items]
+            return [_capture(partial(self.mark, *item)) for item in items]
         anchor = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)  # syncfs reports errors since this open
         try:
-            errors: list[OSError | None] = [_capture(lambda item=item: self._append(*item, sync=False))
-                                            for item in items]
+            errors: list[OSError | None] = [_capture(partial(self._append, *item, sync=False)) for item in items]
             shared = _capture(lambda: syncfs(anchor))
         finally:
             os.close(anchor)

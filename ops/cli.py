@@ -174,7 +174,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     flt = Filter(_shards(getattr(args, "shard", "all"), settings, "--shard"), getattr(args, "held", False),
                  getattr(args, "domain", "") or "")
     if args.action == "list":
-        return admin.list(flt, args.json)
+        return admin.listing(flt, args.json)
     if args.action == "flush":
         return admin.flush(flt)
     ids = parse_ids(args.ids, sys.stdin)

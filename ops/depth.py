@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import redis
 
 from core.config import Settings
-from core.envelope import CHANNELS, id_time
+from core.envelope import CHANNELS, Channel, id_time
 from core.jobs import Jobs, QueueFigures, ShardFigures, WorkerRecord
 from core.shards import ShardMap
 from core.spool import Counts, Listings
@@ -67,7 +67,7 @@ class ShardDepth:
     deferred: int
     due: int
     settling: int
-    channels: dict[str, ChannelDepth]
+    channels: dict[Channel, ChannelDepth]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +175,9 @@ def _pools(workers: list[WorkerRecord]) -> tuple[list[Pool], dict[tuple[int, str
     return pools, per_queue
 
 
-def _sum_channels(status: Status) -> dict[str, ChannelDepth]:
+def _sum_channels(status: Status) -> dict[Channel, ChannelDepth]:
     """Per channel over every shard; ``workers`` counts each worker once (not once per shard it serves)."""
-    total = {}
+    total: dict[Channel, ChannelDepth] = {}
     for channel in CHANNELS:
         parts = [r.channels[channel] for r in status.shards]
         heads = [p.head_age for p in parts if p.head_age is not None]
@@ -238,10 +238,10 @@ def render(status: Status) -> str:
             table.append(line(str(row.shard) if c == 0 else "", row.state if c == 0 else "", channel,
                               row.channels[channel], tail))
     totals = as_dict(status)["total"]
-    for c, (channel, d) in enumerate(_sum_channels(status).items()):
+    for c, (total_channel, d) in enumerate(_sum_channels(status).items()):
         tail = (str(totals["spooled"]), str(totals["held"]), str(totals["deferred"]), str(totals["due"]),
                 age_text(totals["oldest_age"])) if c == 0 else ("",) * 5
-        table.append(line("all" if c == 0 else "", "", channel, d, tail))
+        table.append(line("all" if c == 0 else "", "", total_channel, d, tail))
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
     left = {1, 2}  # state and channel read left to right; numbers line up on the right
     lines = [" ".join(cell.ljust(w) if i in left else cell.rjust(w)

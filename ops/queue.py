@@ -87,7 +87,7 @@ class Filter:
     def matches(self, found: Entry) -> bool:
         if self.held_only and not found.held:
             return False
-        return not self.domain or bool(domain_channels(found.envelope, self.domain))
+        return not self.domain or (found.envelope is not None and bool(domain_channels(found.envelope, self.domain)))
 
 
 def domain_channels(envelope: Envelope, domain: str) -> set[Channel]:
@@ -208,7 +208,7 @@ class QueueAdmin:
         return worst if worst != EX_OK else (EX_NOTFOUND if self.missing else EX_OK)
 
     # -- list and show ----------------------------------------------------------------------------
-    def list(self, flt: Filter, as_json: bool = False) -> int:
+    def listing(self, flt: Filter, as_json: bool = False) -> int:
         active: set[str] = set()
         try:
             if self.conn is None:
@@ -220,7 +220,7 @@ class QueueAdmin:
         if as_json:
             self.out.write('{"messages": [')
         for found in self.messages(flt):
-            envelope = found.envelope
+            envelope = found.read
             rcpts = waiting(envelope)
             states = envelope.states()
             is_active = envelope.id in active
@@ -262,7 +262,7 @@ class QueueAdmin:
     def show(self, ids: list[str], body: bool = False) -> int:
         first = True
         for found in self._each(ids):
-            envelope = found.envelope
+            envelope = found.read
             try:
                 envelope, content = self.map.spool(found.shard).load(envelope.id, held=found.held)
             except FileNotFoundError:
@@ -338,7 +338,7 @@ class QueueAdmin:
         return self._status(worst)
 
     def _hold_one(self, found: Entry, force: bool, wait: float) -> int:
-        message_id = found.envelope.id
+        message_id = found.id
         spool = self.map.spool(found.shard)
         if found.held:
             self._say(f"{message_id}: already on hold")
@@ -397,13 +397,13 @@ class QueueAdmin:
         worst = EX_OK
         for found in self._each(ids):
             if not found.held:
-                self._say(f"{found.envelope.id}: not on hold")
+                self._say(f"{found.id}: not on hold")
                 continue
             worst = max(worst, self._release_one(found, "released"))
         return self._status(worst)
 
     def _release_one(self, found: Entry, verb: str) -> int:
-        message_id = found.envelope.id
+        message_id = found.id
         try:
             self.map.spool(found.shard).unhold(message_id)
         except FileNotFoundError:
@@ -421,17 +421,17 @@ class QueueAdmin:
 
     def _rebuild(self, found: Entry, verb: str) -> int:
         try:
-            result = self._drop(found.shard, found.envelope.id)
+            result = self._drop(found.shard, found.id)
             live = {c for c, (_, claim) in result.items() if claim == 1}
-            channels = self._ring(found.shard, found.envelope, live)
+            channels = self._ring(found.shard, found.read, live)
         except redis.RedisError as exc:
-            self._say_err(f"{found.envelope.id}: Redis failed ({exc}): the scheduler's next sweep queues it")
+            self._say_err(f"{found.id}: Redis failed ({exc}): the scheduler's next sweep queues it")
             return EX_TEMPFAIL
         parts = [f"queued for {', '.join(channels)}"] if channels else []
         parts += [f"{c} in flight, left alone" for c in sorted(live)]
         if not parts:
             parts = ["nothing left to deliver: handed to the scheduler"]
-        self._say(f"{found.envelope.id}: {verb} ({'; '.join(parts)})")
+        self._say(f"{found.id}: {verb} ({'; '.join(parts)})")
         return EX_OK
 
     def requeue(self, ids: list[str]) -> int:
@@ -443,7 +443,7 @@ class QueueAdmin:
             if found.held:
                 worst = max(worst, self._release_one(found, "released and requeued"))
                 continue
-            log.info("%s: requeued (shard %d)", found.envelope.id, found.shard)
+            log.info("%s: requeued (shard %d)", found.id, found.shard)
             worst = max(worst, self._rebuild(found, "requeued"))
         return self._status(worst)
 
@@ -459,7 +459,7 @@ class QueueAdmin:
         count = 0
         warned = False
         for found in found_messages:
-            envelope = found.envelope
+            envelope = found.read
             try:
                 self.map.spool(found.shard).discard(envelope.id, held=found.held)
             except FileNotFoundError:
@@ -504,8 +504,8 @@ class QueueAdmin:
                         if len(members) < FLUSH_BATCH:
                             break
                     continue
-                wanted = [(found.envelope.id, channel) for found in self.messages(Filter([shard], False, flt.domain))
-                          if not found.held for channel in domain_channels(found.envelope, flt.domain)]
+                wanted = [(found.id, channel) for found in self.messages(Filter([shard], False, flt.domain))
+                          if not found.held for channel in domain_channels(found.read, flt.domain)]
                 for start in range(0, len(wanted), FLUSH_BATCH):
                     chunk = wanted[start:start + FLUSH_BATCH]
                     with self.conn.pipeline(transaction=False) as pipe:

@@ -49,6 +49,7 @@ from core.config import Settings
 from core.envelope import CHANNELS, Envelope, id_time, valid_id
 from core.jobs import Jobs
 from core.lease import LEASE_MS, acquire, lease_key
+from core.redis_conn import text
 from core.shards import ShardMap
 
 log = logging.getLogger("shardmail.rebalance")
@@ -234,7 +235,7 @@ class Rebalancer:
 
     def _replay(self) -> int:
         """Finish what an interrupted run left in the journal."""
-        entries = {k.decode(): v.decode() for k, v in self.conn.hgetall(self.journal).items()}
+        entries = {text(k): text(v) for k, v in self.conn.hgetall(self.journal).items()}
         done = 0
         for message_id, route in entries.items():
             source_text, _, target_text = route.partition(">")

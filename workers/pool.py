@@ -28,6 +28,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Literal
@@ -35,7 +36,7 @@ from typing import Literal
 from core import faults, metrics, sdnotify
 from core.config import Settings
 from core.directory import lookup_outcome, open_directory
-from core.envelope import Envelope, EnvelopeError, Mark
+from core.envelope import Channel, Envelope, EnvelopeError, Mark
 from core.jobs import Claim, Jobs
 from core.outcome import Deferred, Delivered, Outcome
 from core.redis_conn import connect
@@ -148,7 +149,8 @@ class LocalJobs:
                    if not directory.cached(envelope.recipients[i].address)[0]}
         if unknown:  # directory round trips in parallel; failures are met again on the slow path
             list(self.executor.map(self._warm, unknown))
-        fast, slow = [], []
+        fast: list[tuple[Spool, Envelope, bytes]] = []
+        slow: list[tuple[Spool, Envelope, bytes]] = []
         for item in loaded:
             (fast if self.delivery.plain(item[1]) else slow).append(item)
         pending = [(item[1].id, self.executor.submit(self._deliver_alone, item)) for item in slow]
@@ -192,7 +194,9 @@ def run_local(settings: Settings, shards: list[int] | None, name: str | None = N
     submitter = Submitter(settings, conn)
     delivery = LocalDelivery(settings, open_directory(settings), submitter, conn)
     handler = LocalJobs(settings, delivery, submitter, settings.concurrencylocal)
-    follow = None if shards is not None else lambda: [(s, "local") for s in submitter.map.ids()]
+    follow: Callable[[], list[tuple[int, Channel]]] | None = None
+    if shards is None:
+        follow = lambda: [(s, "local") for s in submitter.map.ids()]  # noqa: E731
     consumer = Consumer(Jobs(conn, settings.redis_prefix), [(s, "local") for s in shards or []], handler,
                         batch=settings.concurrencylocal * 4, name=name, follow=follow)
     stop = threading.Event()

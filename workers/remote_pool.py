@@ -115,7 +115,7 @@ class _Wakeup:
         if self.pending is None:
             self.waiter.close()
         else:  # still blocked: close once the pop returns (its error, if any, is of no interest now)
-            self.pending.add_done_callback(lambda f: (f.cancelled() or f.exception(), self.waiter.close()))
+            self.pending.add_done_callback(lambda f: self.waiter.close())
         self.thread.shutdown(wait=False)
 
 
@@ -146,7 +146,7 @@ async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Even
     wakeup = _Wakeup(jobs, wake_timeout)
     follow = shards is None
     shards = shard_map.ids() if shards is None else shards
-    queues = [(s, "remote") for s in shards]
+    queues: list[tuple[int, Channel]] = [(s, "remote") for s in shards]
     worker = None
     beat = 0.0
     backoff = IDLE_WAIT
