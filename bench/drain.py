@@ -27,6 +27,7 @@ from rq.serializers import JSONSerializer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.jobs import Item, Jobs
+from core.shards import Namespace
 from workers.consumer import Consumer
 
 
@@ -71,7 +72,7 @@ def main() -> None:
         proc = start_redis(Path(tmp))
         try:
             conn = redis.Redis(unix_socket_path=str(Path(tmp) / "redis.sock"))
-            jobs = Jobs(conn, "bench")
+            jobs = Jobs(conn, Namespace("bench", "n1"))
 
             start = time.perf_counter()
             for message_id in ids(args.jobs):

@@ -60,9 +60,11 @@ sys.path.insert(0, str(ROOT))
 
 from core.envelope import Envelope, Mark, Recipient, encode, encode_mark  # noqa: E402
 from core.jobs import Item, Jobs  # noqa: E402
+from core.shards import Namespace  # noqa: E402
 from core.spool import Spool  # noqa: E402
 
 PREFIX = "shardmail"
+SPACE = Namespace(PREFIX, "n1")
 BODY = b"From: <bench@example.net>\r\nSubject: queued\r\n\r\n" + (b"y" * 76 + b"\r\n") * 40  # 3.2 KB
 BATCH = 1000
 SPAN = 2 * 86400  # s of arrival times the queue covers
@@ -80,7 +82,7 @@ mailMessageStore: catchall/
 def _build_part(root: str, sock: str, shards: list[int], count: int, total_shards: int, now: float) -> int:
     """In a child process: the messages of some shards (every ``total_shards``-th from its own)."""
     conn = redis.Redis(unix_socket_path=sock)
-    jobs = Jobs(conn, PREFIX)
+    jobs = Jobs(conn, SPACE)
     spools = {s: Spool(root, s) for s in shards}
     rng = random.Random(shards[0])
     weights = [1 / (i + 1) for i in range(len(DOMAINS))]  # a few big destinations, a long tail
@@ -133,7 +135,7 @@ def build(root: Path, sock: Path, messages: int, shards: int, inflight: int) -> 
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         written = sum(pool.starmap(_build_part, [(str(root), str(sock), p, messages, shards, now) for p in parts]))
     assert written == messages, written
-    jobs = Jobs(redis.Redis(unix_socket_path=str(sock)), PREFIX)
+    jobs = Jobs(redis.Redis(unix_socket_path=str(sock)), SPACE)
     claims = jobs.claim_many(range(shards), "remote", max(1, inflight // shards), "bench.remote-9")
     for claim in claims[: len(claims) // 10]:
         jobs.fail(claim, "bench: a failed job")
@@ -202,7 +204,7 @@ def _queue_local(env: dict[str, str], sock: Path, count: int) -> tuple[redis.Red
         results = submitter.accept_batch(drafts)
         assert all(isinstance(r, Envelope) for r in results), results[:3]
     conn = redis.Redis(unix_socket_path=str(sock))
-    jobs = Jobs(conn, PREFIX)
+    jobs = Jobs(conn, SPACE)
     shards = list(range(settings.shards))
 
     def waiting() -> int:
@@ -367,7 +369,7 @@ def main() -> int:
                     "SHARDMAIL_REDIS_URL": f"unix://{sock}", "SHARDMAIL_SHARDS": str(args.shards),
                     "SHARDMAIL_ME": "bench.shardmail.test", "SHARDMAIL_LOCALS": "test.example",
                     "SHARDMAIL_USERS_LDIF": str(work / "users.ldif"), "SHARDMAIL_LDAPMESSAGESTORE": str(work / "mail"),
-                    "SHARDMAIL_REDIS_PREFIX": PREFIX})
+                    "SHARDMAIL_REDIS_PREFIX": PREFIX, "SHARDMAIL_NODE": SPACE.node})
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before timing", flush=True)
         status_s, status_cpu, _ = timed(env, "status", runs=args.runs)
         json_s, _, text = timed(env, "status", "--json", runs=args.runs)

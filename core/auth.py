@@ -23,6 +23,9 @@ against an imitation of the last real hash seen (same scheme and cost; sha512-cr
 seen), or with ``ldaprebind`` a bind as a DN that does not exist; and a bad verdict is returned no
 sooner than ``authfaildelay`` ms after the check began (an asyncio sleep, no thread held).
 
+The failure counts (``<prefix>:authfail:ip:<net>``, ``<prefix>:authfail:user:<login>``) carry no
+node name: a guesser is throttled by the whole cluster, whichever nodes it tries.
+
 Failures: the directory down, slow (``ldaptimeout``) or refusing our bind -> ``temporary``
 (454 4.7.0); Redis unreachable for the throttle -> ``temporary`` too: failing closed, because an
 open door while Redis is down would let a brute force through unthrottled. Over a throttle limit

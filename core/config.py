@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 import types
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SHARDMAIL_"
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # a DNS label (and what rq allows in job ids)
 SHARD_POLICIES = ("roundrobin", "random", "leastloaded")
 
 
@@ -149,7 +151,12 @@ class Settings:
     var_dir: str = _setting("./var", "runtime state: spool, embedded Redis, Maildirs")
     spool_dir: str = _setting("", "spool root; default: <var_dir>/spool")
     redis_url: str = _setting("", "Redis for the queues; empty = start an embedded redis-server")
-    redis_prefix: str = _setting("shardmail", "prefix of shardmail's own Redis keys")
+    redis_prefix: str = _setting("shardmail", "prefix of shardmail's own Redis keys: one per cluster")
+    node: str = _setting("", "this node's name, unique in the cluster (letters, digits, - and _); default: the "
+                             "host name's first label", _check(lambda v: NODE_NAME.fullmatch(v) is not None,
+                                                               "a name of letters, digits, - and _ (63 at most)"))
+    nodedeadafter: int = _setting(30, "seconds without a heartbeat after which a node counts as dead (nodes beat "
+                                      "three times in it, every 5 s at most)", _check(lambda v: v >= 3, "3 or more"))
     ldapserver: list[str] = _setting([], "LDAP servers (ldap://host:port), tried in order; empty = users_ldif")
     ldapbasedn: str = _setting("", "search base for users")
     ldaplogin: str = _setting("", "bind DN (empty = anonymous)")
@@ -319,11 +326,19 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
         if problem:
             raise ConfigError(f"{fld.name}: expected {problem}, got {raw!r} ({source})")
         checked[fld.name] = value
+    if not checked.get("node"):
+        checked["node"] = default_node()
     if not checked.get("me"):
         checked["me"] = socket.getfqdn() or "localhost"
     if "locals" not in checked:
         checked["locals"] = list(dict.fromkeys(["localhost", checked["me"]]))  # qmail: locals defaults to me
     return Settings(**checked)
+
+
+def default_node() -> str:
+    """The host name's first label, with anything a node name may not hold turned into ``-``."""
+    label = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:63].lstrip("-_")
+    return label or "node"
 
 
 def describe() -> list[tuple[str, Any, str]]:

@@ -1,7 +1,8 @@
 """The only place rq jobs and the scheduler's Redis structures are named, created and consumed.
 
-Interface: ``queue_name(prefix, shard, channel)``, ``job_id(message_id, channel)``,
-``pause_key(prefix, shard)``, ``wake_key(prefix, shard, channel)``, ``Jobs(conn, prefix)`` with
+Interface: ``queue_name(space, shard, channel)``, ``job_id(space, message_id, channel)``,
+``message_of(job_id)``, ``pause_key(space, shard)``, ``wake_key(space, shard, channel)``,
+``Jobs(conn, space)`` (``space``: core.shards' ``Namespace``, the cluster's prefix and this node) with
 ``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many``,
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
 ``fail(claim, why)``, ``depths(shards)``, ``wake(queues)``; ``Waiter(jobs, timeout)`` (an idle
@@ -15,16 +16,20 @@ for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(sha
 ``bring_forward(shard, now, n)``, ``drop_queued(shard, channel, ids)``; ``settle_key``/``retry_key``;
 ``DELIVER_FUNC`` (the function name the jobs carry, for rq's tools).
 
-Per shard, besides rq's queues and registries: ``<prefix>:settle:s<N>``, a list of
+Every name carries the node (``<node>/s<N>`` in keys, ``<prefix>.<node>.s<N>.<channel>`` for
+queues, ``<node>-<message id>-<channel>`` for jobs): a node's calls reach its own shards only, so
+nodes sharing a Redis and a prefix never claim, settle or remove each other's mail.
+
+Per shard, besides rq's queues and registries: ``<prefix>:settle:<node>/s<N>``, a list of
 ``<id>:<channel>`` that every finished job adds (the attempt is over: the scheduler looks at what
-it left), and ``<prefix>:retry:s<N>``, a sorted set of ``<id>:<channel>`` scored by the time of
+it left), and ``<prefix>:retry:<node>/s<N>``, a sorted set of ``<id>:<channel>`` scored by the time of
 the next attempt (deferred mail, and mail recovered from the spool: about 100 bytes of Redis each,
 where an rq job costs about 540); the scheduler turns due entries into jobs.
 ``<prefix>:tally:<unix minute>`` (a hash living ``TALLY_TTL`` seconds) counts jobs enqueued
-(``in:s<N>:<channel>``: new mail and released retries) and finished (``out:...``) per minute, one
+(``in:<node>/s<N>:<channel>``: new mail and released retries) and finished (``out:...``) per minute, one
 HINCRBY per shard and channel in the pipeline that does the work, for ``shardmail status``'s rates.
 
-Waking idle pools: ``<prefix>:wake:s<N>:<channel>`` is a sorted set holding at most one member
+Waking idle pools: ``<prefix>:wake:<node>/s<N>:<channel>`` is a sorted set holding at most one member
 (``ZADD`` of the same member, so it never grows, whether or not a pool is listening). Every push
 onto a queue (``enqueue``, so new mail and released retries; ``release``) sets it in the same
 pipeline, one command per shard and channel of the batch, not per job; the claim script sets it
@@ -37,7 +42,7 @@ ring for one shard must not be taken by a pool that cannot claim from it. A prod
 ring (an older process; a shard's pause ending) is still served within ``WAKE_TIMEOUT``.
 
 Granularity and consumer (the decision the drain benchmark in ``bench/drain.py`` measures): one
-rq job per message and channel, with a deterministic id ``<message id>-<channel>``, a JSON
+rq job per message and channel, with a deterministic id ``<node>-<message id>-<channel>``, a JSON
 payload ``[shard, message id, channel]`` and ``result_ttl=0``; so ``rq info``, rq-dashboard and
 the sweep see exactly which messages wait where, and a re-enqueue of the same message is
 recognisable. Stock rq workers run one job at a time with several Redis round trips and
@@ -51,7 +56,7 @@ Failures: every ``redis.RedisError`` propagates; callers treat it as temporary. 
 whose consumer dies stays in the started registry until its lease expires; then rq's own registry
 cleanup (or shardmail's sweep) moves it on, and the spool still holds the message.
 
-Settings: ``redis_prefix`` (via the prefix passed in).
+Settings: ``redis_prefix``, ``node`` (via the namespace passed in).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ from rq.utils import now, utcformat
 
 from core.envelope import CHANNELS, Channel
 from core.redis_conn import text as _text
-from core.shards import LABEL_PATTERN, shard_label
+from core.shards import LABEL_PATTERN, Namespace, shard_label
 
 log = logging.getLogger("shardmail.jobs")
 DELIVER_FUNC = "workers.pool.deliver"
@@ -171,23 +176,32 @@ def _member(raw: Any) -> tuple[str, Channel]:
     return message_id, channel  # type: ignore[return-value]
 
 
-def queue_name(prefix: str, shard: int, channel: Channel) -> str:
-    return f"{prefix}.{shard_label(shard)}.{channel}"
+def queue_name(space: Namespace, shard: int, channel: Channel) -> str:
+    """``<prefix>.<node>.s<N>.<channel>``: dots, not the ``/`` of the shard's address, because
+    rq-dashboard puts queue names in URL paths."""
+    return f"{space.prefix}.{space.node}.{shard_label(shard)}.{channel}"
 
 
-def pause_key(prefix: str, shard: int) -> str:
+def pause_key(space: Namespace, shard: int) -> str:
     """While this key exists (the rebalancer holds it, with an expiry), nothing is claimed from the
     shard's queues."""
-    return f"{prefix}:paused:{shard_label(shard)}"
+    return space.key("paused", shard)
 
 
-def wake_key(prefix: str, shard: int, channel: Channel) -> str:
+def wake_key(space: Namespace, shard: int, channel: Channel) -> str:
     """The key an idle pool of this queue blocks on, set by every push onto the queue."""
-    return f"{prefix}:wake:{shard_label(shard)}:{channel}"
+    return f"{space.key('wake', shard)}:{channel}"
 
 
-def job_id(message_id: str, channel: Channel) -> str:
-    return f"{message_id}-{channel}"
+def job_id(space: Namespace, message_id: str, channel: Channel) -> str:
+    """``<node>-<message id>-<channel>``: unique in the cluster whatever two nodes' ids share (rq
+    allows only letters, digits, ``-`` and ``_`` in job ids, hence no ``/``)."""
+    return f"{space.node}-{message_id}-{channel}"
+
+
+def message_of(job: str) -> str:
+    """The message id in a job id (node names may hold ``-``: counted from the right)."""
+    return job.rsplit("-", 2)[-2]
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,16 +281,18 @@ class Registration:
 class Jobs:
     """rq queues of one Redis deployment, cached per (shard, channel)."""
 
-    def __init__(self, conn: redis.Redis, prefix: str) -> None:
+    def __init__(self, conn: redis.Redis, space: Namespace) -> None:
         self.conn = conn
-        self.prefix = prefix
+        self.space = space
+        self.prefix = space.prefix
         self._queues: dict[tuple[int, str], Queue] = {}
         self._claim = conn.register_script(_CLAIM)
         self._forget = conn.register_script(_FORGET)
         self._flush = conn.register_script(_FLUSH)
         self._drop_queued = conn.register_script(_DROP_QUEUED)
         self._registries: dict[tuple[int, str], tuple[str, str]] = {}
-        self._queue_re = re.compile(rf"{re.escape(prefix)}\.{LABEL_PATTERN}\.({'|'.join(CHANNELS)})")
+        self._queue_re = re.compile(rf"{re.escape(space.prefix)}\.{re.escape(space.node)}\.{LABEL_PATTERN}"
+                                    rf"\.({'|'.join(CHANNELS)})")
 
     def _started(self, shard: int, channel: Channel) -> str:
         """The key of the queue's StartedJobRegistry (cached: a registry object per call cost more
@@ -299,7 +315,7 @@ class Jobs:
         queue = self._queues.get(key)
         if queue is None:
             queue = Queue(
-                queue_name(self.prefix, shard, channel), connection=self.conn, serializer=JSONSerializer
+                queue_name(self.space, shard, channel), connection=self.conn, serializer=JSONSerializer
             )
             self._queues[key] = queue
         return queue
@@ -317,8 +333,8 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for item in items:
                 tally[item.shard, item.channel] = tally.get((item.shard, item.channel), 0) + 1
-                ident = job_id(item.message_id, item.channel)
-                name = queue_name(self.prefix, item.shard, item.channel)
+                ident = job_id(self.space, item.message_id, item.channel)
+                name = queue_name(self.space, item.shard, item.channel)
                 description = (f"deliver {item.message_id} ({item.recipients} rcpt) via {item.channel}"
                                if item.recipients else f"retry {item.message_id} via {item.channel}")
                 data = json.dumps([DELIVER_FUNC, None, [item.shard, item.message_id, item.channel], {}])
@@ -343,7 +359,7 @@ class Jobs:
 
     def _ring(self, pipe: redis.client.Pipeline, queues: Iterable[tuple[int, Channel]]) -> None:
         for shard, channel in queues:
-            pipe.zadd(wake_key(self.prefix, shard, channel), {"1": 0})
+            pipe.zadd(wake_key(self.space, shard, channel), {"1": 0})
 
     def claim(self, shard: int, channel: Channel, count: int, worker: str) -> list[Claim]:
         """Take up to ``count`` jobs in one round trip, recording them as started."""
@@ -356,8 +372,8 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for shard in shards:
                 queue = self.queue(shard, channel)
-                self._claim(keys=[queue.key, self._started(shard, channel), pause_key(self.prefix, shard),
-                                  wake_key(self.prefix, shard, channel)],
+                self._claim(keys=[queue.key, self._started(shard, channel), pause_key(self.space, shard),
+                                  wake_key(self.space, shard, channel)],
                             args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
                                   execution], client=pipe)
             answers = pipe.execute()
@@ -365,7 +381,7 @@ class Jobs:
         for shard, ids in zip(shards, answers, strict=True):
             for raw in ids or []:
                 text = raw.decode() if isinstance(raw, bytes) else raw
-                claims.append(Claim(text, text.rpartition("-")[0], shard, channel, execution))
+                claims.append(Claim(text, message_of(text), shard, channel, execution))
         return claims
 
     def finish(self, claims: Iterable[Claim]) -> None:
@@ -385,14 +401,14 @@ class Jobs:
             pipe.execute()
 
     def _tally(self, pipe: redis.client.Pipeline, kind: str, counts: dict[tuple[int, Channel], int]) -> None:
-        """Add to this minute's counters (``<prefix>:tally:<unix minute>``, field ``<kind>:s<N>:<channel>``)
+        """Add to this minute's counters (``<prefix>:tally:<unix minute>``, field ``<kind>:<node>/s<N>:<channel>``)
         inside the caller's pipeline: one HINCRBY per shard and channel, not per job; ``shardmail
         status`` turns this minute's and the last into rates."""
         if not counts:
             return
         key = self.tally_key(int(time.time()) // 60)
         for (shard, channel), count in counts.items():
-            pipe.hincrby(key, f"{kind}:{shard_label(shard)}:{channel}", count)
+            pipe.hincrby(key, f"{kind}:{self.space.address(shard)}:{channel}", count)
         pipe.expire(key, TALLY_TTL)
 
     def tally_key(self, minute: int) -> str:
@@ -400,10 +416,10 @@ class Jobs:
 
     # -- the scheduler's structures ---------------------------------------------------------------
     def settle_key(self, shard: int) -> str:
-        return f"{self.prefix}:settle:{shard_label(shard)}"
+        return self.space.key("settle", shard)
 
     def retry_key(self, shard: int) -> str:
-        return f"{self.prefix}:retry:{shard_label(shard)}"
+        return self.space.key("retry", shard)
 
     def settled(self, shard: int, count: int) -> list[tuple[str, Channel]]:
         """Take up to ``count`` finished attempts from the shard's settle list."""
@@ -447,7 +463,7 @@ class Jobs:
         with self.conn.pipeline(transaction=False) as pipe:
             for channel in CHANNELS:
                 queue = self.queue(shard, channel)
-                ident = job_id(message_id, channel)
+                ident = job_id(self.space, message_id, channel)
                 self._forget(keys=[queue.key, self._started(shard, channel), self._failed(shard, channel),
                                    f"rq:job:{ident}", self.retry_key(shard)],
                              args=[ident, f"{message_id}:{channel}", now], client=pipe)
@@ -464,7 +480,7 @@ class Jobs:
         rebalancer: messages no longer in the shard), with their hashes where they still name this
         queue; returns how many went."""
         queue = self.queue(shard, channel)
-        job_ids = [job_id(m, channel) for m in message_ids]
+        job_ids = [job_id(self.space, m, channel) for m in message_ids]
         return sum(self._drop_queued(keys=[queue.key], args=[queue.name, *job_ids[start:start + 5000]])
                    for start in range(0, len(job_ids), 5000))
 
@@ -496,7 +512,7 @@ class Jobs:
         for entry, owner in zip(entries, owners, strict=True):
             if owner is not None and owner.decode() == worker:
                 job, _, execution = entry.partition(":")
-                mine.append(Claim(job, job.rpartition("-")[0], shard, channel, execution))
+                mine.append(Claim(job, message_of(job), shard, channel, execution))
         if mine:
             self.release(mine)
         return len(mine)
@@ -526,7 +542,7 @@ class Jobs:
     # -- views: what ops and the sweep read -------------------------------------------------------------
     def queued(self, shard: int, channel: Channel) -> list[str]:
         """The messages whose jobs wait in the queue, in queue order."""
-        return [_text(raw).rpartition("-")[0] for raw in self.conn.lrange(self.queue(shard, channel).key, 0, -1)]
+        return [message_of(_text(raw)) for raw in self.conn.lrange(self.queue(shard, channel).key, 0, -1)]
 
     def in_flight(self, shards: Iterable[int], now: float | None = None) -> set[str]:
         """Messages with an unexpired claim (being delivered right now) on these shards, one round trip."""
@@ -536,7 +552,7 @@ class Jobs:
                 for channel in CHANNELS:
                     pipe.zrangebyscore(self._started(shard, channel), now, "+inf")
             answers = pipe.execute()
-        return {_text(raw).partition(":")[0].rpartition("-")[0] for members in answers for raw in members}
+        return {message_of(_text(raw).partition(":")[0]) for members in answers for raw in members}
 
     def doorbells(self, shard: int, now: float | None = None) -> set[str]:
         """Every ``<id>:<channel>`` Redis knows for the shard, however it knows it: queued jobs,
@@ -552,8 +568,8 @@ class Jobs:
             answers = pipe.execute()
         known: set[str] = set()
         for c, channel in enumerate(CHANNELS):
-            known.update(f"{_text(raw).rpartition('-')[0]}:{channel}" for raw in answers[2 * c])
-            known.update(f"{_text(raw).partition(':')[0].rpartition('-')[0]}:{channel}" for raw in answers[2 * c + 1])
+            known.update(f"{message_of(_text(raw))}:{channel}" for raw in answers[2 * c])
+            known.update(f"{message_of(_text(raw).partition(':')[0])}:{channel}" for raw in answers[2 * c + 1])
         known.update(_text(x) for x in answers[-2])
         known.update(_text(x) for x in answers[-1])
         return known
@@ -576,7 +592,7 @@ class Jobs:
                 pipe.zcard(self.retry_key(shard))
                 pipe.zcount(self.retry_key(shard), "-inf", now)
                 pipe.llen(self.settle_key(shard))
-                pipe.exists(pause_key(self.prefix, shard))
+                pipe.exists(pause_key(self.space, shard))
             if activity:
                 pipe.hgetall(self.tally_key(minute))
                 pipe.hgetall(self.tally_key(minute - 1))
@@ -591,9 +607,9 @@ class Jobs:
             channels = {}
             for c, channel in enumerate(CHANNELS):
                 ready, started, failed, head = row[4 * c : 4 * c + 4]
-                field_name = f"{shard_label(shard)}:{channel}"
+                field_name = f"{self.space.address(shard)}:{channel}"
                 channels[channel] = QueueFigures(
-                    ready, started, failed, _text(head).rpartition("-")[0] if head else None,
+                    ready, started, failed, message_of(_text(head)) if head else None,
                     (tallies[0].get(f"in:{field_name}", 0), tallies[1].get(f"in:{field_name}", 0)),
                     (tallies[0].get(f"out:{field_name}", 0), tallies[1].get(f"out:{field_name}", 0)))
             deferred, due, settling, paused = row[4 * len(CHANNELS):]
@@ -650,13 +666,13 @@ class Waiter:
         kwargs = dict(shared.connection_kwargs)
         socket_timeout = kwargs.get("socket_timeout")
         self.timeout = min(timeout, socket_timeout / 2) if socket_timeout else timeout
-        self.prefix = jobs.prefix
+        self.space = jobs.space
         self.conn = redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=shared.connection_class, max_connections=1, **kwargs))
 
     def wait(self, queues: Iterable[tuple[int, Channel]]) -> bool:
         """Whether one was rung (False: the timeout passed); ``redis.RedisError`` if Redis is away."""
-        keys = [wake_key(self.prefix, shard, channel) for shard, channel in queues]
+        keys = [wake_key(self.space, shard, channel) for shard, channel in queues]
         if not keys:  # no queues (yet): nothing can ring, but the caller must not spin
             time.sleep(self.timeout)
             return False

@@ -18,8 +18,10 @@ matter; their settings must agree (the stored timestamp is read with the reader'
 refused attempt costs nothing, so a client that keeps trying is not pushed further back. Each key
 expires when its bucket is empty: nothing to clean up.
 
-Keys: ``<prefix>:ratelimit:<kind>:<key>``; an IPv6 client counts by its /64 (one host often holds
-a whole /64), an IPv4-mapped address as the IPv4 address; senders ignore case.
+Keys: ``<prefix>:ratelimit:<kind>:<key>``, without a node name on purpose: a limit holds for the
+whole cluster, however many nodes a client spreads its connections over. An IPv6 client counts by
+its /64 (one host often holds a whole /64), an IPv4-mapped address as the IPv4 address; senders
+ignore case.
 
 Failures: a Redis error (down, slow: ``core.redis_conn`` timeouts) is raised as ``redis.RedisError``;
 the caller answers ``451 4.7.0`` (temporary), never lets the message through unchecked nor refuses

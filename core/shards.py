@@ -1,18 +1,24 @@
 """The shard map: which shards exist, where their spools are, how ingress picks one.
 
-Interface: ``shard_label(shard)`` (``s<N>``: a shard's name in queue names, Redis keys, logs and
-listings); ``ShardMap(settings)`` with ``spool(shard)``, ``ids()``, ``draining()``, ``drain(shard)``,
-``reopen(shard)``, ``add() -> int``, ``pause_key(shard)``; ``Picker(shard_map, jobs)`` with
-``pick() -> int``.
+Interface: ``shard_label(shard)`` (``s<N>``: a shard's name on its node: spool directories, logs and
+listings); ``Namespace(prefix, node)`` (``Namespace.of(settings)``): where a node's shards live in
+the cluster's Redis, ``address(shard)`` (``<node>/s<N>``, the shard's name in the cluster: Redis
+keys, metric labels), ``key(kind, shard)``, ``shared(kind)``; ``ShardMap(settings)`` with
+``spool(shard)``, ``ids()``, ``draining()``, ``drain(shard)``, ``reopen(shard)``, ``add() -> int``,
+``pause_key(shard)``; ``Picker(shard_map, jobs)`` with ``pick() -> int``.
 
 A shard is one spool directory ``<spool root>/s<N>`` plus its rq queues (``queue_name`` in
-core.jobs) and Redis keys. The spool root is the truth about which shards exist: the shards are
-``0 .. shards-1`` from the settings plus every ``s<N>`` directory found there, so ``shards add``
-(a new directory, built aside and renamed into place, then the root fsync'd) is seen by every
-running process within ``REFRESH_SECONDS`` without a restart, and lowering ``shards`` in the
-settings never hides a shard that still holds mail. A shard is *draining* while its directory holds
-a ``draining`` file (durable, so a Redis restart does not reopen it): ingress never picks it, its
-workers go on emptying it.
+core.jobs) and Redis keys. A cluster's nodes share one Redis deployment under one ``redis_prefix``;
+each node's per-shard keys carry its name (``<prefix>:<kind>:<node>/s<N>``), so a node reaches
+only its own shards' keys, while what is shared by the cluster on purpose (rate limits, AUTH
+throttles, the autoresponder's memory, the node registry) sits under ``shared(kind)``.
+
+The spool root is the truth about which shards exist: the shards are ``0 .. shards-1`` from the
+settings plus every ``s<N>`` directory found there, so ``shards add`` (a new directory, built aside
+and renamed into place, then the root fsync'd) is seen by every running process within
+``REFRESH_SECONDS`` without a restart, and lowering ``shards`` in the settings never hides a shard
+that still holds mail. A shard is *draining* while its directory holds a ``draining`` file (durable,
+so a Redis restart does not reopen it): ingress never picks it, its workers go on emptying it.
 
 ``pause_key(shard)`` names the Redis key (with an expiry, renewed by its holder) under which the
 rebalancer has a shard to itself: consumers claim nothing from a paused shard and the scheduler
@@ -27,7 +33,8 @@ Failures: Redis errors while refreshing depths keep the last known view (the enq
 will report Redis being down). When every shard is draining, ``pick`` raises ``NoShardAvailable``
 and ingress answers 451. ``add`` raises OSError (disk) and leaves no half-built shard visible.
 
-Settings: ``shards``, ``shard_policy``, ``queue_split``, ``spool_dir``/``var_dir``, ``redis_prefix``.
+Settings: ``shards``, ``shard_policy``, ``queue_split``, ``spool_dir``/``var_dir``, ``redis_prefix``,
+``node``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import re
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,8 +67,32 @@ _SHARD_DIR = re.compile(LABEL_PATTERN)
 
 
 def shard_label(shard: int) -> str:
-    """A shard's name wherever one is written: queue names, Redis keys, logs, listings."""
+    """A shard's name on its own node: spool directories, logs, listings."""
     return f"s{shard}"
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """One node's place in the cluster's Redis: the cluster's ``prefix`` and the node's name."""
+
+    prefix: str
+    node: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Namespace:
+        return cls(settings.redis_prefix, settings.node)
+
+    def address(self, shard: int) -> str:
+        """The shard's name in the cluster: ``<node>/s<N>``."""
+        return f"{self.node}/{shard_label(shard)}"
+
+    def key(self, kind: str, shard: int) -> str:
+        """A per-shard Redis key: ``<prefix>:<kind>:<node>/s<N>``."""
+        return f"{self.prefix}:{kind}:{self.address(shard)}"
+
+    def shared(self, kind: str) -> str:
+        """A key every node of the cluster uses alike: ``<prefix>:<kind>``."""
+        return f"{self.prefix}:{kind}"
 
 
 class NoShardAvailable(Exception):
@@ -72,7 +104,7 @@ class ShardMap:
         self.count = settings.shards
         self.root = Path(settings.spool_root)
         self.split = settings.queue_split
-        self.prefix = settings.redis_prefix
+        self.space = Namespace.of(settings)
         self._spools: dict[int, Spool] = {}
         self._lock = threading.Lock()
         self._ids: list[int] = list(range(self.count))
@@ -104,7 +136,7 @@ class ShardMap:
     def pause_key(self, shard: int) -> str:
         from core.jobs import pause_key
 
-        return pause_key(self.prefix, shard)
+        return pause_key(self.space, shard)
 
     def _marker(self, shard: int) -> Path:
         return Spool.directory(self.root, shard) / DRAINING

@@ -31,7 +31,7 @@ from core.config import Settings
 from core.envelope import Channel, Client, Envelope, Recipient, new_id, node_tag
 from core.jobs import Item, Jobs
 from core.outcome import Deferred, QueueUnavailable
-from core.shards import NoShardAvailable, Picker, ShardMap
+from core.shards import Namespace, NoShardAvailable, Picker, ShardMap
 from core.spool import write_batches
 
 log = logging.getLogger("shardmail.submit")
@@ -56,9 +56,9 @@ class Submitter:
     def __init__(self, settings: Settings, conn: redis.Redis) -> None:
         self.settings = settings
         self.map = ShardMap(settings)
-        self.jobs = Jobs(conn, settings.redis_prefix)
+        self.jobs = Jobs(conn, Namespace.of(settings))
         self.picker = Picker(self.map, self.jobs, settings.shard_policy)
-        self._node = node_tag(settings.me)
+        self._node = node_tag(settings.node)
         self._locals = [d.lower() for d in settings.locals]
 
     def new_id(self) -> str:

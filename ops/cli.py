@@ -23,7 +23,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from core.config import ConfigError, Settings, describe, load
-from core.outcome import EX_CONFIG, EX_TEMPFAIL
+from core.outcome import EX_CONFIG, EX_TEMPFAIL, EX_USAGE
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -88,6 +88,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ops.depth import as_json, gather, render
 
     settings = _settings(args.config)
+    if args.cluster or args.node:
+        return _cluster_status(settings, args)
     if args.watch is not None:
         from ops.watch import watch
 
@@ -101,6 +103,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = gather(settings, None)
     print(as_json(status) if args.json else render(status))
     return 0 if conn is not None else EX_TEMPFAIL
+
+
+def _cluster_status(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+
+    from core.redis_conn import connect
+    from ops.cluster import cluster_json, gather_cluster, node_status, render_cluster
+    from ops.depth import as_json, render
+
+    try:
+        cluster = gather_cluster(settings, connect(settings))
+    except redis.RedisError as exc:
+        print(f"shardmail: Redis unavailable ({exc}): no cluster view without it", file=sys.stderr)
+        return EX_TEMPFAIL
+    if not args.node:
+        print(cluster_json(cluster) if args.json else render_cluster(cluster))
+        return 0
+    try:
+        status = node_status(cluster, args.node)
+    except KeyError:
+        print(f"shardmail: no node {args.node!r} in the cluster", file=sys.stderr)
+        return EX_USAGE
+    print(as_json(status) if args.json else render(status))
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -364,6 +390,9 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable (field names in ops/depth.py)")
     status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                         help="redraw every SECONDS (default 2) until Ctrl-C")
+    status.add_argument("--cluster", action="store_true", help="every node of the cluster: alive or dead, depth, "
+                        "rates (from their heartbeats and Redis)")
+    status.add_argument("--node", metavar="NAME", help="one node's per-shard detail, seen through the cluster")
     sub.add_parser("scheduler", help="run the retry scheduler (retries, bounces, sweeps; one leader per shard)")
     sub.add_parser("recover", help="rebuild every queue in Redis from the spool (after Redis lost its data)")
     qshape = sub.add_parser("qshape", help="queued recipients by domain and age (like Postfix's qshape)")

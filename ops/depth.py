@@ -1,7 +1,9 @@
 """Queue depth per shard and channel: the first view an operator wants (``shardmail status``).
 
 Interface: ``Census`` (spool figures, remembered between calls), ``gather(settings, conn, census,
-now) -> Status``, ``render(status) -> str``, ``as_dict(status)`` / ``as_json(status)`` (field names
+now) -> Status``, ``compose(space, conn, shards, disk, draining, listed_at, now) -> Status`` (any
+node's, from spool figures given: ops.cluster passes those of a node's heartbeat),
+``render(status) -> str``, ``as_dict(status)`` / ``as_json(status)`` (field names
 below are stable; ``version`` changes if one ever does).
 
 Redis figures come from one pipelined round trip for every shard (core.jobs' ``census``): rq's
@@ -39,7 +41,7 @@ import redis
 from core.config import Settings
 from core.envelope import CHANNELS, Channel, id_time
 from core.jobs import Jobs, QueueFigures, ShardFigures, WorkerRecord
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 from core.spool import Counts, Listings
 
 VERSION = 1
@@ -128,11 +130,17 @@ def gather(settings: Settings, conn: redis.Redis | None, census: Census | None =
     shard_map = ShardMap(settings)
     shards = list(shard_map.ids())
     disk = census.take(shard_map, shards) if spool or not census.listed_at else census.last
-    draining = shard_map.draining()
+    return compose(Namespace.of(settings), conn, shards, disk, shard_map.draining(), census.listed_at, now)
+
+
+def compose(space: Namespace, conn: redis.Redis | None, shards: list[int], disk: dict[int, Counts],
+            draining: set[int], listed_at: float, now: float) -> Status:
+    """One node's status from its spool figures (listed here, or carried by its heartbeat) and
+    what Redis holds for its namespace (none without ``conn``)."""
     figures: dict[int, ShardFigures] = {}
     workers: list[WorkerRecord] = []
     if conn is not None:
-        figures, workers = Jobs(conn, settings.redis_prefix).census(shards, now)
+        figures, workers = Jobs(conn, space).census(shards, now)
     pools, workers_on = _pools(workers)
     rows = []
     for shard in shards:
@@ -149,7 +157,7 @@ def gather(settings: Settings, conn: redis.Redis | None, census: Census | None =
         rows.append(ShardDepth(shard, state, shard in draining, counts.spooled, counts.held,
                                _age(counts.oldest, now) if counts.oldest else None, found.deferred, found.due,
                                found.settling, channels))
-    return Status(now, conn is not None, max(0.0, now - census.listed_at), rows, pools)
+    return Status(now, conn is not None, max(0.0, now - listed_at), rows, pools)
 
 
 def _age(message_id: str, now: float) -> float | None:

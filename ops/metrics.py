@@ -41,7 +41,7 @@ from core.config import Settings
 from core.envelope import CHANNELS
 from core.jobs import Jobs
 from core.redis_conn import url
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 
 log = logging.getLogger("shardmail.metrics")
 SCRAPE_TIMEOUT = 2.0  # s a scrape waits for Redis
@@ -61,7 +61,7 @@ class QueueCollector:
 
     def __init__(self, settings: Settings, conn: redis.Redis) -> None:
         self.conn = conn
-        self.jobs = Jobs(conn, settings.redis_prefix)
+        self.jobs = Jobs(conn, Namespace.of(settings))
         self.shard_map = ShardMap(settings)
 
     def collect(self) -> Iterator[Metric]:

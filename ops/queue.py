@@ -68,7 +68,7 @@ from core.config import Settings
 from core.envelope import Channel, Envelope, Mark, valid_id
 from core.jobs import Item, Jobs
 from core.outcome import EX_OK, EX_TEMPFAIL
-from core.shards import ShardMap, shard_label
+from core.shards import Namespace, ShardMap, shard_label
 from core.spool import Entry
 
 log = logging.getLogger("shardmail.queue")
@@ -154,7 +154,7 @@ class QueueAdmin:
                  err: TextIO = sys.stderr) -> None:
         self.map = ShardMap(settings)
         self.conn = conn
-        self.jobs = Jobs(conn, settings.redis_prefix) if conn is not None else None
+        self.jobs = Jobs(conn, Namespace.of(settings)) if conn is not None else None
         self.out = out
         self.err = err
         self.missing = 0  # ids asked for that were not found

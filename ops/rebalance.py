@@ -50,7 +50,7 @@ from core.envelope import CHANNELS, Envelope, id_time, valid_id
 from core.jobs import Jobs
 from core.lease import LEASE_MS, acquire, lease_key
 from core.redis_conn import text
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 
 log = logging.getLogger("shardmail.rebalance")
 BATCH = 500
@@ -103,11 +103,11 @@ class Rebalancer:
         self.settings = settings
         self.conn = conn
         self.map = ShardMap(settings)
-        self.jobs = Jobs(conn, settings.redis_prefix)
+        self.jobs = Jobs(conn, Namespace.of(settings))
         self.next_time = next_time
         self.clock = clock
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.rebalance"
-        self.journal = f"{settings.redis_prefix}:rebalance:journal"
+        self.journal = Namespace.of(settings).shared(f"rebalance:journal:{settings.node}")
         self._take = conn.register_script(_TAKE)
         self._keep = conn.register_script(_KEEP)
         self._give_back = conn.register_script(_GIVE_BACK)
@@ -115,7 +115,7 @@ class Rebalancer:
 
     # -- the source shard to ourselves -----------------------------------------------------------
     def _keys(self, shard: int) -> list[str]:
-        return [self.map.pause_key(shard), lease_key(self.settings.redis_prefix, shard)]
+        return [self.map.pause_key(shard), lease_key(self.jobs.space, shard)]
 
     def _hold(self, shard: int) -> None:
         pause, lease = self._keys(shard)
@@ -128,7 +128,7 @@ class Rebalancer:
                 log.warning("took shard %d over from %s, which died mid-run", shard, previous)
         if holder:
             raise ShardBusy(f"shard {shard} is being rebalanced by {holder.decode()}")
-        if not acquire(self.conn, self.settings.redis_prefix, shard, self.name, WAIT_LEASE):
+        if not acquire(self.conn, self.jobs.space, shard, self.name, WAIT_LEASE):
             self._release(shard)
             raise ShardBusy(f"the scheduler leading shard {shard} did not hand it over within {WAIT_LEASE:.0f} s")
         self._kept = time.monotonic()

@@ -10,7 +10,8 @@ why), and on SIGTERM or Ctrl-C stops the children, Redis last. Without LDAP it c
 first, so ``ldapadd`` loads the file unchanged into an empty directory for that suffix).
 
 Failures: a missing ``redis-server`` binary or a Redis that does not come up is fatal at start
-(exit 69, a clear message). A child that keeps crashing is restarted every 30 s at most.
+(exit 69, a clear message); so is this node's name held by another live node of the cluster, or a
+spool that belongs to another node (exit 78; core.nodes). A child that keeps crashing is restarted every 30 s at most.
 
 Settings: ``redis_url``, ``var_dir``, ``ingress_processes``, ``localprocesses``, ``remoteprocesses``,
 ``schedulerprocesses``, ``metrics_listen`` (ops.metrics: the children's counters summed, served from a
@@ -33,7 +34,11 @@ import redis
 
 from core import sdnotify
 from core.config import Settings
-from core.redis_conn import embedded_socket, url
+from core.nodes import Identity, NodeConflict, Registry, SpoolOwned, beat_of
+from core.outcome import EX_CONFIG
+from core.redis_conn import connect, embedded_socket, url
+from core.shards import ShardMap
+from core.spool import Listings
 from ops.metrics import Exporter, child_env
 
 log = logging.getLogger("shardmail.run")
@@ -163,6 +168,14 @@ class Supervisor:
             log.error("%s", exc)
             self.shutdown()
             return EX_UNAVAILABLE
+        try:
+            self.claim_name()
+        except (NodeConflict, SpoolOwned) as exc:
+            log.error("%s", exc)
+            self.shutdown()
+            return EX_CONFIG
+        except redis.RedisError as exc:  # the schedulers claim it again with their first heartbeat
+            log.warning("node name not claimed yet (%s)", exc)
         self.ensure_users_file()
         self._metrics_dir = Exporter.prepare(self.settings)  # before any child imports prometheus_client
         self.metrics = Exporter.start(self.settings, self._metrics_dir)
@@ -178,6 +191,13 @@ class Supervisor:
             time.sleep(0.2)
         self.shutdown()
         return 0
+
+    def claim_name(self) -> None:
+        """The node's name for this spool, before any role starts: a second live node under the
+        same name (or a spool of another node) stops ``run`` here with one clear line."""
+        listen = self.settings.smtp_listen[0] if self.settings.smtp_listen else ""
+        beat = beat_of(ShardMap(self.settings), Listings(), listen, time.time())
+        Registry.of(self.settings, connect(self.settings)).claim(Identity.of(self.settings), beat, time.time())
 
     def _tend(self) -> None:
         now = time.monotonic()

@@ -44,6 +44,7 @@ from core.config import Settings
 from core.envelope import Channel, Envelope, EnvelopeError, Mark
 from core.jobs import Jobs
 from core.outcome import QueueUnavailable
+from core.shards import Namespace
 from core.submit import Draft, Submitter
 from scheduler.bounce import addressing, compose, failure
 
@@ -55,7 +56,7 @@ class Settler:
     def __init__(self, settings: Settings, conn: redis.Redis, submitter: Submitter,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.jobs = Jobs(conn, settings.redis_prefix)
+        self.jobs = Jobs(conn, Namespace.of(settings))
         self.submitter = submitter
         self.map = submitter.map
         self.clock = clock

@@ -11,11 +11,20 @@ pass settles finished attempts from the settle list (scheduler.retry), releases 
 the queues, and every ``sweepinterval`` seconds, and whenever it takes a lease afresh (a new lead,
 or its own again after Redis lost everything), sweeps the shard's spool (scheduler.sweep).
 
-Failures: Redis unavailable → the pass is skipped and retried with a growing pause (up to 5 s);
-the spool keeps everything meanwhile and nothing is bounced for it. Disk errors on one message are
-logged by the parts; the loop goes on.
+The scheduler also carries the node's heartbeat (core.nodes): it claims the node's name at start
+(refused while another live node holds it) and renews it every few seconds (core.nodes' ``interval``) with the
+node's shards and spool figures, which ``shardmail status --cluster`` shows for every node. Every
+node runs at least one scheduler; several on one node share the spool's identity, so their
+heartbeats are one node's.
 
-Settings: ``shards``, ``sweepinterval``, ``redis_prefix``, plus those of scheduler.retry.
+Failures: the node's name held by another live node, or a spool belonging to another node, ends
+``run_scheduler`` at start with one line saying so (exit 78); later, a conflict is logged at every
+heartbeat and the scheduler goes on (its spool's mail stays its own). Redis unavailable → the pass
+is skipped and retried with a growing pause (up to 5 s); the spool keeps everything meanwhile and
+nothing is bounced for it. Disk errors on one message are logged by the parts; the loop goes on.
+
+Settings: ``shards``, ``sweepinterval``, ``redis_prefix``, ``node``, ``nodedeadafter``, ``smtp_listen``,
+plus those of scheduler.retry.
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ import redis
 from core import metrics, sdnotify
 from core.config import Settings
 from core.lease import Leases
+from core.nodes import Identity, NodeConflict, Registry, SpoolOwned, beat_of
+from core.outcome import EX_CONFIG
+from core.shards import Namespace
+from core.spool import Listings
 from core.submit import Submitter
 from scheduler.retry import Settler
 from scheduler.sweep import Sweeper
@@ -45,9 +58,22 @@ class Scheduler:
         self.settler = Settler(settings, conn, Submitter(settings, conn))
         self.sweeper = Sweeper(self.settler)
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.scheduler"
-        self.leases = Leases(conn, settings.redis_prefix, self.name, self.settler.map.ids)
+        self.leases = Leases(conn, Namespace.of(settings), self.name, self.settler.map.ids)
         self._swept: dict[int, float] = {}
         self.led: list[int] = []
+        self.identity = Identity.of(settings)
+        self.registry = Registry.of(settings, conn)
+        self._listings = Listings()
+        self._started = time.time()
+        self._beat = -1e9
+
+    def heartbeat(self) -> None:
+        """Claim the node's name and announce its shards and spool figures (NodeConflict if another
+        live node holds the name)."""
+        address = self.settings.smtp_listen[0] if self.settings.smtp_listen else ""
+        beat = beat_of(self.settler.map, self._listings, address, self._started)
+        self.registry.claim(self.identity, beat, time.time())
+        self._beat = time.monotonic()
 
     def step(self) -> int:
         """One pass; returns how much work it found."""
@@ -80,6 +106,12 @@ class Scheduler:
         try:
             while not stop.is_set():
                 try:
+                    if time.monotonic() - self._beat >= self.registry.interval:
+                        try:
+                            self.heartbeat()
+                        except NodeConflict as exc:
+                            log.error("%s", exc)
+                            self._beat = time.monotonic()
                     work = self.step()
                     backoff = PASS_WAIT
                 except redis.RedisError as exc:
@@ -103,4 +135,12 @@ def run_scheduler(settings: Settings) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    Scheduler(settings, connect(settings)).run(stop)
+    try:
+        scheduler = Scheduler(settings, connect(settings))
+        scheduler.heartbeat()
+    except (NodeConflict, SpoolOwned) as exc:
+        log.error("%s", exc)
+        raise SystemExit(EX_CONFIG) from None
+    except redis.RedisError as exc:  # the loop tries again: a node shown late is no harm
+        log.warning("heartbeat not sent (%s); trying again in the loop", exc)
+    scheduler.run(stop)

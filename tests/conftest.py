@@ -186,6 +186,7 @@ def make_node(tmp_path: Path, redis_url: str, **overrides: str) -> Node:
         "SHARDMAIL_REDIS_URL": redis_url,
         "SHARDMAIL_SMTP_LISTEN": f"127.0.0.1:{port}",
         "SHARDMAIL_ME": "mx.test.example",
+        "SHARDMAIL_NODE": "n1",
         "SHARDMAIL_LOCALS": "test.example,localhost",
         "SHARDMAIL_RCPTHOSTS": "hosted.example,.sub.example",
         "SHARDMAIL_SHARDS": "2",

@@ -1,5 +1,6 @@
-"""Two shardmail nodes on loopback: mail for a user whose mailHost is the other node is handed over
-SMTP and delivered there; a message a peer already handed over is never sent round again."""
+"""Two shardmail nodes on loopback, one Redis and one prefix (each node's name its namespace): mail
+for a user whose mailHost is the other node is handed over SMTP and delivered there; a message a
+peer already handed over is never sent round again."""
 
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ def test_mailhost_routes_to_the_peer_and_loops_are_refused(node_factory: Callabl
     users = tmp_path / "cluster.ldif"
     users.write_text(USERS)
     port_b = free_port()
-    node_a = node_factory(me="mx.test.example", users_ldif=str(users), redis_prefix="a",
+    node_a = node_factory(me="mx.test.example", users_ldif=str(users), node="mx1",
                           ldapmessagestore=str(tmp_path / "mail-a"),
                           smtproutes=f"mx2.test.example:127.0.0.1:{port_b},mx3.test.example:127.0.0.1:{port_b}")
-    node_b = node_factory(me="mx2.test.example", users_ldif=str(users), redis_prefix="b",
+    node_b = node_factory(me="mx2.test.example", users_ldif=str(users), node="mx2",
                           ldapmessagestore=str(tmp_path / "mail-b"), smtp_listen=f"127.0.0.1:{port_b}",
                           smtproutes=f"mx3.test.example:127.0.0.1:{node_a.port}")
     node_b.port = port_b

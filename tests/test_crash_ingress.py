@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
-from core.jobs import Jobs
+from core.jobs import Jobs, message_of
 from core.redis_conn import connect
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 from tests.conftest import Conversation, Node, wait_until
 
 BODY = "Subject: crash test\r\n\r\n" + "line of body text\r\n" * 200
@@ -55,8 +55,9 @@ def crashed(node: Node, checkpoint: str) -> None:
 
 def jobs_of(node: Node, message_id: str) -> list[str]:
     settings = node.settings()
-    jobs = Jobs(connect(settings), settings.redis_prefix)
-    return [j for s in range(settings.shards) for j in jobs.queue(s, "local").get_job_ids() if j.startswith(message_id)]
+    jobs = Jobs(connect(settings), Namespace.of(settings))
+    return [j for s in range(settings.shards) for j in jobs.queue(s, "local").get_job_ids()
+            if message_of(j) == message_id]
 
 
 @pytest.mark.crash
@@ -94,4 +95,4 @@ def test_killed_after_250_keeps_message_and_job(node_factory: Callable[..., Node
     assert message_id is not None
     committed, leftovers = spool_state(node)
     assert committed == [message_id] and leftovers == []
-    assert jobs_of(node, message_id) == [f"{message_id}-local"]
+    assert jobs_of(node, message_id) == [f"n1-{message_id}-local"]

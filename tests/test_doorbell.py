@@ -12,12 +12,14 @@ import redis
 
 from core.envelope import Channel
 from core.jobs import WAKE_TIMEOUT, Claim, Item, Jobs, Waiter, wake_key
+from core.shards import Namespace
 from tests.conftest import Node, RedisServer
 from tests.support import wait_until
 from workers.consumer import Consumer
 from workers.remote_pool import serve
 
 PREFIX = "t"
+SPACE = Namespace(PREFIX, "n1")
 LONG_WAIT = 4.0  # s: a pick-up well under it was rung, not a timeout
 PROMPT = 0.3  # s from a push to its claim, for an idle pool that was rung
 WINDOW = 2.0  # s of idleness measured (the pools used to claim every 50 ms: 40 rounds)
@@ -80,29 +82,29 @@ class Run:
 
 def test_every_push_rings_the_wake_key_of_its_own_queue(redis_url: str) -> None:
     conn = client(redis_url)
-    jobs = Jobs(conn, PREFIX)
+    jobs = Jobs(conn, SPACE)
     jobs.enqueue([Item(0, i, "local") for i in ids(3)] + [Item(1, i, "remote") for i in ids(2, 10)])
     jobs.enqueue([Item(0, i, "local") for i in ids(3, 20)])
-    assert conn.zcard(wake_key(PREFIX, 0, "local")) == 1  # one member, however often rung
-    assert conn.zcard(wake_key(PREFIX, 1, "remote")) == 1
-    assert not conn.exists(wake_key(PREFIX, 0, "remote"), wake_key(PREFIX, 1, "local"))
+    assert conn.zcard(wake_key(SPACE, 0, "local")) == 1  # one member, however often rung
+    assert conn.zcard(wake_key(SPACE, 1, "remote")) == 1
+    assert not conn.exists(wake_key(SPACE, 0, "remote"), wake_key(SPACE, 1, "local"))
 
-    conn.delete(wake_key(PREFIX, 0, "local"))
+    conn.delete(wake_key(SPACE, 0, "local"))
     claims = jobs.claim(0, "local", 4, "w")
-    assert len(claims) == 4 and conn.exists(wake_key(PREFIX, 0, "local"))  # 2 left: another pool may take them
-    conn.delete(wake_key(PREFIX, 0, "local"))
+    assert len(claims) == 4 and conn.exists(wake_key(SPACE, 0, "local"))  # 2 left: another pool may take them
+    conn.delete(wake_key(SPACE, 0, "local"))
     claims += jobs.claim(0, "local", 4, "w")
-    assert len(claims) == 6 and not conn.exists(wake_key(PREFIX, 0, "local"))  # took the rest: nobody to wake
+    assert len(claims) == 6 and not conn.exists(wake_key(SPACE, 0, "local"))  # took the rest: nobody to wake
     jobs.release(claims[:1])
-    assert conn.exists(wake_key(PREFIX, 0, "local"))
-    conn.delete(wake_key(PREFIX, 1, "remote"))
+    assert conn.exists(wake_key(SPACE, 0, "local"))
+    conn.delete(wake_key(SPACE, 1, "remote"))
     jobs.wake([(1, "remote")])
-    assert conn.exists(wake_key(PREFIX, 1, "remote"))
+    assert conn.exists(wake_key(SPACE, 1, "remote"))
 
 
 def test_a_waiter_hears_only_its_own_queues(redis_url: str) -> None:
     conn = client(redis_url)
-    jobs = Jobs(conn, PREFIX)
+    jobs = Jobs(conn, SPACE)
     waiter = Waiter(jobs, 0.2)
     try:
         jobs.enqueue([Item(1, ids(1)[0], "local")])  # rung before the wait: the wait returns at once
@@ -113,7 +115,7 @@ def test_a_waiter_hears_only_its_own_queues(redis_url: str) -> None:
         started = time.monotonic()
         assert not waiter.wait([(0, "local"), (0, "remote")])  # another shard's ring is not ours
         assert time.monotonic() - started >= 0.15
-        assert conn.exists(wake_key(PREFIX, 1, "local"))  # and is left for a pool of that shard
+        assert conn.exists(wake_key(SPACE, 1, "local"))  # and is left for a pool of that shard
     finally:
         waiter.close()
 
@@ -121,7 +123,7 @@ def test_a_waiter_hears_only_its_own_queues(redis_url: str) -> None:
 def test_the_wait_stays_below_the_socket_timeout_on_a_connection_of_its_own(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url, socket_timeout=1.0)
     clients = int(conn.info("clients")["connected_clients"])
-    waiter = Waiter(Jobs(conn, PREFIX), WAKE_TIMEOUT)
+    waiter = Waiter(Jobs(conn, SPACE), WAKE_TIMEOUT)
     assert waiter.timeout == 0.5
     assert not waiter.wait([(0, "local")])  # no socket timeout on the way
     assert int(conn.info("clients")["connected_clients"]) == clients + 1
@@ -131,7 +133,7 @@ def test_the_wait_stays_below_the_socket_timeout_on_a_connection_of_its_own(redi
 
 def test_an_idle_consumer_blocks_and_a_push_wakes_it_at_once(redis_url: str) -> None:
     conn = client(redis_url)
-    run = Run(Jobs(conn, PREFIX), [(0, "local"), (1, "local")], "idle", wake_timeout=WAKE_TIMEOUT)
+    run = Run(Jobs(conn, SPACE), [(0, "local"), (1, "local")], "idle", wake_timeout=WAKE_TIMEOUT)
     try:
         wait_until(lambda: blocked(conn), what="consumer waiting")
         rounds, waits = idle_rounds(conn, shards=2)
@@ -140,12 +142,12 @@ def test_an_idle_consumer_blocks_and_a_push_wakes_it_at_once(redis_url: str) -> 
     finally:
         run.join()
 
-    run = Run(Jobs(conn, PREFIX), [(0, "local"), (1, "local")], "prompt")
+    run = Run(Jobs(conn, SPACE), [(0, "local"), (1, "local")], "prompt")
     try:
         for n, message_id in enumerate(ids(3)):
             wait_until(lambda: blocked(conn), what="consumer waiting")
             pushed = time.monotonic()
-            Jobs(conn, PREFIX).enqueue([Item(n % 2, message_id, "local")])
+            Jobs(conn, SPACE).enqueue([Item(n % 2, message_id, "local")])
             wait_until(lambda n=n: len(run.got) > n, timeout=LONG_WAIT + 2, what="job claimed")
             assert run.got[n][1] == message_id
             assert run.got[n][0] - pushed < PROMPT, run.got[n][0] - pushed
@@ -157,11 +159,11 @@ def test_two_consumers_of_one_queue_both_take_work_under_load(redis_url: str) ->
     """One ring wakes one of them; the first claim leaves jobs behind and rings again for the other.
     Alone, the first would take all 300 (30 batches of 10 ms) before the second's wait timed out."""
     conn = client(redis_url)
-    runs = [Run(Jobs(conn, PREFIX), [(0, "local")], f"c{i}", batch=10, work=0.01) for i in range(2)]
+    runs = [Run(Jobs(conn, SPACE), [(0, "local")], f"c{i}", batch=10, work=0.01) for i in range(2)]
     try:
         wait_until(lambda: blocked(conn, 2), what="both consumers waiting")
         pushed = time.monotonic()
-        Jobs(conn, PREFIX).enqueue([Item(0, i, "local") for i in ids(300)])
+        Jobs(conn, SPACE).enqueue([Item(0, i, "local") for i in ids(300)])
         wait_until(lambda: sum(len(r.got) for r in runs) == 300, timeout=20, what="all claimed")
         assert sorted(m for r in runs for _, m in r.got) == ids(300)  # each once
         for run in runs:
@@ -174,7 +176,7 @@ def test_two_consumers_of_one_queue_both_take_work_under_load(redis_url: str) ->
 
 def test_drain_does_not_wait(redis_url: str) -> None:
     conn = client(redis_url)
-    jobs = Jobs(conn, PREFIX)
+    jobs = Jobs(conn, SPACE)
     consumer = Consumer(jobs, [(0, "local")], lambda claims: claims, name="drain")
     started = time.monotonic()
     assert consumer.drain() == 0
@@ -185,13 +187,13 @@ def test_drain_does_not_wait(redis_url: str) -> None:
 
 def test_a_consumer_waiting_through_a_redis_restart_goes_on(own_redis: RedisServer) -> None:
     conn = client(own_redis.url)
-    run = Run(Jobs(conn, PREFIX), [(0, "local")], "restart", wake_timeout=WAKE_TIMEOUT)
+    run = Run(Jobs(conn, SPACE), [(0, "local")], "restart", wake_timeout=WAKE_TIMEOUT)
     try:
         wait_until(lambda: blocked(conn), what="consumer waiting")
         own_redis.stop()
         own_redis.start()  # empty: no persistence
         wait_until(lambda: blocked(conn), timeout=15, what="consumer waiting again")
-        Jobs(conn, PREFIX).enqueue([Item(0, ids(1)[0], "local")])
+        Jobs(conn, SPACE).enqueue([Item(0, ids(1)[0], "local")])
         wait_until(lambda: run.got, timeout=LONG_WAIT, what="job claimed after the restart")
         assert run.thread.is_alive()
     finally:
@@ -236,7 +238,7 @@ def test_an_idle_remote_pool_blocks_and_a_push_wakes_it_at_once(node_factory: Ca
     node = node_factory(dnsresolvers="127.0.0.1:9")  # nothing is resolved: the jobs' messages are not spooled
     pool = RemotePool(node, WAKE_TIMEOUT)
     conn = client(node.env["SHARDMAIL_REDIS_URL"])
-    jobs = Jobs(conn, pool.settings.redis_prefix)
+    jobs = Jobs(conn, Namespace.of(pool.settings))
     try:
         wait_until(lambda: blocked(conn), what="remote pool waiting")
         rounds, waits = idle_rounds(conn, shards=pool.settings.shards)
@@ -260,7 +262,7 @@ def test_a_remote_pool_waiting_through_a_redis_restart_goes_on(node_factory: Cal
     node = node_factory(redis_url=own_redis.url, dnsresolvers="127.0.0.1:9")
     pool = RemotePool(node, WAKE_TIMEOUT)
     conn = client(own_redis.url)
-    jobs = Jobs(conn, pool.settings.redis_prefix)
+    jobs = Jobs(conn, Namespace.of(pool.settings))
     try:
         wait_until(lambda: blocked(conn), what="remote pool waiting")
         own_redis.stop()

@@ -12,27 +12,27 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from core.jobs import DELIVER_FUNC, Item, Jobs, job_id, queue_name
-from core.shards import Picker, ShardMap
+from core.shards import Namespace, Picker, ShardMap
 from tests.conftest import Node
 
 
 def test_enqueue_creates_readable_rq_jobs(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
-    jobs = Jobs(conn, "t")
+    jobs = Jobs(conn, Namespace("t", "n1"))
     jobs.enqueue([Item(0, "A" * 26, "local", 3), Item(1, "B" * 26, "remote", 1)])
-    queue = Queue(queue_name("t", 0, "local"), connection=conn, serializer=JSONSerializer)
+    queue = Queue(queue_name(Namespace("t", "n1"), 0, "local"), connection=conn, serializer=JSONSerializer)
     assert queue.count == 1
-    job = Job.fetch(job_id("A" * 26, "local"), connection=conn, serializer=JSONSerializer)
+    job = Job.fetch(job_id(Namespace("t", "n1"), "A" * 26, "local"), connection=conn, serializer=JSONSerializer)
     assert job.func_name == DELIVER_FUNC
     assert job.args == [0, "A" * 26, "local"]
     assert job.description == f"deliver {'A' * 26} (3 rcpt) via local"
     assert job.result_ttl == 0
-    assert b"rq:queue:t.s1.remote" in conn.smembers("rq:queues")
+    assert b"rq:queue:t.n1.s1.remote" in conn.smembers("rq:queues")
 
 
 def test_claim_records_started_and_finish_forgets(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
-    jobs = Jobs(conn, "t")
+    jobs = Jobs(conn, Namespace("t", "n1"))
     jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(10)])
     claims = jobs.claim(0, "local", 4, "worker-1")
     assert [c.message_id for c in claims] == [f"{i:026X}" for i in range(4)]
@@ -57,7 +57,7 @@ def test_finish_rings_the_doorbell_only_for_claims_left_to_settle(redis_url: str
     """A consumer that removed an entry itself finishes its claim with settle=False: the job is
     gone from rq as usual, and the scheduler's settle list only gets the others."""
     conn = redis.Redis.from_url(redis_url)
-    jobs = Jobs(conn, "t")
+    jobs = Jobs(conn, Namespace("t", "n1"))
     jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(3)])
     claims = jobs.claim(0, "local", 3, "worker-1")
     jobs.finish([replace(claims[0], settle=False), *claims[1:]])
@@ -68,7 +68,7 @@ def test_finish_rings_the_doorbell_only_for_claims_left_to_settle(redis_url: str
 
 def test_depths_count_ready_jobs_per_shard(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
-    jobs = Jobs(conn, "t")
+    jobs = Jobs(conn, Namespace("t", "n1"))
     jobs.enqueue([Item(1, f"{i:026X}", "remote") for i in range(3)] + [Item(1, "F" * 26, "local")])
     assert jobs.depths(range(3)) == {0: 0, 1: 4, 2: 0}
 
@@ -79,7 +79,7 @@ def test_picker_round_robin_skips_draining_shards(node_factory: Callable[..., No
     conn = redis.Redis.from_url(settings.redis_url)
     shard_map = ShardMap(settings)
     assert shard_map.drain(2)
-    picker = Picker(shard_map, Jobs(conn, settings.redis_prefix), "roundrobin")
+    picker = Picker(shard_map, Jobs(conn, Namespace.of(settings)), "roundrobin")
     picks = [picker.pick() for _ in range(30)]
     assert 2 not in picks
     assert set(picks) == {0, 1, 3}
@@ -89,7 +89,7 @@ def test_picker_least_loaded_prefers_short_queues(node_factory: Callable[..., No
     node = node_factory(shards="3")
     settings = node.settings()
     conn = redis.Redis.from_url(settings.redis_url)
-    jobs = Jobs(conn, settings.redis_prefix)
+    jobs = Jobs(conn, Namespace.of(settings))
     jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(50)] + [Item(2, f"{i:026X}", "local")
                                                                        for i in range(100, 150)])
     picker = Picker(ShardMap(settings), jobs, "leastloaded")
@@ -108,12 +108,12 @@ def test_picker_refuses_when_all_shards_drain(node_factory: Callable[..., Node])
     shard_map = ShardMap(settings)
     assert shard_map.drain(0) and shard_map.drain(1)
     with pytest.raises(NoShardAvailable):
-        Picker(shard_map, Jobs(conn, settings.redis_prefix)).pick()
+        Picker(shard_map, Jobs(conn, Namespace.of(settings))).pick()
 
 
 def test_extend_renews_leases_and_release_gives_jobs_back(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
-    jobs = Jobs(conn, "t")
+    jobs = Jobs(conn, Namespace("t", "n1"))
     jobs.enqueue([Item(0, f"{i:026X}", "remote") for i in range(5)])
     claims = jobs.claim(0, "remote", 3, "worker-1")
     started = StartedJobRegistry(queue=jobs.queue(0, "remote"))
@@ -124,6 +124,6 @@ def test_extend_renews_leases_and_release_gives_jobs_back(redis_url: str) -> Non
     jobs.release(claims)
     assert started.count == 0
     assert jobs.queue(0, "remote").get_job_ids() == [c.job_id for c in reversed(claims)] + [
-        f"{i:026X}-remote" for i in (3, 4)]
+        f"n1-{i:026X}-remote" for i in (3, 4)]
     job = Job.fetch(claims[0].job_id, connection=conn, serializer=JSONSerializer)
     assert job.get_status() == "queued"

@@ -17,9 +17,9 @@ from pathlib import Path
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from core.envelope import Envelope, Mark, Recipient
-from core.jobs import Jobs
+from core.jobs import Jobs, job_id
 from core.redis_conn import connect
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 from core.submit import Draft, Submitter
 from tests.conftest import CATCHALL_LDIF, Node, RedisServer
 from tests.dns_server import DnsServer
@@ -38,7 +38,7 @@ class Rig:
         self.settings = node.settings()
         self.conn = connect(self.settings)
         self.submitter = Submitter(self.settings, self.conn)
-        self.jobs = Jobs(self.conn, self.settings.redis_prefix)
+        self.jobs = Jobs(self.conn, Namespace.of(self.settings))
         self.map = ShardMap(self.settings)
 
     def send(self, recipients: list[str], sender: str = "a@example.net", body: bytes = BODY) -> Envelope:
@@ -64,7 +64,7 @@ class Rig:
         found = []
         for channel in ("local", "remote"):
             queue = self.jobs.queue(envelope.shard, channel)
-            ident = f"{envelope.id}-{channel}"
+            ident = job_id(self.jobs.space, envelope.id, channel)
             if ident.encode() in self.conn.lrange(queue.key, 0, -1):
                 found.append(f"queued {channel}")
             if any(m.decode().startswith(ident) for m in self.conn.zrange(StartedJobRegistry(queue=queue).key, 0, -1)):
@@ -240,7 +240,7 @@ def test_delete_removes_logs_and_takes_filters(node_factory: Callable[..., Node]
     assert (code, out.strip()) == (0, line), err
     assert f"shardmail.queue INFO {line}" in err  # logged as well as printed
     assert rig.where(one) is None and rig.doorbells(one) == []
-    assert not rig.conn.exists(f"rq:job:{one.id}-remote")
+    assert not rig.conn.exists(f"rq:job:n1-{one.id}-remote")
 
     assert rig.queue("delete", "ALL")[0] == 64  # not without --all
     assert rig.queue("delete", "ALL", two.id, "--all")[0] == 64

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from core.envelope import Envelope
 from core.redis_conn import connect
+from core.shards import Namespace
 from core.submit import Draft, Submitter
 from tests.conftest import Node, RedisServer
 from tests.dns_server import DnsServer
@@ -102,7 +103,8 @@ def test_recover_command_rebuilds_redis_and_says_what_it_did(node_factory: Calla
     assert summary.startswith("recover: 300 messages in 2 shards read in ") and "300 queued again" in summary
     settings = node.settings()
     conn = own_redis.client()
-    members = {m.decode() for s in range(settings.shards) for m in conn.zrange(f"shardmail:retry:s{s}", 0, -1)}
+    space = Namespace.of(settings)
+    members = {m.decode() for s in range(settings.shards) for m in conn.zrange(space.key("retry", s), 0, -1)}
     assert members == {f"{e.id}:remote" for e in accepted}
     again = node.command("recover")
     assert "0 queued again, 300 already queued" in again.stderr.decode()

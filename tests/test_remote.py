@@ -17,6 +17,7 @@ from rq.registry import StartedJobRegistry
 from core.envelope import Envelope, Mark
 from core.jobs import Jobs
 from core.redis_conn import connect
+from core.shards import Namespace
 from core.submit import Draft, Submitter
 from tests.conftest import Node
 from tests.dns_server import DnsServer, standard_zone
@@ -35,7 +36,7 @@ class Rig:
         self.node = node
         self.settings = node.settings()
         self.submitter = Submitter(self.settings, connect(self.settings))
-        self.jobs = Jobs(connect(self.settings), self.settings.redis_prefix)
+        self.jobs = Jobs(connect(self.settings), Namespace.of(self.settings))
 
     def send(self, recipients: list[str], body: bytes = BODY, sender: str = "a@example.net",
              smtputf8: bool = False) -> Envelope:
@@ -306,7 +307,7 @@ def test_stop_gives_unfinished_jobs_back(rig_factory: Callable[..., Rig], silent
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     waiting = {j for s in range(rig.settings.shards) for j in rig.jobs.queue(s, "remote").get_job_ids()}
-    assert waiting == {f"{e.id}-remote" for e in envelopes}
+    assert waiting == {f"n1-{e.id}-remote" for e in envelopes}
     assert all(StartedJobRegistry(queue=rig.jobs.queue(s, "remote")).count == 0 for s in range(rig.settings.shards))
     assert sorted(rig.node.spooled()) == sorted(e.id for e in envelopes)
 

@@ -17,7 +17,7 @@ from tests.conftest import Conversation, Node
 from tests.support import die_with_parent, free_port, wait_until
 
 BIN = Path(sys.executable).parent
-QUEUES = {f"shardmail.s{s}.{c}" for s in (0, 1) for c in ("local", "remote")}
+QUEUES = {f"shardmail.n1.s{s}.{c}" for s in (0, 1) for c in ("local", "remote")}
 
 
 def queue_two(node: Node) -> list[str]:
@@ -47,9 +47,9 @@ def test_rq_info_lists_the_shard_queues(smtpd: Node) -> None:
     for name in QUEUES:
         assert re.search(rf"^{re.escape(name)} \|\S* 1, 0 executing", result.stdout, re.M), result.stdout
     assert "4 queues, 4 jobs total" in result.stdout
-    only = subprocess.run([str(BIN / "rq"), "info", "--url", url, "shardmail.s0.local"], capture_output=True,
+    only = subprocess.run([str(BIN / "rq"), "info", "--url", url, "shardmail.n1.s0.local"], capture_output=True,
                           text=True, timeout=60)
-    assert "shardmail.s0.local" in only.stdout and "shardmail.s1.remote" not in only.stdout
+    assert "shardmail.n1.s0.local" in only.stdout and "shardmail.n1.s1.remote" not in only.stdout
 
 
 def get_json(url: str) -> dict[str, object] | None:
@@ -84,7 +84,7 @@ def test_rq_dashboard_shows_the_queues_and_job_descriptions(smtpd: Node) -> None
             (job,) = listing["jobs"]  # type: ignore[misc]
             channel = name.rsplit(".", 1)[1]
             match = re.fullmatch(rf"deliver (\S+) \(1 rcpt\) via {channel}", job["description"])
-            assert match and job["id"] == f"{match.group(1)}-{channel}", job
+            assert match and job["id"] == f"n1-{match.group(1)}-{channel}", job
             descriptions.add(match.group(1))
             detail = get_json(f"{base}/job/{job['id']}.json")
             assert detail is not None and detail["origin"] == name and detail["status"] == "queued"

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from core.config import default_node
 from tests.conftest import free_port, wait_until
+
+NODE = default_node()  # no node configured: the host name's first label
 
 
 def alive(pid: int) -> bool:
@@ -126,11 +129,12 @@ def test_rq_sees_the_delivery_pools_as_workers(running: RunningNode) -> None:
     conn = redis.Redis(unix_socket_path=str(running.workdir / "var" / "redis" / "redis.sock"))
     wait_until(lambda: len(Worker.all(connection=conn)) == 2, timeout=20)
     workers = {w.queue_names()[0].rpartition(".")[2]: w for w in Worker.all(connection=conn)}
-    assert workers["local"].queue_names() == [f"shardmail.s{i}.local" for i in range(4)]
+    assert workers["local"].queue_names() == [f"shardmail.{NODE}.s{i}.local" for i in range(4)]
     assert workers["local"].pid == running.pids("local")[0]
-    assert workers["remote"].queue_names() == [f"shardmail.s{i}.remote" for i in range(4)]
+    assert workers["remote"].queue_names() == [f"shardmail.{NODE}.s{i}.remote" for i in range(4)]
     assert workers["remote"].pid == running.pids("remote")[0]
     info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url",
                            f"unix://{running.workdir}/var/redis/redis.sock"], capture_output=True, text=True,
                           timeout=30)
-    assert "2 workers" in info.stdout and "shardmail.s0.local" in info.stdout and "shardmail.s3.remote" in info.stdout
+    assert "2 workers" in info.stdout
+    assert f"shardmail.{NODE}.s0.local" in info.stdout and f"shardmail.{NODE}.s3.remote" in info.stdout

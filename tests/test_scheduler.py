@@ -16,6 +16,7 @@ import redis
 from core.envelope import DOUBLE_BOUNCE_SENDER, Envelope, Mark, Recipient
 from core.lease import Leases
 from core.redis_conn import connect
+from core.shards import Namespace
 from core.submit import Draft, Submitter
 from scheduler.retry import Settler
 from scheduler.sweep import Sweeper
@@ -88,7 +89,7 @@ def test_a_deferral_comes_back_at_qmails_time(node_factory: Callable[..., Node])
     assert rig.retry_time(1, local, "local") == birth + 400
     assert rig.retry_time(0, fresh, "remote") == rig.clock.now  # never tried: at once
     assert rig.settler.release(0) == 1  # only the fresh one is due
-    assert rig.jobs.queue(0, "remote").get_job_ids() == [f"{fresh.id}-remote"]
+    assert rig.jobs.queue(0, "remote").get_job_ids() == [f"n1-{fresh.id}-remote"]
     rig.clock.now = birth + 1600
     assert rig.settler.release(0) == 1
     assert rig.retry_time(0, remote, "remote") is None and rig.jobs.queue(0, "remote").count == 2
@@ -181,8 +182,8 @@ def test_the_sweep_rebuilds_lost_doorbells_and_keeps_going(node_factory: Callabl
 
 def test_each_shard_has_one_leader_and_a_dead_one_is_replaced(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
-    first = Leases(conn, "t", "first", lambda: range(4))
-    second = Leases(conn, "t", "second", lambda: range(4))
+    first = Leases(conn, Namespace("t", "n1"), "first", lambda: range(4))
+    second = Leases(conn, Namespace("t", "n1"), "second", lambda: range(4))
     assert first.held() == [0, 1, 2, 3]
     assert second.held() == []
     assert first.held() == [0, 1, 2, 3]  # renewed, still its own

@@ -22,10 +22,10 @@ import pytest
 import redis
 
 from core.envelope import id_time
-from core.jobs import Jobs
-from core.lease import Leases
+from core.jobs import Jobs, pause_key
+from core.lease import Leases, lease_key
 from core.redis_conn import connect
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 from tests.conftest import Node, _connectable
 from tests.dns_server import DnsServer
 from tests.smtp_peers import Sink
@@ -182,8 +182,8 @@ def test_added_shard_is_used_by_running_ingress_pool_and_scheduler(node_factory:
         return bool(os.listdir(spool.free)) or any(where(node).get(m) == [2] for m in sent)
 
     wait_until(queued_on_shard_2, timeout=30, what="ingress choosing shard 2 without a restart")
-    prefix = node.settings().redis_prefix
-    wait_until(lambda: conn.get(f"{prefix}:lease:s2") is not None, timeout=20, what="the scheduler leading shard 2")
+    space = Namespace.of(node.settings())
+    wait_until(lambda: conn.get(lease_key(space, 2)) is not None, timeout=20, what="the scheduler leading shard 2")
     wait_until(lambda: not where(node), timeout=60, what="the pool delivering shard 2's mail")
     assert sum(maildir_copies(node).values()) == len(sent)
 
@@ -225,10 +225,10 @@ def test_rebalance_killed_then_run_again_loses_and_duplicates_nothing(
     assert Counter(s[0] for s in spooled.values())[0] == 0
     settings = node.settings()
     conn = connect(settings)
-    jobs = Jobs(conn, settings.redis_prefix)
+    jobs = Jobs(conn, Namespace.of(settings))
     assert jobs.queue(0, "remote").count == 0  # the moved messages' old jobs are gone from shard 0
     assert not conn.exists(f"{settings.redis_prefix}:rebalance:journal")
-    assert not conn.exists(f"{settings.redis_prefix}:paused:s0")
+    assert not conn.exists(pause_key(Namespace.of(settings), 0))
 
     start(node, "scheduler")
     start(node, "worker", "remote", "--name", "remote-0")
@@ -243,7 +243,7 @@ def test_rebalance_keeps_retry_times_and_leaves_claimed_mail(node_factory: Calla
     assert node.command("shards", "add").returncode == 0
     settings = node.settings()
     conn = connect(settings)
-    jobs = Jobs(conn, settings.redis_prefix)
+    jobs = Jobs(conn, Namespace.of(settings))
     busy = jobs.claim(0, "remote", 5, "someone-delivering")  # in flight: must stay where it is
     deferred = accepted[10]
     shard_map = ShardMap(settings)
@@ -271,18 +271,18 @@ def test_rebalance_keeps_retry_times_and_leaves_claimed_mail(node_factory: Calla
 
 def test_pause_keeps_consumers_and_the_scheduler_off_the_shard(redis_url: str) -> None:
     conn = redis.Redis.from_url(redis_url)
-    jobs = Jobs(conn, "p")
+    jobs = Jobs(conn, Namespace("p", "n1"))
     from core.jobs import Item, pause_key
 
     jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(4)] + [Item(1, f"{i:026X}", "local")
                                                                       for i in range(10, 14)])
-    conn.set(pause_key("p", 0), "rebalancer", px=30_000)
+    conn.set(pause_key(Namespace("p", "n1"), 0), "rebalancer", px=30_000)
     claims = jobs.claim_many([0, 1], "local", 10, "w")
     assert {c.shard for c in claims} == {1} and len(claims) == 4
-    leases = Leases(conn, "p", "sched-1", lambda: [0, 1])
+    leases = Leases(conn, Namespace("p", "n1"), "sched-1", lambda: [0, 1])
     assert dict(leases.renew()) == {0: None, 1: True}
-    conn.delete(pause_key("p", 0))
+    conn.delete(pause_key(Namespace("p", "n1"), 0))
     assert dict(leases.renew()) == {0: True, 1: False}
-    conn.set(pause_key("p", 0), "rebalancer", px=30_000)
+    conn.set(pause_key(Namespace("p", "n1"), 0), "rebalancer", px=30_000)
     assert dict(leases.renew())[0] is None
-    assert conn.get("p:lease:s0") is None  # given up, for the rebalancer to take
+    assert conn.get("p:lease:n1/s0") is None  # given up, for the rebalancer to take

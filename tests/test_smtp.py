@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 from tests.conftest import Conversation, Node, RedisServer, wait_until
 
 ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
@@ -71,11 +71,11 @@ def test_accepted_message_is_durable_with_received_header_and_jobs(
     from core.jobs import Jobs
     from core.redis_conn import connect
 
-    jobs = Jobs(connect(conn), conn.redis_prefix)
+    jobs = Jobs(connect(conn), Namespace.of(conn))
     local = jobs.queue(envelope.shard, "local")
     remote = jobs.queue(envelope.shard, "remote")
-    assert f"{message_id}-local" in local.get_job_ids()
-    assert f"{message_id}-remote" in remote.get_job_ids()
+    assert f"n1-{message_id}-local" in local.get_job_ids()
+    assert f"n1-{message_id}-remote" in remote.get_job_ids()
 
 
 def test_every_reply_carries_an_enhanced_status_code(smtp: Callable[[], Conversation]) -> None:

@@ -119,9 +119,9 @@ def test_dnsbl_outage_does_not_block_mail(node_factory: Callable[..., Node], blo
     listed.close()
 
 
-def test_rate_limit_per_address_is_shared_by_ingress_processes(node_factory: Callable[..., Node]) -> None:
-    first = node_factory(ratelimitip="3", ratelimitwindow="3600")
-    second = node_factory(ratelimitip="3", ratelimitwindow="3600")  # same Redis and prefix
+def test_rate_limit_per_address_holds_for_the_cluster(node_factory: Callable[..., Node]) -> None:
+    first = node_factory(ratelimitip="3", ratelimitwindow="3600", node="alpha")
+    second = node_factory(ratelimitip="3", ratelimitwindow="3600", node="beta")  # same Redis and prefix
     first.start_smtpd()
     second.start_smtpd()
     replies = []

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from core.envelope import Envelope, Mark, id_time
 from core.jobs import TALLY_TTL, Item, Jobs
 from core.redis_conn import connect
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 from core.submit import Draft, Submitter
 from ops.depth import COLUMNS
 from tests.conftest import Node
@@ -68,7 +68,7 @@ def test_exact_counts_of_a_known_queue(node_factory: Callable[..., Node]) -> Non
     node.start_smtpd()
     settings = node.settings()
     conn = connect(settings)
-    jobs = Jobs(conn, settings.redis_prefix)
+    jobs = Jobs(conn, Namespace.of(settings))
     local = queue(node, [["catchall@test.example"]] * 5)
     remote = queue(node, [[f"u{i}@far.example"] for i in range(8)])
     both = queue(node, [["catchall@test.example", "x@far.example"]])
@@ -218,7 +218,7 @@ def test_tallies_count_per_shard_and_channel_once_per_pipeline(redis_url: str) -
     import redis
 
     conn = redis.Redis.from_url(redis_url)
-    jobs = Jobs(conn, "tallytest")
+    jobs = Jobs(conn, Namespace("tallytest", "n1"))
     before = int(time.time()) // 60
     jobs.enqueue([Item(0, f"{i:026X}", "local") for i in range(3)] + [Item(1, f"{9:026X}", "remote")])
     claims = jobs.claim(0, "local", 2, "w")
@@ -230,4 +230,4 @@ def test_tallies_count_per_shard_and_channel_once_per_pipeline(redis_url: str) -
         for field, value in conn.hgetall(key).items():
             merged[field.decode()] = merged.get(field.decode(), 0) + int(value)
         assert 0 < conn.ttl(key) <= TALLY_TTL
-    assert merged == {"in:s0:local": 3, "in:s1:remote": 1, "out:s0:local": 2}
+    assert merged == {"in:n1/s0:local": 3, "in:n1/s1:remote": 1, "out:n1/s0:local": 2}

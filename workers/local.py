@@ -240,7 +240,7 @@ class LocalDelivery:
         if _AUTO.search(headers) or _BULK.search(headers) or _LIST_HEADERS.search(headers):
             return
         pair = hashlib.sha1(f"{address}\0{sender}".lower().encode()).hexdigest()
-        key = f"{self.settings.redis_prefix}:replied:{pair}"
+        key = f"{self.settings.redis_prefix}:replied:{pair}"  # no node name: once per period for the cluster
         try:
             if not self.conn.set(key, "1", nx=True, ex=self.settings.autoreplyinterval):
                 return

@@ -40,6 +40,7 @@ from core.envelope import Channel, Envelope, EnvelopeError, Mark
 from core.jobs import Claim, Jobs
 from core.outcome import Deferred, Delivered, Outcome
 from core.redis_conn import connect
+from core.shards import Namespace
 from core.spool import Spool
 from core.submit import Submitter
 from workers.consumer import Consumer
@@ -197,7 +198,7 @@ def run_local(settings: Settings, shards: list[int] | None, name: str | None = N
     follow: Callable[[], list[tuple[int, Channel]]] | None = None
     if shards is None:
         follow = lambda: [(s, "local") for s in submitter.map.ids()]  # noqa: E731
-    consumer = Consumer(Jobs(conn, settings.redis_prefix), [(s, "local") for s in shards or []], handler,
+    consumer = Consumer(Jobs(conn, Namespace.of(settings)), [(s, "local") for s in shards or []], handler,
                         batch=settings.concurrencylocal * 4, name=name, follow=follow)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -45,7 +45,7 @@ from core.config import Settings
 from core.envelope import Channel, EnvelopeError
 from core.jobs import WAKE_TIMEOUT, Claim, Jobs, Waiter
 from core.redis_conn import connect
-from core.shards import ShardMap
+from core.shards import Namespace, ShardMap
 from workers.consumer import GATHER, HEARTBEAT, IDLE_WAIT, MAX_BACKOFF, take_back
 from workers.remote import RemoteEngine
 
@@ -128,7 +128,7 @@ async def serve(settings: Settings, shards: list[int] | None, stop: asyncio.Even
     stable = name is not None
     name = name or f"{socket.gethostname()}.{os.getpid()}.remote"
     conn = connect(settings, max_connections=8)
-    jobs = Jobs(conn, settings.redis_prefix)
+    jobs = Jobs(conn, Namespace.of(settings))
     shard_map = ShardMap(settings)
     loop = asyncio.get_running_loop()
     rpc = ThreadPoolExecutor(2, thread_name_prefix="remote-redis")
