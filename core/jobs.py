@@ -13,7 +13,8 @@ for the views ``in_flight(shards)`` (messages with a live claim), ``doorbells(sh
 queue figure and the live workers, one round trip: ``ShardFigures``, ``QueueFigures``, ``WorkerRecord``);
 for the scheduler ``settled(shard, n)``, ``schedule(shard, entries)``, ``due(shard, now, n)``,
 ``release_due(shard, entries)``, ``unschedule(shard, id)``; for admins ``forget(shard, id, now)``,
-``bring_forward(shard, now, n)``, ``drop_queued(shard, channel, ids)``; ``settle_key``/``retry_key``;
+``bring_forward(shard, now, n)``, ``drop_queued(shard, channel, ids)``, ``purge(shards)`` (a dead
+node's, once adopted); ``settle_key``/``retry_key``;
 ``DELIVER_FUNC`` (the function name the jobs carry, for rq's tools).
 
 Every name carries the node (``<node>/s<N>`` in keys, ``<prefix>.<node>.s<N>.<channel>`` for
@@ -75,6 +76,7 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
+from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY
 
 from core.envelope import CHANNELS, Channel
 from core.redis_conn import text as _text
@@ -538,6 +540,42 @@ class Jobs:
             pipe.hset(f"rq:job:{claim.job_id}", mapping={"status": "failed", "exc_info": why[:4000]})
             pipe.zadd(self._failed(claim.shard, claim.channel), {claim.job_id: time.time() + FAILURE_TTL})
             pipe.execute()
+
+    def purge(self, shards: Iterable[int]) -> int:
+        """Everything Redis holds for these shards of this namespace's node: queued, claimed and
+        failed jobs with their hashes, the queues' registries, retry set, settle list, wake-up and
+        pause keys, and its pools' records in rq's worker registry (``shardmail adopt``: the node
+        is dead and its spool taken in elsewhere, where the sweep rebuilds its jobs under the new
+        owner's names). Returns how many jobs went."""
+        shards = list(shards)
+        with self.conn.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                for channel in CHANNELS:
+                    pipe.lrange(self.queue(shard, channel).key, 0, -1)
+                    pipe.zrange(self._started(shard, channel), 0, -1)
+                    pipe.zrange(self._failed(shard, channel), 0, -1)
+                    pipe.smembers(WORKERS_BY_QUEUE_KEY % self.queue(shard, channel).name)
+            answers = iter(pipe.execute())
+        gone = 0
+        for shard in shards:
+            for channel in CHANNELS:
+                queue = self.queue(shard, channel)
+                queued, started, failed, workers = next(answers), next(answers), next(answers), next(answers)
+                idents = {_text(x) for x in queued} | {_text(x).partition(":")[0] for x in started}
+                idents |= {_text(x) for x in failed}
+                gone += len(idents)
+                keys = [f"rq:job:{ident}" for ident in idents] + [_text(w) for w in workers]
+                keys += [queue.key, self._started(shard, channel), self._failed(shard, channel),
+                         wake_key(self.space, shard, channel), WORKERS_BY_QUEUE_KEY % queue.name]
+                with self.conn.pipeline(transaction=False) as pipe:
+                    for start in range(0, len(keys), 1000):
+                        pipe.delete(*keys[start:start + 1000])
+                    pipe.srem("rq:queues", queue.key)
+                    if workers:
+                        pipe.srem(REDIS_WORKER_KEYS, *workers)
+                    pipe.execute()
+            self.conn.delete(self.retry_key(shard), self.settle_key(shard), pause_key(self.space, shard))
+        return gone
 
     # -- views: what ops and the sweep read -------------------------------------------------------------
     def queued(self, shard: int, channel: Channel) -> list[str]:

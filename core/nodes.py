@@ -4,7 +4,9 @@ Interface: ``Identity.of(settings)`` (the spool's node file, made on first start
 spool belongs to, and a random id telling this node's processes from any other); ``Beat``
 (what a node announces); ``Registry(conn, space)`` with ``claim(identity, beat, now)`` (at
 start, and on every heartbeat), ``nodes()`` (every known node, alive or not, as ``NodeRecord``),
-``forget(name)``; ``beat_of(shard_map, listings, address, started)`` (this node's heartbeat).
+``forget(name)``; ``beat_of(shard_map, listings, address, started)`` (this node's heartbeat);
+``serve_spool(settings)`` (a serving process's check of its spool and its shared lock on it),
+``lock_for_adoption(root)``, ``read_node_file(root)``, ``mark_adopted(root, by)`` (for adopt).
 
 A node's name is its namespace in Redis (core.shards' ``Namespace``), so two live nodes under one
 name would claim each other's jobs and find no spool file for them. The spool holds a file
@@ -30,9 +32,11 @@ Settings: ``node``, ``nodedeadafter``, ``redis_prefix``, the spool root.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -46,6 +50,7 @@ from core.shards import Namespace, ShardMap
 from core.spool import Listings, fsync_dir
 
 NODE_FILE = "node"  # in the spool root
+LOCK_FILE = "node.lock"  # in the spool root: shared by the processes serving it, exclusive for adopt
 HEARTBEAT = 5.0  # s between two heartbeats of a node (at most: three fit in ``nodedeadafter``)
 
 # KEYS: the set of names, the node's hash; ARGV: id, now, dead after (s), name, then field/value
@@ -78,29 +83,76 @@ class Identity:
 
     @classmethod
     def of(cls, settings: Settings) -> Identity:
-        """The spool's node file, written on first start; SpoolOwned if it names another node."""
+        """The spool's node file, written on first start; SpoolOwned if it names another node or
+        another node adopted it."""
         root = settings.spool_root
-        path = root / NODE_FILE
         try:
-            found = json.loads(path.read_text())
+            found = read_node_file(root)
         except FileNotFoundError:
             root.mkdir(parents=True, exist_ok=True)
-            made = cls(settings.node, uuid.uuid4().hex)
-            _write_durably(path, json.dumps({"node": made.node, "id": made.id}) + "\n")
-            found = json.loads(path.read_text())  # a concurrent first start may have won the rename
+            _write_durably(root / NODE_FILE, {"node": settings.node, "id": uuid.uuid4().hex})
+            found = read_node_file(root)  # a concurrent first start may have won the rename
+        if found.get("adopted_by"):
+            raise SpoolOwned(f"the spool {root} of node {found['node']!r} was adopted by node "
+                             f"{found['adopted_by']!r}: its mail is served there now; start this node on an "
+                             f"empty spool")
         if found["node"] != settings.node:
             raise SpoolOwned(f"the spool {root} belongs to node {found['node']!r}, not {settings.node!r}: set "
                              f"node = \"{found['node']}\", or take it in with `shardmail adopt`")
         return cls(found["node"], found["id"])
 
 
-def _write_durably(path: Path, content: str) -> None:
+def read_node_file(root: Path) -> dict[str, str]:
+    """The spool's node file: ``node``, ``id``, and once adopted ``adopted_by``, ``adopted_at``."""
+    return json.loads((root / NODE_FILE).read_text())
+
+
+def mark_adopted(root: Path, by: str) -> None:
+    """Record in a spool's node file that another node took it in (durably, before any entry
+    moves): the old node refuses to serve it from then on, should it come back."""
+    found = read_node_file(root)
+    if found.get("adopted_by") != by:
+        _write_durably(root / NODE_FILE, {**found, "adopted_by": by, "adopted_at": repr(time.time())}, replace=True)
+
+
+_held: list[int] = []  # lock files this process keeps open (and locked) until it exits
+
+
+def serve_spool(settings: Settings) -> Identity:
+    """A serving process's claim on its spool: the node file checked (``Identity.of``) and a
+    shared lock on ``<spool root>/node.lock`` held until the process exits, so that ``adopt``
+    (which takes it exclusively) cannot move a spool that a live process on this machine serves,
+    and no process starts on a spool while it is being adopted. SpoolOwned otherwise."""
+    identity = Identity.of(settings)
+    fd = os.open(settings.spool_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolOwned(f"the spool {settings.spool_root} is being adopted by another node") from None
+    _held.append(fd)
+    return identity
+
+
+def lock_for_adoption(root: Path) -> int:
+    """The exclusive lock on a spool to be adopted (a file descriptor, kept until the adoption
+    ends); SpoolOwned while any process on this machine serves it."""
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolOwned(f"a process on this machine still serves the spool {root}: stop it first") from None
+    return fd
+
+
+def _write_durably(path: Path, doc: dict[str, str], replace: bool = False) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     with open(temporary, "w") as out:
-        out.write(content)
+        out.write(json.dumps(doc) + "\n")
         out.flush()
         os.fsync(out.fileno())
-    if not path.exists():
+    if replace or not path.exists():
         os.rename(temporary, path)
     else:
         temporary.unlink()

@@ -111,6 +111,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 import threading
 import time
@@ -128,6 +129,7 @@ LEFTOVER_AGE = 36 * 3600  # qmail's rule: a tmp file this old belongs to no livi
 SPLIT_STEP_US = 100_000
 FREE_SLOTS = 1024  # spent files kept per shard for reuse
 RECYCLE_MAX = 32 * 1024  # bigger files are deleted: a pool of them would hold too much disk
+COPY_CHUNK = 1 << 20  # bytes per read when an entry is copied in from another file system
 FREE_RELIST = 0.05  # s between listings of an empty free/
 TRUST_AFTER_NS = 1_000_000_000  # a directory's mtime this much older than our listing's start is settled
 HEAD = 2048  # bytes ``heads`` reads first: the envelope line, and the marks too when the body is short
@@ -491,6 +493,36 @@ class Spool:
             for bucket in sorted({self._bucket(m) for m in moved}):
                 self._syncers[bucket].sync()
         return moved
+
+    def take_in(self, source: Spool, message_id: str, held: bool = False) -> bool:
+        """Take another spool's entry as ours (``shardmail adopt``: a dead node's spool, perhaps on
+        another file system, with another split): one rename when both lie on one file system,
+        else a copy written to tmp/, fsync'd and renamed into place; then our directory made
+        durable, and only then the source's name removed. A crash leaves the entry in the source,
+        in both (a rerun finds ours and only removes the source's: ids are unique), or in ours;
+        the source is served by nobody meanwhile, so a name of its that a crash brings back is only
+        removed again. False if the source has no such entry (taken in already)."""
+        origin = source.held_path(message_id) if held else Path(source._path(message_id))
+        place = self.held_path(message_id) if held else Path(self._path(message_id))
+        syncer = self._hold_sync if held else self._syncers[self._bucket(message_id)]
+        if not os.path.lexists(origin):
+            return False
+        if not os.path.lexists(place):
+            try:
+                os.rename(origin, place)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                tmp = f"{self._tmp_s}{message_id}.adopt"
+                with open(origin, "rb") as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, COPY_CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.rename(tmp, place)
+        syncer.sync()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(origin)
+        return True
 
     # -- held mail and an admin's delete (ops.queue) --------------------------------------------------
     def held_path(self, message_id: str) -> Path:

@@ -1,13 +1,13 @@
 """The ``shardmail`` command: one entry point for every role and every admin task.
 
-Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands:
-``run`` (supervisor), ``smtpd`` (one ingress process), ``worker local|remote`` (a delivery pool),
-``sendmail`` (inject; also used when the
-program is invoked under the name ``sendmail``), ``scheduler`` (retries, bounces, sweeps),
-``recover`` (rebuild Redis from the spool), ``status`` (depth per shard), ``qshape`` (domains by
-age), ``metrics`` (the Prometheus endpoint, or ``--once`` to print it), ``queue`` (list, show, hold,
-release, requeue, delete, flush queued mail: ops.queue), ``config`` (validate and print
-the effective settings).
+Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands: ``run``
+(supervisor), ``smtpd`` (one ingress process), ``worker local|remote`` (a delivery pool),
+``sendmail`` (inject; also used when the program is invoked under the name ``sendmail``),
+``scheduler`` (retries, bounces, sweeps), ``recover`` (rebuild Redis from the spool), ``adopt``
+(take in a dead node's spool: ops.adopt), ``status`` (depth per shard; ``--cluster``: every node,
+ops.cluster), ``qshape`` (domains by age), ``metrics`` (the Prometheus endpoint, or ``--once`` to
+print it), ``queue`` (list, show, hold, release, requeue, delete, flush queued mail: ops.queue),
+``config`` (validate and print the effective settings).
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -35,6 +35,21 @@ def _settings(path: str | None) -> Settings:
     except ConfigError as exc:
         print(f"shardmail: configuration: {exc}", file=sys.stderr)
         sys.exit(EX_CONFIG)
+
+
+def _serving(path: str | None) -> Settings:
+    """The settings of a process that serves the node's spool (smtpd, a pool, the scheduler):
+    the spool must be this node's and not being adopted (core.nodes ``serve_spool``: a shared
+    lock held until exit), or exit 78 with one line saying whose it is."""
+    from core.nodes import SpoolOwned, serve_spool
+
+    settings = _settings(path)
+    try:
+        serve_spool(settings)
+    except SpoolOwned as exc:
+        print(f"shardmail: {exc}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    return settings
 
 
 def _shards(text: str, settings: Settings, option: str) -> list[int]:
@@ -67,7 +82,7 @@ def cmd_smtpd(args: argparse.Namespace) -> int:
     from ingress.serve import main as serve
 
     _logging(args.verbose)
-    settings = _settings(args.config)
+    settings = _serving(args.config)
     from ingress.tls import TLSConfigError
 
     try:
@@ -133,7 +148,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import dataclasses
 
     _logging(args.verbose)
-    settings = _settings(args.config)
+    settings = _serving(args.config)
     shards = None if args.shards == "all" else _shards(args.shards, settings, "--shards")
     if args.processes > 1:
         import subprocess
@@ -166,7 +181,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from scheduler.serve import run_scheduler
 
     _logging(args.verbose)
-    run_scheduler(_settings(args.config))
+    run_scheduler(_serving(args.config))
     return 0
 
 
@@ -175,6 +190,41 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     _logging(args.verbose)
     return recover(_settings(args.config))
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import redis
+
+    from core.redis_conn import connect
+    from ops.adopt import AdoptRefused, adopt
+
+    _logging(args.verbose)
+    settings = _settings(args.config)
+    done = [0]
+
+    def progress(count: int) -> None:
+        done[0] += count
+        if done[0] % 1000 == 0 and sys.stderr.isatty():
+            print(f"\r{done[0]} entries taken in", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = adopt(settings, connect(settings), Path(args.spool), getattr(args, "from"), args.force, progress)
+    except AdoptRefused as exc:
+        print(f"shardmail adopt: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except redis.RedisError as exc:
+        print(f"shardmail adopt: Redis unavailable ({exc}): run the same command again", file=sys.stderr)
+        return EX_TEMPFAIL
+    except OSError as exc:
+        print(f"shardmail adopt: {exc}: run the same command again once it is mended", file=sys.stderr)
+        return EX_TEMPFAIL
+    shards = ", ".join(f"s{theirs} -> s{ours}" for theirs, ours in sorted(result.shards.items())) or "none"
+    print(f"adopted node {getattr(args, 'from')}: {result.moved} queued and {result.held} held entries "
+          f"(shards {shards}); {result.jobs_dropped} of its jobs dropped from Redis; this node's scheduler "
+          f"sweeps the new shards and queues their mail as its own")
+    return 0
 
 
 def cmd_qshape(args: argparse.Namespace) -> int:
@@ -395,6 +445,10 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--node", metavar="NAME", help="one node's per-shard detail, seen through the cluster")
     sub.add_parser("scheduler", help="run the retry scheduler (retries, bounces, sweeps; one leader per shard)")
     sub.add_parser("recover", help="rebuild every queue in Redis from the spool (after Redis lost its data)")
+    adopt = sub.add_parser("adopt", help="take in a dead node's spool as extra shards of this node")
+    adopt.add_argument("--spool", required=True, metavar="DIR", help="the dead node's spool root")
+    adopt.add_argument("--from", required=True, metavar="NODE", help="the dead node's name")
+    adopt.add_argument("--force", action="store_true", help="even if its heartbeat still looks alive")
     qshape = sub.add_parser("qshape", help="queued recipients by domain and age (like Postfix's qshape)")
     qshape.add_argument("which", nargs="?", choices=["ready", "deferred", "all"], default="all")
     qshape.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
@@ -470,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": cmd_metrics,
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
-        "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,
+        "adopt": cmd_adopt, "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,
     }
     sys.exit(commands[args.command](args))
 

@@ -34,7 +34,7 @@ import redis
 
 from core import sdnotify
 from core.config import Settings
-from core.nodes import Identity, NodeConflict, Registry, SpoolOwned, beat_of
+from core.nodes import NodeConflict, Registry, SpoolOwned, beat_of, serve_spool
 from core.outcome import EX_CONFIG
 from core.redis_conn import connect, embedded_socket, url
 from core.shards import ShardMap
@@ -197,7 +197,7 @@ class Supervisor:
         same name (or a spool of another node) stops ``run`` here with one clear line."""
         listen = self.settings.smtp_listen[0] if self.settings.smtp_listen else ""
         beat = beat_of(ShardMap(self.settings), Listings(), listen, time.time())
-        Registry.of(self.settings, connect(self.settings)).claim(Identity.of(self.settings), beat, time.time())
+        Registry.of(self.settings, connect(self.settings)).claim(serve_spool(self.settings), beat, time.time())
 
     def _tend(self) -> None:
         now = time.monotonic()

@@ -199,3 +199,56 @@ def test_the_autoresponder_answers_once_for_the_cluster(node_factory: Callable[.
                timeout=30, what="both copies delivered and done")
     replies = [node.message(i)[0] for node in nodes for i in node.spooled()]
     assert [(r.sender, [x.address for x in r.recipients]) for r in replies] == [("", ["friend@example.net"])]
+
+
+def test_adopt_takes_in_a_killed_nodes_spool_and_honours_its_checkpoints(node_factory: Callable[..., Node]) -> None:
+    from core.envelope import Mark
+    from core.shards import ShardMap
+
+    alpha = node_factory(node="alpha", shards="2", nodedeadafter="3")
+    beta = node_factory(node="beta", shards="3", nodedeadafter="3")
+    beta_tree = [start(beta, "scheduler"), start(beta, "worker", "remote")]  # no local pool: its mail stays
+    registry = Registry.of(alpha.settings(), connect(alpha.settings()))
+    wait_until(lambda: "beta" in [r.name for r in registry.nodes(time.time())], timeout=20, what="beta's heartbeat")
+    settings = beta.settings()
+    submitter = Submitter(settings, connect(settings))
+    pairs = submitter.accept_batch([Draft(submitter.new_id(), "a@example.net", [f"p{i}@test.example",
+                                                                                f"q{i}@test.example"], b"x\r\n")
+                                    for i in range(10)])
+    singles = queue_local(beta, 20)
+    beta_map = ShardMap(settings)
+    for envelope in pairs:  # the first recipient of each was delivered before the crash: its checkpoint
+        beta_map.spool(envelope.shard).mark(envelope.id, [Mark(0, "delivered", "2.0.0", "ok", time.time())])  # type: ignore[union-attr]
+    held = singles[0]
+    assert beta.command("queue", "hold", held).returncode == 0
+    refused = alpha.command("adopt", "--spool", str(settings.spool_root), "--from", "beta")
+    assert refused.returncode == 64 and b"still has a live heartbeat" in refused.stderr
+    for proc in beta_tree:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    wrong = alpha.command("adopt", "--spool", str(settings.spool_root), "--from", "gamma")
+    assert wrong.returncode == 64 and b"belongs to node 'beta'" in wrong.stderr
+    wait_until(lambda: not next(r for r in registry.nodes(time.time()) if r.name == "beta").alive, timeout=20,
+               what="beta dead")
+    start(alpha, "worker", "local")
+    start(alpha, "scheduler")
+    done = alpha.command("adopt", "--spool", str(settings.spool_root), "--from", "beta")
+    assert done.returncode == 0, done.stderr
+    assert b"29 queued and 1 held entries" in done.stdout, done.stdout
+    wait_until(lambda: len(maildir(alpha)) == 10 + 19, timeout=60, what="alpha delivering beta's mail")
+    names = maildir(alpha)
+    by_message: dict[str, list[str]] = {}
+    for name in names:
+        token = name.split(".")[1]  # Q<id>R<index>
+        by_message.setdefault(token[1:27], []).append(token[28:])
+    assert all(by_message[e.id] == ["1"] for e in pairs)  # type: ignore[union-attr]  # only the second recipient
+    assert set(singles[1:]) <= set(by_message) and held not in by_message
+    alpha_map = ShardMap(alpha.settings())
+    assert [m for s in alpha_map.ids(fresh=True) for m in alpha_map.spool(s).held()] == [held]  # held on alpha
+    assert "beta" not in [r.name for r in registry.nodes(time.time())]
+    conn = connect(alpha.settings())
+    assert not [k for k in conn.scan_iter("*beta*")]  # nothing of beta's left in Redis
+    again = alpha.command("adopt", "--spool", str(settings.spool_root), "--from", "beta")
+    assert again.returncode == 0 and b"0 queued and 0 held entries" in again.stdout  # a rerun is harmless
+    back = beta.command("scheduler")
+    assert back.returncode == 78 and b"was adopted by node 'alpha'" in back.stderr + back.stdout
