@@ -1,6 +1,8 @@
 """``shardmail adopt``: a live node takes in a dead node's spool as extra shards of its own.
 
-Interface: ``adopt(settings, conn, source, from_node, force=False, progress=None) -> Adoption``.
+Interface: ``adopt(settings, conn, source, from_node, force=False, progress=None) -> Adoption``;
+``forget(settings, conn, node, force=False) -> int`` (a dead node whose spool is lost: only its
+traces in Redis go, the third step below).
 
 The dead node's spool (a moved disk, a restored backup, shared storage it used) is checked first:
 its node file must name ``from_node``; the node's heartbeat must be dead (``--force`` overrides,
@@ -46,7 +48,7 @@ import redis
 from core.config import Settings
 from core.jobs import Jobs
 from core.lease import lease_key
-from core.nodes import Registry, SpoolOwned, lock_for_adoption, mark_adopted, read_node_file
+from core.nodes import NodeRecord, Registry, SpoolOwned, lock_for_adoption, mark_adopted, read_node_file
 from core.shards import LABEL_PATTERN, Namespace, ShardMap
 from core.spool import Spool, fsync_dir
 
@@ -104,11 +106,7 @@ def adopt(settings: Settings, conn: redis.Redis, source: Path, from_node: str, f
     if owner.get("adopted_by") not in (None, settings.node):
         raise AdoptRefused(f"the spool {source} was adopted by node {owner['adopted_by']!r} already")
     registry = Registry.of(settings, conn)
-    record = next((r for r in registry.nodes(time.time()) if r.name == from_node), None)
-    if record is not None and record.alive and not force:
-        raise AdoptRefused(f"node {from_node!r} still has a live heartbeat ({time.time() - record.beat:.0f} s ago, "
-                           f"on {record.host}): stop it, wait {settings.nodedeadafter} s, or use --force if it is "
-                           f"gone for certain")
+    record = _dead_record(settings, registry, from_node, force)
     try:
         lock = lock_for_adoption(source)
     except SpoolOwned as exc:
@@ -118,13 +116,39 @@ def adopt(settings: Settings, conn: redis.Redis, source: Path, from_node: str, f
         result = _move(settings, source, progress)
     finally:
         os.close(lock)
-    space = Namespace(settings.redis_prefix, from_node)
-    shards = sorted(set(result.shards) | set(record.shards if record else []))
-    result.jobs_dropped = Jobs(conn, space).purge(shards)
+    result.jobs_dropped = _purge(settings, conn, registry, from_node, set(result.shards) | set(record.shards
+                                                                                               if record else []))
+    return result
+
+
+def forget(settings: Settings, conn: redis.Redis, node: str, force: bool = False) -> int:
+    """Drop a dead node's jobs, claims, leases and record from Redis (its spool is lost, or was
+    adopted under another name); returns how many jobs went. AdoptRefused while it lives."""
+    if node == settings.node:
+        raise AdoptRefused("that is this node")
+    registry = Registry.of(settings, conn)
+    record = _dead_record(settings, registry, node, force)
+    if record is None:
+        raise AdoptRefused(f"no node {node!r} in the cluster's registry")
+    return _purge(settings, conn, registry, node, set(record.shards))
+
+
+def _dead_record(settings: Settings, registry: Registry, node: str, force: bool) -> NodeRecord | None:
+    record = next((r for r in registry.nodes(time.time()) if r.name == node), None)
+    if record is not None and record.alive and not force:
+        raise AdoptRefused(f"node {node!r} still has a live heartbeat ({time.time() - record.beat:.0f} s ago, "
+                           f"on {record.host}): stop it, wait {settings.nodedeadafter} s, or use --force if it is "
+                           f"gone for certain")
+    return record
+
+
+def _purge(settings: Settings, conn: redis.Redis, registry: Registry, node: str, shards: set[int]) -> int:
+    space = Namespace(settings.redis_prefix, node)
+    dropped = Jobs(conn, space).purge(sorted(shards))
     if shards:
         conn.delete(*(lease_key(space, shard) for shard in shards))
-    registry.forget(from_node)
-    return result
+    registry.forget(node)
+    return dropped
 
 
 def _move(settings: Settings, source: Path, progress: Callable[[int], None] | None) -> Adoption:

@@ -227,6 +227,25 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    import redis
+
+    from core.redis_conn import connect
+    from ops.adopt import AdoptRefused, forget
+
+    settings = _settings(args.config)
+    try:
+        dropped = forget(settings, connect(settings), args.node, args.force)
+    except AdoptRefused as exc:
+        print(f"shardmail forget: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except redis.RedisError as exc:
+        print(f"shardmail forget: Redis unavailable ({exc})", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(f"forgot node {args.node}: {dropped} of its jobs dropped from Redis, its record removed")
+    return 0
+
+
 def cmd_qshape(args: argparse.Namespace) -> int:
     import time
 
@@ -449,6 +468,9 @@ def parser() -> argparse.ArgumentParser:
     adopt.add_argument("--spool", required=True, metavar="DIR", help="the dead node's spool root")
     adopt.add_argument("--from", required=True, metavar="NODE", help="the dead node's name")
     adopt.add_argument("--force", action="store_true", help="even if its heartbeat still looks alive")
+    forget = sub.add_parser("forget", help="drop a dead node's jobs and record from Redis (its spool is lost)")
+    forget.add_argument("node", metavar="NODE")
+    forget.add_argument("--force", action="store_true", help="even if its heartbeat still looks alive")
     qshape = sub.add_parser("qshape", help="queued recipients by domain and age (like Postfix's qshape)")
     qshape.add_argument("which", nargs="?", choices=["ready", "deferred", "all"], default="all")
     qshape.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
@@ -524,7 +546,8 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": cmd_metrics,
         "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
-        "adopt": cmd_adopt, "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,
+        "adopt": cmd_adopt, "forget": cmd_forget,
+        "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,
     }
     sys.exit(commands[args.command](args))
 

@@ -128,10 +128,10 @@ def test_status_cluster_shows_every_node_and_a_dead_ones_share_as_unknown(node_f
         doc = json.loads(cluster(alpha, "--json").stdout)
         nodes = {n["node"]: n for n in doc["nodes"]}
         ok = set(nodes) == {"alpha", "beta"} and all(n["alive"] for n in nodes.values()) and \
-            nodes["beta"]["status"]["total"]["spooled"] == 5
+            nodes["beta"]["status"]["total"]["spooled"] == 5 and bool(nodes["alpha"]["status"]["pools"])
         return doc if ok else None
 
-    doc = wait_until(both_alive_with_beta_counted, timeout=30, what="both nodes alive, beta's 5 spooled")
+    doc = wait_until(both_alive_with_beta_counted, timeout=30, what="both alive, beta's 5 spooled, alpha's pool")
     beta_doc = next(n for n in doc["nodes"] if n["node"] == "beta")
     assert [s["shard"] for s in beta_doc["status"]["shards"]] == [0, 1, 2]
     assert beta_doc["status"]["total"]["channels"]["remote"]["ready"] == 5
@@ -157,6 +157,11 @@ def test_status_cluster_shows_every_node_and_a_dead_ones_share_as_unknown(node_f
     detail = cluster(alpha, "--node", "beta")
     assert detail.returncode == 0 and "remote" in detail.stdout and "open" in detail.stdout
     assert cluster(alpha, "--node", "gamma").returncode == 64
+    assert alpha.command("forget", "alpha").returncode == 64  # not itself
+    forgot = alpha.command("forget", "beta")  # its disk is lost, say: only its traces in Redis go
+    assert forgot.returncode == 0 and b"5 of its jobs dropped" in forgot.stdout, forgot
+    doc = json.loads(cluster(alpha, "--json").stdout)
+    assert [n["node"] for n in doc["nodes"]] == ["alpha"] and doc["total"]["ready"] == 0
 
 
 AWAY = """dn: uid=away,ou=people,dc=test
