@@ -78,6 +78,29 @@ def _rbl_list(values: list[str]) -> str | None:
     return None
 
 
+def _group_list(values: list[str]) -> str | None:
+    from core.groups import parse
+
+    try:
+        parse(values)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _group_tables(raw: Any, source: str) -> Any:
+    """``[[redis_group]]`` tables (``nodes`` or ``shards``, and ``url``) as ``pattern=url`` entries."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        return raw
+    entries = []
+    for table in raw:
+        pattern, url = table.get("nodes", table.get("shards")), table.get("url")
+        if not isinstance(pattern, str) or not isinstance(url, str) or set(table) - {"nodes", "shards", "url"}:
+            raise ConfigError(f"redis_group: expected tables with nodes (or shards) and url, got {table!r} ({source})")
+        entries.append(f"{pattern}={url}")
+    return entries
+
+
 def _setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
     meta = {"doc": doc, "check": check}
     if isinstance(default, list):
@@ -155,6 +178,9 @@ class Settings:
     node: str = _setting("", "this node's name, unique in the cluster (letters, digits, - and _); default: the "
                              "host name's first label", _check(lambda v: NODE_NAME.fullmatch(v) is not None,
                                                                "a name of letters, digits, - and _ (63 at most)"))
+    redis_group: list[str] = _setting([], "shard groups: NODE-PATTERN=URL, the Redis deployment of the queues of "
+                                          "nodes matching the glob (first match; none: the main one); in the file "
+                                          "also [[redis_group]] tables with nodes and url", _group_list)
     nodedeadafter: int = _setting(30, "seconds without a heartbeat after which a node counts as dead (nodes beat "
                                       "three times in it, every 5 s at most)", _check(lambda v: v >= 3, "3 or more"))
     ldapserver: list[str] = _setting([], "LDAP servers (ldap://host:port), tried in order; empty = users_ldif")
@@ -310,7 +336,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
         for key, raw in data.items():
             if key not in kinds:
                 raise ConfigError(f"{key}: unknown setting (in {chosen})")
-            values[key] = (raw, f"in {chosen}")
+            values[key] = (_group_tables(raw, f"in {chosen}") if key == "redis_group" else raw, f"in {chosen}")
     for key in kinds:
         name = ENV_PREFIX + key.upper()
         if name in env:

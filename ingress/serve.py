@@ -33,7 +33,7 @@ from core.auth import Authenticator, AuthThrottle
 from core.config import Settings
 from core.directory import open_directory
 from core.ratelimit import AsyncRateLimiter
-from core.redis_conn import connect
+from core.redis_conn import connect, connect_shared
 from core.redis_conn import url as redis_url
 from core.submit import Submitter
 from ingress.aiosmtpd_adapter import Server
@@ -86,8 +86,8 @@ async def serve(settings: Settings) -> None:
     handler = GatedHandler(settings, submitter, committer, directory, limiter)
     IngressServer.limits = ConnectionLimits(settings)
     IngressServer.guard_settings = settings
-    IngressServer.authenticator = Authenticator(settings, directory, AuthThrottle(conn, settings.redis_prefix,
-                                                                                 settings))
+    throttle = AuthThrottle(connect_shared(settings), settings.redis_prefix, settings)  # for the cluster
+    IngressServer.authenticator = Authenticator(settings, directory, throttle)
 
     def factory(kind: str) -> Callable[[], Server]:
         """Port 25 style (STARTTLS offered when there is a certificate), submission (STARTTLS, then

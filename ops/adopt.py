@@ -30,7 +30,11 @@ Failures: ``AdoptRefused`` (wrong node, live heartbeat, spool in use, nothing to
 line saying why; OSError from the disk propagates (a rerun continues); Redis errors propagate
 after the spool part is done (a rerun only cleans up).
 
-Settings: ``spool_dir``/``var_dir``, ``queue_split``, ``redis_prefix``, ``node``, ``nodedeadafter``.
+``conn`` is the cluster's main deployment (the node registry); the dead node's queues are purged
+in its shard group's deployment (core.groups).
+
+Settings: ``spool_dir``/``var_dir``, ``queue_split``, ``redis_prefix``, ``node``, ``nodedeadafter``,
+``redis_group``.
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ from pathlib import Path
 import redis
 
 from core.config import Settings
+from core.groups import group_url
 from core.jobs import Jobs
 from core.lease import lease_key
 from core.nodes import NodeRecord, Registry, SpoolOwned, lock_for_adoption, mark_adopted, read_node_file
+from core.redis_conn import connect
 from core.shards import LABEL_PATTERN, Namespace, ShardMap
 from core.spool import Spool, fsync_dir
 
@@ -143,10 +149,12 @@ def _dead_record(settings: Settings, registry: Registry, node: str, force: bool)
 
 
 def _purge(settings: Settings, conn: redis.Redis, registry: Registry, node: str, shards: set[int]) -> int:
+    """The node's queues and leases in its shard group's deployment, its record in the main one."""
     space = Namespace(settings.redis_prefix, node)
-    dropped = Jobs(conn, space).purge(sorted(shards))
+    queues = connect(settings, node=node) if group_url(settings, node) else conn
+    dropped = Jobs(queues, space).purge(sorted(shards))
     if shards:
-        conn.delete(*(lease_key(space, shard) for shard in shards))
+        queues.delete(*(lease_key(space, shard) for shard in shards))
     registry.forget(node)
     return dropped
 

@@ -123,12 +123,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _cluster_status(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
-    from core.redis_conn import connect
+    from core.redis_conn import connect_shared
     from ops.cluster import cluster_json, gather_cluster, node_status, render_cluster
     from ops.depth import as_json, render
 
     try:
-        cluster = gather_cluster(settings, connect(settings))
+        cluster = gather_cluster(settings, connect_shared(settings))
     except redis.RedisError as exc:
         print(f"shardmail: Redis unavailable ({exc}): no cluster view without it", file=sys.stderr)
         return EX_TEMPFAIL
@@ -197,7 +197,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
     import redis
 
-    from core.redis_conn import connect
+    from core.redis_conn import connect_shared
     from ops.adopt import AdoptRefused, adopt
 
     _logging(args.verbose)
@@ -210,7 +210,8 @@ def cmd_adopt(args: argparse.Namespace) -> int:
             print(f"\r{done[0]} entries taken in", end="", file=sys.stderr, flush=True)
 
     try:
-        result = adopt(settings, connect(settings), Path(args.spool), getattr(args, "from"), args.force, progress)
+        result = adopt(settings, connect_shared(settings), Path(args.spool), getattr(args, "from"), args.force,
+                       progress)
     except AdoptRefused as exc:
         print(f"shardmail adopt: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -230,12 +231,12 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     import redis
 
-    from core.redis_conn import connect
+    from core.redis_conn import connect_shared
     from ops.adopt import AdoptRefused, forget
 
     settings = _settings(args.config)
     try:
-        dropped = forget(settings, connect(settings), args.node, args.force)
+        dropped = forget(settings, connect_shared(settings), args.node, args.force)
     except AdoptRefused as exc:
         print(f"shardmail forget: {exc}", file=sys.stderr)
         return EX_USAGE

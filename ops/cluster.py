@@ -20,7 +20,7 @@ stale), and the sums ``spooled``, ``held``, ``ready``, ``in_flight``, ``deferred
 ``out_per_s``, ``workers``}).
 
 Failures: ``redis.RedisError`` propagates (the CLI says Redis is unavailable: without it there is
-no cluster view). Settings: ``redis_prefix``, ``nodedeadafter``.
+no cluster view). Settings: ``redis_prefix``, ``nodedeadafter``, ``redis_group``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import redis
 
 from core.config import Settings
+from core.groups import group_url
 from core.nodes import NodeRecord, Registry
+from core.redis_conn import connect
 from core.shards import Namespace
 from core.spool import Counts
 from ops.depth import Status, as_dict, compose
@@ -57,11 +59,17 @@ class Cluster:
 
 
 def gather_cluster(settings: Settings, conn: redis.Redis, now: float | None = None) -> Cluster:
+    """``conn``: the cluster's main deployment (the registry); each node's figures come from the
+    deployment of its shard group (core.groups), one client per deployment."""
     now = time.time() if now is None else now
     views = []
+    clients: dict[str | None, redis.Redis] = {None: conn}
     for record in Registry.of(settings, conn).nodes(now):
+        grouped = group_url(settings, record.name)
+        if grouped not in clients:
+            clients[grouped] = connect(settings, node=record.name)
         disk = {shard: Counts(*figures) for shard, figures in record.spool.items()}
-        status = compose(Namespace(settings.redis_prefix, record.name), conn, record.shards, disk,
+        status = compose(Namespace(settings.redis_prefix, record.name), clients[grouped], record.shards, disk,
                          set(record.draining), record.beat, now)
         views.append(NodeView(record, status))
     return Cluster(now, views)

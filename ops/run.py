@@ -36,7 +36,7 @@ from core import sdnotify
 from core.config import Settings
 from core.nodes import NodeConflict, Registry, SpoolOwned, beat_of, serve_spool
 from core.outcome import EX_CONFIG
-from core.redis_conn import connect, embedded_socket, url
+from core.redis_conn import connect_shared, embedded_socket, url
 from core.shards import ShardMap
 from core.spool import Listings
 from ops.metrics import Exporter, child_env
@@ -197,7 +197,7 @@ class Supervisor:
         same name (or a spool of another node) stops ``run`` here with one clear line."""
         listen = self.settings.smtp_listen[0] if self.settings.smtp_listen else ""
         beat = beat_of(ShardMap(self.settings), Listings(), listen, time.time())
-        Registry.of(self.settings, connect(self.settings)).claim(serve_spool(self.settings), beat, time.time())
+        Registry.of(self.settings, connect_shared(self.settings)).claim(serve_spool(self.settings), beat, time.time())
 
     def _tend(self) -> None:
         now = time.monotonic()

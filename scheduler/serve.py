@@ -53,7 +53,10 @@ log = logging.getLogger("shardmail.scheduler")
 PASS_WAIT = 0.2  # s between passes when there was nothing to do (an idle pass: two round trips)
 MAX_BACKOFF = 5.0
 class Scheduler:
-    def __init__(self, settings: Settings, conn: redis.Redis, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, conn: redis.Redis, name: str | None = None,
+                 shared: redis.Redis | None = None) -> None:
+        """``conn``: the deployment of this node's queues; ``shared``: the cluster's main one (the
+        node registry), the same unless shard groups put the queues elsewhere."""
         self.settings = settings
         self.settler = Settler(settings, conn, Submitter(settings, conn))
         self.sweeper = Sweeper(self.settler)
@@ -62,7 +65,7 @@ class Scheduler:
         self._swept: dict[int, float] = {}
         self.led: list[int] = []
         self.identity = Identity.of(settings)
-        self.registry = Registry.of(settings, conn)
+        self.registry = Registry.of(settings, shared or conn)
         self._listings = Listings()
         self._started = time.time()
         self._beat = -1e9
@@ -130,13 +133,13 @@ class Scheduler:
 def run_scheduler(settings: Settings) -> None:
     import signal
 
-    from core.redis_conn import connect
+    from core.redis_conn import connect, connect_shared
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        scheduler = Scheduler(settings, connect(settings))
+        scheduler = Scheduler(settings, connect(settings), shared=connect_shared(settings))
         scheduler.heartbeat()
     except (NodeConflict, SpoolOwned) as exc:
         log.error("%s", exc)

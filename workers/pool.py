@@ -39,7 +39,7 @@ from core.directory import lookup_outcome, open_directory
 from core.envelope import Channel, Envelope, EnvelopeError, Mark
 from core.jobs import Claim, Jobs
 from core.outcome import Deferred, Delivered, Outcome
-from core.redis_conn import connect
+from core.redis_conn import connect, connect_shared
 from core.shards import Namespace
 from core.spool import Spool
 from core.submit import Submitter
@@ -193,7 +193,7 @@ def run_local(settings: Settings, shards: list[int] | None, name: str | None = N
     ``shards`` None: every shard, including those added while it runs."""
     conn = connect(settings, max_connections=settings.concurrencylocal + 4)
     submitter = Submitter(settings, conn)
-    delivery = LocalDelivery(settings, open_directory(settings), submitter, conn)
+    delivery = LocalDelivery(settings, open_directory(settings), submitter, connect_shared(settings))
     handler = LocalJobs(settings, delivery, submitter, settings.concurrencylocal)
     follow: Callable[[], list[tuple[int, Channel]]] | None = None
     if shards is None:
