@@ -2,7 +2,7 @@
 per password scheme (tests/data/auth.ldif) and real TLS handshakes: each scheme over PLAIN, LOGIN,
 no enumeration by reply, AUTH only after STARTTLS, an authenticated client relaying (tricks
 included) with its user in the Received header, 200 wrong passwords throttled while another
-address still logs in, and the per-user message rate limit."""
+address still logs in, the per-user message rate limit, and the throttle shared by the nodes of a cluster."""
 
 from __future__ import annotations
 
@@ -138,3 +138,17 @@ def test_rate_limit_per_authenticated_sender(node_factory: Callable[..., Node], 
         talk.close()
     assert replies == ["250 2.1.0", "250 2.1.0", "451 4.7.1"]
 
+
+
+def test_the_throttle_holds_for_the_cluster(node_factory: Callable[..., Node], auth_slapd: Slapd) -> None:
+    """Two nodes on one Redis and prefix: failures counted on one throttle the guesser on the other."""
+    alpha, context_a = auth_node(node_factory, auth_slapd, node="alpha", authfailmaxip="3", authfailmaxuser="1000")
+    beta, context_b = auth_node(node_factory, auth_slapd, node="beta", authfailmaxip="3", authfailmaxuser="1000")
+    replies = []
+    for node, context in ((alpha, context_a), (beta, context_b), (alpha, context_a), (beta, context_b)):
+        talk = Session(node.port, context, "127.0.0.12")
+        replies.append(talk.plain("auth-ssha@auth.example", "not-it")[:9])
+        talk.close()
+    assert replies == ["535 5.7.8", "535 5.7.8", "535 5.7.8", "454 4.7.0"]
+    assert Session(alpha.port, context_a, "127.0.0.13").plain("auth-ssha@auth.example", "pw-ssha-secret") \
+        .startswith("235")  # another address is not throttled
