@@ -175,6 +175,15 @@ class Settings:
     spool_dir: str = _setting("", "spool root; default: <var_dir>/spool")
     redis_url: str = _setting("", "Redis for the queues; empty = start an embedded redis-server")
     redis_prefix: str = _setting("shardmail", "prefix of shardmail's own Redis keys: one per cluster")
+    redis_sentinels: list[str] = _setting([], "Redis Sentinels (host:port) to ask for the primary of redis_master; "
+                                              "set, they replace redis_url", _listen_list)
+    redis_master: str = _setting("mymaster", "the name the sentinels monitor the primary under",
+                                 _check(lambda v: bool(v) and not any(c.isspace() for c in v), "a name"))
+    redis_password: str = _setting("", "password of the Redis primary and replicas under redis_sentinels "
+                                        "(with redis_url it goes in the URL)")
+    redis_sentinel_password: str = _setting("", "password of the sentinels themselves (empty: none)")
+    redis_tls: bool = _setting(False, "TLS to the sentinels and the primary they name")
+    redis_tlscafile: str = _setting("", "CA certificates for redis_tls; empty = the system's")
     node: str = _setting("", "this node's name, unique in the cluster (letters, digits, - and _); default: the "
                              "host name's first label", _check(lambda v: NODE_NAME.fullmatch(v) is not None,
                                                                "a name of letters, digits, - and _ (63 at most)"))

@@ -79,6 +79,7 @@ from rq.utils import now, utcformat
 from rq.worker_registration import REDIS_WORKER_KEYS, WORKERS_BY_QUEUE_KEY
 
 from core.envelope import CHANNELS, Channel
+from core.redis_conn import private_client, socket_timeout
 from core.redis_conn import text as _text
 from core.shards import LABEL_PATTERN, Namespace, shard_label
 
@@ -700,13 +701,10 @@ class Waiter:
     timeout, so a long wait is never mistaken for a dead Redis."""
 
     def __init__(self, jobs: Jobs, timeout: float = WAKE_TIMEOUT) -> None:
-        shared = jobs.conn.connection_pool
-        kwargs = dict(shared.connection_kwargs)
-        socket_timeout = kwargs.get("socket_timeout")
-        self.timeout = min(timeout, socket_timeout / 2) if socket_timeout else timeout
+        limit = socket_timeout(jobs.conn)
+        self.timeout = min(timeout, limit / 2) if limit else timeout
         self.space = jobs.space
-        self.conn = redis.Redis(connection_pool=redis.ConnectionPool(
-            connection_class=shared.connection_class, max_connections=1, **kwargs))
+        self.conn = private_client(jobs.conn)
 
     def wait(self, queues: Iterable[tuple[int, Channel]]) -> bool:
         """Whether one was rung (False: the timeout passed); ``redis.RedisError`` if Redis is away."""

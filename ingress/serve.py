@@ -26,15 +26,12 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio
-
 from core import sdnotify
 from core.auth import Authenticator, AuthThrottle
 from core.config import Settings
 from core.directory import open_directory
 from core.ratelimit import AsyncRateLimiter
-from core.redis_conn import connect, connect_shared
-from core.redis_conn import url as redis_url
+from core.redis_conn import connect, connect_async, connect_shared
 from core.submit import Submitter
 from ingress.aiosmtpd_adapter import Server
 from ingress.committer import Committer
@@ -81,8 +78,8 @@ async def serve(settings: Settings) -> None:
     directory = open_directory(settings)
     limiter = None
     if settings.ratelimitip or settings.ratelimitsender:
-        limiter = AsyncRateLimiter(redis.asyncio.Redis.from_url(redis_url(settings), socket_connect_timeout=2,
-                                                                socket_timeout=5), settings.redis_prefix, settings)
+        limiter = AsyncRateLimiter(connect_async(settings, connect_timeout=2, timeout=5), settings.redis_prefix,
+                                   settings)
     handler = GatedHandler(settings, submitter, committer, directory, limiter)
     IngressServer.limits = ConnectionLimits(settings)
     IngressServer.guard_settings = settings

@@ -40,7 +40,7 @@ from core import metrics, sdnotify
 from core.config import Settings
 from core.envelope import CHANNELS
 from core.jobs import Jobs
-from core.redis_conn import url
+from core.redis_conn import connect
 from core.shards import Namespace, ShardMap
 
 log = logging.getLogger("shardmail.metrics")
@@ -104,7 +104,7 @@ def registry(settings: Settings, directory: Path | None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     if directory is not None and directory.is_dir():
         MultiProcessCollector(reg, path=str(directory))
-    conn = redis.Redis.from_url(url(settings), socket_connect_timeout=SCRAPE_TIMEOUT, socket_timeout=SCRAPE_TIMEOUT)
+    conn = connect(settings, connect_timeout=SCRAPE_TIMEOUT, timeout=SCRAPE_TIMEOUT)
     reg.register(QueueCollector(settings, conn))
     return reg
 

@@ -1,8 +1,8 @@
 """``shardmail run``: the all-in-one supervisor for a node.
 
-Interface: ``Supervisor(settings, config_path).run() -> int``; ``starter_users_ldif(locals)``. It starts an embedded
-``redis-server`` when no ``redis_url`` is configured (unix socket under ``var_dir``, persistence
-off: the spool is the ledger, so Redis may forget everything), then ``ingress_processes`` SMTP
+Interface: ``Supervisor(settings, config_path).run() -> int``; ``starter_users_ldif(locals)``. It starts an
+embedded ``redis-server`` when neither ``redis_url`` nor ``redis_sentinels`` is configured (unix socket under
+``var_dir``, persistence off: the spool is the ledger, so Redis may forget everything), then ``ingress_processes`` SMTP
 processes, ``localprocesses`` local and ``remoteprocesses`` remote delivery pools and
 ``schedulerprocesses`` schedulers, restarts any child that dies (with a growing delay, logging
 why), and on SIGTERM or Ctrl-C stops the children, Redis last. Without LDAP it creates
@@ -13,9 +13,9 @@ Failures: a missing ``redis-server`` binary or a Redis that does not come up is 
 (exit 69, a clear message); so is this node's name held by another live node of the cluster, or a
 spool that belongs to another node (exit 78; core.nodes). A child that keeps crashing is restarted every 30 s at most.
 
-Settings: ``redis_url``, ``var_dir``, ``ingress_processes``, ``localprocesses``, ``remoteprocesses``,
-``schedulerprocesses``, ``metrics_listen`` (ops.metrics: the children's counters summed, served from a
-thread here), plus everything the children read.
+Settings: ``redis_url``, ``redis_sentinels``, ``var_dir``, ``ingress_processes``, ``localprocesses``,
+``remoteprocesses``, ``schedulerprocesses``, ``metrics_listen`` (ops.metrics: the children's counters summed,
+served from a thread here), plus everything the children read.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from core import sdnotify
 from core.config import Settings
 from core.nodes import NodeConflict, Registry, SpoolOwned, beat_of, serve_spool
 from core.outcome import EX_CONFIG
-from core.redis_conn import connect_shared, embedded_socket, url
+from core.redis_conn import connect_shared, describe, embedded_socket, url
 from core.shards import ShardMap
 from core.spool import Listings
 from ops.metrics import Exporter, child_env
@@ -98,7 +98,8 @@ class Supervisor:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["SHARDMAIL_REDIS_URL"] = url(self.settings)
+        if not self.settings.redis_sentinels:  # the embedded server's socket, when it is one
+            env["SHARDMAIL_REDIS_URL"] = url(self.settings)
         env["SHARDMAIL_VAR_DIR"] = str(Path(self.settings.var_dir).resolve())
         env["SHARDMAIL_ME"] = self.settings.me
         if self.config_path:
@@ -107,7 +108,7 @@ class Supervisor:
         return env
 
     def _redis_child(self) -> Child | None:
-        if self.settings.redis_url:
+        if self.settings.redis_url or self.settings.redis_sentinels:
             return None
         binary = shutil.which("redis-server")
         if not binary:
@@ -120,14 +121,14 @@ class Supervisor:
         return Child("redis", argv, dict(os.environ))
 
     def _wait_for_redis(self, deadline: float) -> None:
-        conn = redis.Redis.from_url(url(self.settings), socket_connect_timeout=1)
+        conn = connect_shared(self.settings, connect_timeout=1)
         while True:
             try:
                 conn.ping()
                 return
             except redis.RedisError as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"Redis at {url(self.settings)} did not answer: {exc}") from None
+                    raise RuntimeError(f"Redis ({describe(self.settings)}) did not answer: {exc}") from None
                 time.sleep(0.05)
 
     def ensure_users_file(self) -> None:
@@ -185,7 +186,7 @@ class Supervisor:
             self.children.append(child)
         log.info("shardmail is running: SMTP on %s, %d shards, spool %s, Redis %s",
                  ", ".join(self.settings.smtp_listen), self.settings.shards, self.settings.spool_root,
-                 url(self.settings) + (" (embedded)" if not self.settings.redis_url else ""))
+                 describe(self.settings))
         while not self._stopping:
             self._tend()
             time.sleep(0.2)

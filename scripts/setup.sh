@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server swaks slapd ldap-utils dovecot-imapd unbound postfix openssl prometheus systemd"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server redis-sentinel swaks slapd ldap-utils dovecot-imapd unbound postfix openssl prometheus systemd"
 # Installed without their Recommends: prometheus would bring prometheus-node-exporter (one more service on every
 # interface), systemd a D-Bus daemon and a time syncer; the tests need only their binaries.
 LEAN_PACKAGES="prometheus systemd"
@@ -54,6 +54,11 @@ if [ -n "$missing" ]; then
     # unbound too (tests/dns_server.py): no resolver on port 53 at boot, recursing to the Internet.
     case " $missing " in *" unbound "*) invoke-rc.d unbound stop >/dev/null 2>&1 || true
         systemctl disable unbound.service unbound-resolvconf.service >/dev/null 2>&1 || true ;; esac
+    # redis-sentinel too (tests/sentinel.py runs private sentinels on loopback ports): no sentinel of the
+    # machine's own watching a primary that is not there.
+    case " $missing " in *" redis-sentinel "*) invoke-rc.d redis-sentinel stop >/dev/null 2>&1 || true
+        systemctl disable redis-sentinel.service >/dev/null 2>&1 || true
+        update-rc.d redis-sentinel disable >/dev/null 2>&1 || true ;; esac
     # prometheus too (tests/test_metrics.py starts its own on 127.0.0.1 with a config and data in tmp_path): the
     # package's service would listen on :9090 of every interface, now and at boot. A node exporter that came with
     # it (apt configured to install Recommends anyway) goes the same way; one that was there before stays.

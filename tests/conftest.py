@@ -26,8 +26,8 @@ from core.envelope import Envelope
 from tests.support import free_port, wait_until
 
 # real servers: OpenLDAP (slapd, slapd_fresh), Dovecot (dovecot_factory), unbound (dns_server, dns_server_factory),
-# SMTP peers (sink_factory, postfix_sink_factory, silent_factory, tls_pair)
-pytest_plugins = ["tests.slapd", "tests.dovecot", "tests.dns_server", "tests.smtp_peers"]
+# SMTP peers (sink_factory, postfix_sink_factory, silent_factory, tls_pair), Redis under Sentinel (sentinel_deployment)
+pytest_plugins = ["tests.slapd", "tests.dovecot", "tests.dns_server", "tests.smtp_peers", "tests.sentinel"]
 REDIS_BIN = shutil.which("redis-server")
 
 
