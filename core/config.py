@@ -132,6 +132,10 @@ class Settings:
     smtps_listen: list[str] = _setting([], "implicit-TLS SMTP listeners (port 465 style), host:port", _listen_list)
     submission_listen: list[str] = _setting([], "submission listeners (port 587 style: AUTH required), host:port",
                                             _listen_list)
+    qmqp_listen: list[str] = _setting([], "QMQP listeners, host:port (qmail's port is 628); empty = no QMQP server",
+                                      _listen_list)
+    qmqpclients: list[str] = _setting([], "client networks allowed to hand mail over by QMQP (it relays whatever "
+                                          "they send); empty = no one", _cidr_list)
     tlscert: str = _setting("", "certificate (PEM chain) for STARTTLS and smtps; default <var_dir>/tls/cert.pem "
                                 "when that file exists; none = no TLS offered")
     tlskey: str = _setting("", "private key (PEM) of tlscert; default <var_dir>/tls/key.pem")

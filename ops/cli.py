@@ -1,7 +1,8 @@
 """The ``shardmail`` command: one entry point for every role and every admin task.
 
 Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands: ``run``
-(supervisor), ``smtpd`` (one ingress process), ``worker local|remote`` (a delivery pool),
+(supervisor), ``smtpd`` (one ingress process), ``qmqpd`` (the QMQP server), ``worker local|remote`` (a
+delivery pool),
 ``sendmail`` (inject; also used when the program is invoked under the name ``sendmail``),
 ``scheduler`` (retries, bounces, sweeps), ``recover`` (rebuild Redis from the spool), ``adopt``
 (take in a dead node's spool: ops.adopt), ``status`` (depth per shard; ``--cluster``: every node,
@@ -92,6 +93,22 @@ def cmd_smtpd(args: argparse.Namespace) -> int:
         return EX_CONFIG
     except TLSConfigError as exc:
         logging.getLogger("shardmail.ingress").error("TLS: %s", exc)
+        return EX_CONFIG
+    return 0
+
+
+def cmd_qmqpd(args: argparse.Namespace) -> int:
+    from ingress.qmqpd import main as serve
+
+    _logging(args.verbose)
+    settings = _serving(args.config)
+    if not settings.qmqp_listen:
+        print("shardmail qmqpd: qmqp_listen is empty", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        serve(settings)
+    except OSError as exc:
+        logging.getLogger("shardmail.qmqpd").error("cannot listen: %s", exc)
         return EX_CONFIG
     return 0
 
@@ -445,6 +462,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a whole node: embedded Redis if none configured, SMTP, workers")
     sub.add_parser("smtpd", help="run one SMTP ingress process")
+    sub.add_parser("qmqpd", help="run the QMQP server (qmqp_listen, for qmqpclients)")
     worker = sub.add_parser("worker", help="run a delivery pool")
     worker.add_argument("channel", choices=["local", "remote"])
     worker.add_argument("--shards", default="all", help="e.g. 0-3,5 (default: all)")
@@ -545,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     commands = {
         "metrics": cmd_metrics,
-        "run": cmd_run, "smtpd": cmd_smtpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
+        "run": cmd_run, "smtpd": cmd_smtpd, "qmqpd": cmd_qmqpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
         "adopt": cmd_adopt, "forget": cmd_forget,
         "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,

@@ -147,6 +147,8 @@ class Supervisor:
         env = self._env()
         base = [sys.executable, "-m", "ops.cli"]
         children = [Child(f"smtpd-{i}", [*base, "smtpd"], env) for i in range(self.settings.processes)]
+        if self.settings.qmqp_listen:
+            children.append(Child("qmqpd", [*base, "qmqpd"], env))
         me = self.settings.me
         children += [Child(f"local-{i}", [*base, "worker", "local", "--name", f"{me}.local-{i}"], env)
                      for i in range(self.settings.localprocesses)]

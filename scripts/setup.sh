@@ -92,6 +92,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
+# nullmailer's QMQP client, for the interop tests (tests/test_qmqp_interop.py): unpacked from its Debian
+# package, not installed, since the package is a whole MTA and would take Postfix's place.
+NULLMAILER_QMQP=.venv/nullmailer/usr/lib/nullmailer/qmqp
+if [ "$mode" = test ] && [ ! -x "$NULLMAILER_QMQP" ]; then
+    work=$(mktemp -d)
+    chmod 755 "$work"  # apt's sandbox user writes the download here
+    (cd "$work" && { apt-get download -qq nullmailer >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get download -qq nullmailer >/dev/null 2>&1; }; }) \
+        && dpkg-deb -x "$work"/nullmailer_*.deb .venv/nullmailer \
+        || echo "setup: could not unpack nullmailer's qmqp client; its interop test will fail" >&2
+    rm -rf "$work"
+fi
+
 case "$mode" in
     run)  exec .venv/bin/shardmail run "$@" ;;
     test) exec .venv/bin/python -m pytest -q "$@" ;;

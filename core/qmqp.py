@@ -1,0 +1,163 @@
+"""QMQP, qmail's Quick Mail Queuing Protocol: the netstring codec and a client.
+
+Interface: ``netstring(data) -> bytes``; ``pack(message, sender, recipients) -> bytes`` (one
+request: an outer netstring holding the message's, the sender's and each recipient's; the message
+with LF line ends, as the protocol has it); ``unpack(payload) -> Request``; ``read_netstring(reader,
+limit)`` (asyncio: one netstring off a stream, the length field bounded); ``Reply`` (``code`` K
+accepted, Z temporary, D permanent, and its text) with ``encode()`` and ``Reply.decode(raw)``;
+``send(host, port, request, timeout) -> Reply`` (one request per connection, as qmail's qmqpc and
+Postfix's qmqpd do).
+
+Why netstrings (``<decimal length>:<bytes>,``): the receiver knows each part's size before it reads
+it, so a message is never parsed for an end marker and a too-big one is refused from its length
+field alone.
+
+Failures: a malformed netstring or request raises ``ProtocolError`` (the server answers D or closes);
+``send`` never raises for the peer's sake: a refused or reset connection, a timeout or a garbled
+reply comes back as a ``Z`` reply (temporary: try another server or later), only the server's own
+``D`` is permanent.
+
+Settings: none (callers pass limits and timeouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_LENGTH_DIGITS = 10  # a length field longer than this is garbage, not a message
+
+
+class ProtocolError(ValueError):
+    """The bytes are not a QMQP request (or reply); the message says what is wrong."""
+
+
+class TooLong(ProtocolError):
+    """A netstring announces more than the receiver takes."""
+
+
+def netstring(data: bytes) -> bytes:
+    return b"%d:%s," % (len(data), data)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One message as QMQP carries it: the body with LF line ends, sender ("" = null), recipients."""
+
+    message: bytes
+    sender: str
+    recipients: list[str]
+
+
+def pack(message: bytes, sender: str, recipients: Sequence[str]) -> bytes:
+    """A whole request, ready for the wire; ``message`` may have CRLF or LF line ends."""
+    inner = netstring(message.replace(b"\r\n", b"\n")) + netstring(sender.encode("utf-8", "surrogateescape"))
+    inner += b"".join(netstring(r.encode("utf-8", "surrogateescape")) for r in recipients)
+    return netstring(inner)
+
+
+def _split(payload: bytes) -> list[bytes]:
+    """The netstrings one after another in ``payload`` (which holds nothing else)."""
+    parts: list[bytes] = []
+    at = 0
+    while at < len(payload):
+        colon = payload.find(b":", at, at + MAX_LENGTH_DIGITS + 1)
+        digits = payload[at:colon] if colon >= 0 else b""
+        if not digits.isdigit() or (len(digits) > 1 and digits.startswith(b"0")):
+            raise ProtocolError("malformed netstring length")
+        end = colon + 1 + int(digits)
+        if end >= len(payload) or payload[end:end + 1] != b",":
+            raise ProtocolError("netstring without its comma")
+        parts.append(payload[colon + 1:end])
+        at = end + 1
+    return parts
+
+
+def unpack(payload: bytes) -> Request:
+    """The request inside an outer netstring's payload."""
+    parts = _split(payload)
+    if len(parts) < 3:
+        raise ProtocolError("a request needs a message, a sender and at least one recipient")
+    message, sender, *recipients = parts
+    try:
+        return Request(message, sender.decode(), [r.decode() for r in recipients])
+    except UnicodeDecodeError:
+        raise ProtocolError("an address is not UTF-8") from None
+
+
+async def read_netstring(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """One netstring's payload; ``TooLong`` from its length field alone when it exceeds ``limit``,
+    ``ProtocolError`` for anything malformed, ``asyncio.IncompleteReadError`` at an early EOF."""
+    digits = b""
+    while True:
+        char = await reader.readexactly(1)
+        if char == b":":
+            break
+        if not char.isdigit() or len(digits) >= MAX_LENGTH_DIGITS or digits == b"0":
+            raise ProtocolError("malformed netstring length")
+        digits += char
+    if not digits:
+        raise ProtocolError("malformed netstring length")
+    length = int(digits)
+    if length > limit:
+        raise TooLong(f"{length} bytes announced, {limit} taken")
+    payload = await reader.readexactly(length)
+    if await reader.readexactly(1) != b",":
+        raise ProtocolError("netstring without its comma")
+    return payload
+
+
+Code = Literal["K", "Z", "D"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: Code
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.code == "K"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code == "D"
+
+    def encode(self) -> bytes:
+        return netstring(self.code.encode() + self.text.encode("utf-8", "replace"))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Reply:
+        """A reply netstring; anything that is not one is a temporary failure (we cannot know the
+        server took the message, and it must not count as refused for good)."""
+        try:
+            (payload,) = _split(raw)
+        except (ProtocolError, ValueError):
+            return cls("Z", f"garbled QMQP reply {raw[:60]!r}")
+        code, text = payload[:1].decode("ascii", "replace"), payload[1:].decode("utf-8", "replace")
+        if code == "K":
+            return cls("K", text)
+        if code == "D":
+            return cls("D", text)
+        return cls("Z", text if code == "Z" else f"unknown QMQP reply {payload[:60]!r}")
+
+
+def send(host: str, port: int, request: bytes, timeout: float) -> Reply:
+    """Hand one packed request to a QMQP server and read its verdict."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(4096):
+                chunks.append(chunk)
+                if sum(len(c) for c in chunks) > 65536:
+                    break
+    except OSError as exc:
+        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc}")
+    if not chunks:
+        return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply")
+    return Reply.decode(b"".join(chunks))

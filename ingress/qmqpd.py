@@ -1,0 +1,152 @@
+"""``shardmail qmqpd``: the QMQP server, for front ends and other nodes that hand over whole messages.
+
+Interface: ``main(settings)`` serves ``qmqp_listen`` until SIGTERM/SIGINT; ``QmqpService(settings,
+committer)`` with ``handle(reader, writer)`` (one connection: one request, one reply, as qmail's
+qmail-qmqpd). ``shardmail run`` starts one when ``qmqp_listen`` is set.
+
+A client outside ``qmqpclients`` is disconnected before a byte is read (QMQP mail is trusted to
+relay: that is what it is for, so the default trusts no one). ``K`` is said only after the same
+durable commit as SMTP's 250 (core.submit through ingress.committer's group commit). The message
+gets a Received line naming QMQP and the client, CRLF line ends for the spool, and the same hop
+limit as SMTP mail; after that a queue node treats it as its own SMTP mail.
+
+Failures: what the client got wrong is ``D`` (permanent, with an enhanced status code): a message
+over ``databytes`` (from the length field alone), more than ``maxrcptcount`` recipients, a
+malformed netstring or address, a routing loop. What we cannot do now is ``Z``: the spool or Redis
+unavailable. A client that stops mid-request (EOF) or stays silent past ``timeoutsmtpd`` is
+disconnected without a reply; nothing of a partial request reaches the spool.
+
+Settings: ``qmqp_listen``, ``qmqpclients``, ``databytes``, ``maxrcptcount``, ``maxhops``,
+``timeoutsmtpd``, ``ingress_threads``, ``me``, plus those of core.submit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import ipaddress
+import logging
+import signal
+
+from core import hops, sdnotify
+from core.address import check_mailbox, clean_for_header, peer_in
+from core.config import Settings
+from core.envelope import Client
+from core.outcome import QueueUnavailable
+from core.qmqp import ProtocolError, Reply, Request, TooLong, read_netstring, unpack
+from core.redis_conn import connect
+from core.submit import Draft, Submitter
+from ingress.committer import Committer
+from ingress.serve import GRACE, listening_socket
+
+log = logging.getLogger("shardmail.qmqpd")
+ADDRESS_ROOM = 300  # bytes a recipient's netstring may take in the size bound
+NO_LIMIT = 2**31
+
+
+class QmqpService:
+    def __init__(self, settings: Settings, submitter: Submitter, committer: Committer) -> None:
+        self.settings = settings
+        self.submitter = submitter
+        self.committer = committer
+        self.clients = [ipaddress.ip_network(n, strict=False) for n in settings.qmqpclients]
+        body = settings.databytes or NO_LIMIT
+        self.limit = body + 20 + ADDRESS_ROOM * (settings.maxrcptcount + 1)  # the outer netstring, whole
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str((writer.get_extra_info("peername") or ("",))[0])
+        try:
+            if not peer_in(peer, self.clients):
+                log.warning("refused QMQP client %s: not in qmqpclients", peer)
+                return
+            try:
+                reply = await asyncio.wait_for(self._one(reader, peer), self.settings.timeoutsmtpd)
+            except TimeoutError:
+                log.warning("QMQP client %s timed out", peer)
+                return
+            if reply is not None:
+                writer.write(reply.encode())
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _one(self, reader: asyncio.StreamReader, peer: str) -> Reply | None:
+        try:
+            request = unpack(await read_netstring(reader, self.limit))
+        except TooLong:
+            return Reply("D", "message too big (#5.3.4)")
+        except ProtocolError as exc:
+            return Reply("D", f"bad QMQP request: {exc} (#5.5.2)")
+        except asyncio.IncompleteReadError:
+            log.warning("QMQP client %s closed mid-request", peer)
+            return None
+        refusal = self.check(request)
+        if refusal is not None:
+            return refusal
+        return await self.commit(request, peer)
+
+    def check(self, request: Request) -> Reply | None:
+        """The D for a request we must not take, or None."""
+        if self.settings.databytes and len(request.message) > self.settings.databytes:
+            return Reply("D", "message too big (#5.3.4)")
+        if len(request.recipients) > self.settings.maxrcptcount:
+            return Reply("D", f"too many recipients, {self.settings.maxrcptcount} at most (#5.5.3)")
+        for address in ([request.sender] if request.sender else []) + request.recipients:
+            problem = check_mailbox(address, smtputf8=True)
+            if problem:
+                return Reply("D", f"<{clean_for_header(address)}>: {problem} (#5.1.3)")
+        return None
+
+    async def commit(self, request: Request, peer: str) -> Reply:
+        content = request.message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if content and not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        if (loop := hops.check(content, self.settings.maxhops, added=1)) is not None:
+            return Reply("D", f"{loop.text} (#{loop.status})")
+        message_id = self.submitter.new_id()
+        received = (f"Received: from [{clean_for_header(peer)}]\r\n\tby {self.settings.me} (shardmail) with QMQP "
+                    f"id {message_id}; {email.utils.formatdate(localtime=True)}\r\n")
+        addresses = [request.sender, *request.recipients]
+        draft = Draft(message_id, request.sender, request.recipients, received.encode() + content,
+                      Client(address=peer, helo="", protocol="QMQP"), not all(a.isascii() for a in addresses))
+        try:
+            await self.committer.commit(draft)
+        except QueueUnavailable as exc:
+            return Reply("Z", f"{exc.outcome.text}, try again later (#{exc.outcome.status})")
+        except Exception:
+            log.exception("unexpected failure queueing %s", message_id)
+            return Reply("Z", "internal error, try again later (#4.3.0)")
+        log.info("queued %s by QMQP from %s: <%s> for %d rcpt, %d bytes", message_id, peer, request.sender,
+                 len(request.recipients), len(draft.body))
+        return Reply("K", f"ok {message_id}")
+
+
+async def serve(settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    submitter = Submitter(settings, connect(settings, max_connections=settings.ingress_threads + 4))
+    committer = Committer(submitter, settings.ingress_threads)
+    service = QmqpService(settings, submitter, committer)
+    servers = [await asyncio.start_server(service.handle, sock=listening_socket(spec))
+               for spec in settings.qmqp_listen]
+    log.info("QMQP on %s for %s", ", ".join(settings.qmqp_listen), ", ".join(settings.qmqpclients) or "no one")
+    sdnotify.ready("QMQP on " + ", ".join(settings.qmqp_listen))
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    for server in servers:
+        server.close()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in servers)), GRACE)
+    except TimeoutError:
+        log.warning("QMQP connections still open after %.0f s; closing", GRACE)
+    committer.close()
+
+
+def main(settings: Settings) -> None:
+    asyncio.run(serve(settings))
