@@ -215,6 +215,35 @@ def test_a_running_node_counts_what_it_did_and_shows_its_queues(node: MetricsNod
     node.send("a@example.net", "late@test.example")
     node.settle("a delivery by the restarted pool", lambda s: delivered(s) == 8)
 
+    drain = subprocess.run([sys.executable, "-m", "ops.cli", "shards", "drain", "1"], cwd=node.workdir, env=node.env,
+                           capture_output=True, text=True, timeout=30)
+    assert drain.returncode == 0, drain.stderr
+    draining = node.scrape()
+    assert value(draining, "shardmail_shard_draining", node="n1", shard="s1") == 1
+    assert value(draining, "shardmail_shard_draining", node="n1", shard="s0") == 0
+
+
+def test_the_registry_gauges_tell_live_from_dead_nodes_and_age_the_oldest_message() -> None:
+    from core.envelope import id_time
+    from core.nodes import NodeRecord
+    from ops.metrics import cluster_families
+
+    now = 10_000.0
+    born = f"{int((now - 90) * 1e6):014X}0001000010AB"  # an id: its arrival time, then node tag, pid, counter
+    assert id_time(born) == pytest.approx(now - 90)
+    records = [NodeRecord("n1", "a", "h1", "", "", 0.0, now - 1, True, [0, 1], [], {0: (2, 0, born), 1: (1, 1, None)}),
+               NodeRecord("n2", "b", "h2", "", "", 0.0, now - 40, False, [0], [], {}),
+               NodeRecord("n3", "c", "h3", "", "", 0.0, now - 2, True, [0], [], {0: (0, 0, None)})]
+    samples = {(s.name, s.labels["node"]): s.value for family in cluster_families(records, now)
+               for s in family.samples}
+    assert samples == {
+        ("shardmail_node_up", "n1"): 1, ("shardmail_node_up", "n2"): 0, ("shardmail_node_up", "n3"): 1,
+        ("shardmail_node_heartbeat_age_seconds", "n1"): 1, ("shardmail_node_heartbeat_age_seconds", "n2"): 40,
+        ("shardmail_node_heartbeat_age_seconds", "n3"): 2,
+        ("shardmail_node_spooled", "n1"): 3, ("shardmail_node_spooled", "n2"): 0, ("shardmail_node_spooled", "n3"): 0,
+        ("shardmail_node_oldest_age_seconds", "n1"): pytest.approx(90),
+        ("shardmail_node_oldest_age_seconds", "n2"): 0, ("shardmail_node_oldest_age_seconds", "n3"): 0}
+
 
 def test_metrics_once_counts_directory_errors_of_a_separate_smtpd(
         slapd_fresh: Slapd, node_factory: Callable[..., Node]) -> None:
