@@ -10,6 +10,8 @@ Why here: every process imports this module (about 12 ms once a process has impo
 the objects are built at import), and each hook is one call at its site, so the hot-path files
 carry one line per site. Counters with fixed labels are bound at import (``labels()`` costs a lock
 and a dict look-up); an increment is about 1 µs in multiprocess mode (``bench/metrics_hooks.py``).
+The ``node`` label is not recorded here: the exporter adds it to every sample at scrape time (a
+process records without knowing its settings, and the hooks cost what they did).
 
 Multiprocess: the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before its children start, so
 prometheus_client writes each process's values to memory-mapped files there that the supervisor
@@ -30,14 +32,19 @@ from core.outcome import QueueUnavailable
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OUTCOMES = ("delivered", "deferred", "failed", "bounced")
 
-# gauges computed by ops.metrics from Redis at scrape time (one pipelined round trip)
-QUEUE_READY = "shardmail_queue_ready"  # {shard, channel}: jobs waiting in the rq queue
-QUEUE_IN_FLIGHT = "shardmail_queue_in_flight"  # {shard, channel}: claimed (rq's started registry)
-QUEUE_FAILED = "shardmail_queue_failed"  # {shard, channel}: rq's failed registry (a job raised)
-QUEUE_DEFERRED = "shardmail_queue_deferred"  # {shard}: waiting for a retry (ZCARD <prefix>:retry:s<N>)
-QUEUE_SETTLING = "shardmail_queue_settling"  # {shard}: finished attempts the scheduler has not settled
-SHARD_DRAINING = "shardmail_shard_draining"  # {shard}: 1 while ingress avoids the shard
-REDIS_UP = "shardmail_redis_up"  # 1 if the scrape's Redis round trip worked
+# gauges computed by ops.metrics at scrape time; every series carries ``node`` (this node's name;
+# for the NODE_* series, the node described) and ``shard`` is the shard's name on its node, ``s<N>``
+QUEUE_READY = "shardmail_queue_ready"  # {node, shard, channel}: jobs waiting in the rq queue
+QUEUE_IN_FLIGHT = "shardmail_queue_in_flight"  # {node, shard, channel}: claimed (rq's started registry)
+QUEUE_FAILED = "shardmail_queue_failed"  # {node, shard, channel}: rq's failed registry (a job raised)
+QUEUE_DEFERRED = "shardmail_queue_deferred"  # {node, shard}: waiting for a retry (ZCARD <prefix>:retry:<node>/s<N>)
+QUEUE_SETTLING = "shardmail_queue_settling"  # {node, shard}: finished attempts the scheduler has not settled
+SHARD_DRAINING = "shardmail_shard_draining"  # {node, shard}: 1 while ingress avoids the shard (from the spool)
+NODE_UP = "shardmail_node_up"  # {node}: every node in the registry, 1 alive, 0 dead (heartbeat too old)
+NODE_HEARTBEAT_AGE = "shardmail_node_heartbeat_age_seconds"  # {node}: since its last heartbeat
+NODE_SPOOLED = "shardmail_node_spooled"  # {node}: messages in its spool, as of its last heartbeat
+NODE_OLDEST_AGE = "shardmail_node_oldest_age_seconds"  # {node}: its oldest spooled message (0: none)
+REDIS_UP = "shardmail_redis_up"  # {node}: 1 if the scrape's Redis round trip worked
 
 DELIVERIES = Counter("shardmail_deliveries", "Recipient delivery attempts by outcome (bounced: failed recipients "
                      "the scheduler reported)", ["channel", "outcome"])
