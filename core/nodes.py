@@ -4,7 +4,7 @@ Interface: ``Identity.of(settings)`` (the spool's node file, made on first start
 spool belongs to, and a random id telling this node's processes from any other); ``Beat``
 (what a node announces); ``Registry(conn, space)`` with ``claim(identity, beat, now)`` (at
 start, and on every heartbeat), ``nodes()`` (every known node, alive or not, as ``NodeRecord``),
-``forget(name)``; ``beat_of(shard_map, listings, address, started)`` (this node's heartbeat);
+``forget(name)``; ``beat_of(shard_map, listings, address, started, qmqp)`` (this node's heartbeat);
 ``serve_spool(settings)`` (a serving process's check of its spool and its shared lock on it),
 ``lock_for_adoption(root)``, ``read_node_file(root)``, ``mark_adopted(root, by)`` (for adopt).
 
@@ -19,7 +19,7 @@ file names another node is refused too: a spool is served under one name only (t
 node's spool is ``shardmail adopt``'s job).
 
 Redis: ``<prefix>:nodes`` (a set of names) and ``<prefix>:node:<name>`` (a hash: id, host,
-address, version, started, beat, and JSON fields shards, draining and spool: per shard its
+address, qmqp, version, started, beat, and JSON fields shards, draining and spool: per shard its
 spooled and held entries and its oldest id, from directory listings). No expiry: a dead node's
 record stays, with its last heartbeat, so that ops tools show it dead rather than forget it.
 
@@ -168,6 +168,7 @@ class Beat:
     draining: list[int] = field(default_factory=list)
     spool: dict[int, tuple[int, int, str | None]] = field(default_factory=dict)  # spooled, held, oldest id
     started: float = 0.0
+    qmqp: str = ""  # where the node takes mail by QMQP (host:port), "" = not at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,15 @@ class NodeRecord:
     shards: list[int]
     draining: list[int]
     spool: dict[int, tuple[int, int, str | None]]
+    qmqp: str = ""
+
+    def qmqp_address(self) -> tuple[str, int] | None:
+        """The node's QMQP listener to connect to (a wildcard listener: at the node's host name)."""
+        if not self.qmqp:
+            return None
+        host, _, port = self.qmqp.rpartition(":")
+        host = host.strip("[]")
+        return (self.host if host in ("", "0.0.0.0", "::") else host), int(port)
 
 
 def version() -> str:
@@ -222,7 +232,7 @@ class Registry:
         fields = {"host": socket.gethostname(), "address": beat.address, "version": version(),
                   "started": repr(beat.started), "shards": json.dumps(beat.shards),
                   "draining": json.dumps(beat.draining),
-                  "spool": json.dumps({str(k): list(v) for k, v in beat.spool.items()})}
+                  "spool": json.dumps({str(k): list(v) for k, v in beat.spool.items()}), "qmqp": beat.qmqp}
         args: list[str] = [identity.id, repr(now), str(self.dead_after), identity.node]
         for name, value in fields.items():
             args += [name, value]
@@ -250,7 +260,7 @@ class Registry:
             records.append(NodeRecord(name, doc.get("id", ""), doc.get("host", ""), doc.get("address", ""),
                                       doc.get("version", ""), float(doc.get("started", 0)), beat,
                                       now - beat < self.dead_after, json.loads(doc.get("shards", "[]")),
-                                      json.loads(doc.get("draining", "[]")), spool))
+                                      json.loads(doc.get("draining", "[]")), spool, doc.get("qmqp", "")))
         return records
 
     def forget(self, name: str) -> None:
@@ -261,10 +271,10 @@ class Registry:
             pipe.execute()
 
 
-def beat_of(shard_map: ShardMap, listings: Listings, address: str, started: float) -> Beat:
+def beat_of(shard_map: ShardMap, listings: Listings, address: str, started: float, qmqp: str = "") -> Beat:
     """This node's heartbeat: its shards, the draining ones and per shard (spooled, held, oldest
-    id) from directory listings (an unchanged directory costs a stat)."""
+    id) from directory listings (an unchanged directory costs a stat), and its QMQP listener."""
     shards = shard_map.ids(fresh=True)
     counts = {shard: shard_map.spool(shard).census(listings) for shard in shards}
     return Beat(address, shards, sorted(shard_map.draining()),
-                {s: (c.spooled, c.held, c.oldest) for s, c in counts.items()}, started)
+                {s: (c.spooled, c.held, c.oldest) for s, c in counts.items()}, started, qmqp)

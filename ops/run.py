@@ -199,7 +199,8 @@ class Supervisor:
         """The node's name for this spool, before any role starts: a second live node under the
         same name (or a spool of another node) stops ``run`` here with one clear line."""
         listen = self.settings.smtp_listen[0] if self.settings.smtp_listen else ""
-        beat = beat_of(ShardMap(self.settings), Listings(), listen, time.time())
+        qmqp = self.settings.qmqp_listen[0] if self.settings.qmqp_listen else ""
+        beat = beat_of(ShardMap(self.settings), Listings(), listen, time.time(), qmqp)
         Registry.of(self.settings, connect_shared(self.settings)).claim(serve_spool(self.settings), beat, time.time())
 
     def _tend(self) -> None:

@@ -74,7 +74,8 @@ class Scheduler:
         """Claim the node's name and announce its shards and spool figures (NodeConflict if another
         live node holds the name)."""
         address = self.settings.smtp_listen[0] if self.settings.smtp_listen else ""
-        beat = beat_of(self.settler.map, self._listings, address, self._started)
+        qmqp = self.settings.qmqp_listen[0] if self.settings.qmqp_listen else ""
+        beat = beat_of(self.settler.map, self._listings, address, self._started, qmqp)
         self.registry.claim(self.identity, beat, time.time())
         self._beat = time.monotonic()
 
