@@ -132,6 +132,14 @@ class Settings:
     smtps_listen: list[str] = _setting([], "implicit-TLS SMTP listeners (port 465 style), host:port", _listen_list)
     submission_listen: list[str] = _setting([], "submission listeners (port 587 style: AUTH required), host:port",
                                             _listen_list)
+    role: str = _setting("node", "node: spool, pools and scheduler here | ingress: SMTP and sendmail only, each "
+                                 "message handed to a queue node over QMQP (no spool)",
+                         _check(lambda v: v in ("node", "ingress"), "node | ingress"))
+    qmqpservers: list[str] = _setting([], "queue nodes an ingress-only node hands mail to (host:port of their QMQP), "
+                                          "tried in turn; empty = the cluster's live nodes with qmqp_listen, least "
+                                          "loaded first", _listen_list)
+    qmqptimeout: int = _setting(60, "seconds an ingress-only node may spend handing one message over (every queue "
+                                    "node tried in that time)", POSITIVE)
     qmqp_listen: list[str] = _setting([], "QMQP listeners, host:port (qmail's port is 628); empty = no QMQP server",
                                       _listen_list)
     qmqpclients: list[str] = _setting([], "client networks allowed to hand mail over by QMQP (it relays whatever "

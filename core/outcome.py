@@ -81,3 +81,11 @@ class QueueUnavailable(Exception):
     def __init__(self, outcome: Deferred) -> None:
         super().__init__(outcome.text)
         self.outcome = outcome
+
+
+class QueueRefused(Exception):
+    """The queue node an ingress-only node handed the message to refused it for good (QMQP D)."""
+
+    def __init__(self, outcome: Failed) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome

@@ -1,7 +1,8 @@
 """Group commit for one ingress process: concurrent sessions' messages are committed in batches.
 
 Interface: ``Committer(submitter, threads)`` with ``await commit(draft) -> Envelope`` (raises
-``QueueUnavailable``) and ``close()``.
+``QueueUnavailable``) and ``close()``; ``IdSource`` and ``Intake``, the two things an SMTP session
+needs of whatever takes its mail (this, or an ingress-only node's ingress.handover).
 
 Why: a thread hop, a wake-up and a Redis round trip *per message* cost more CPU on a two-core
 machine than the SMTP conversation itself (measured: 449 msg/s with one executor call per
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import queue
 import threading
+from typing import Protocol
 
 from core.envelope import Envelope
 from core.outcome import Deferred, QueueUnavailable
@@ -29,6 +31,20 @@ from core.submit import Draft, Result, Submitter
 
 log = logging.getLogger("shardmail.committer")
 MAX_BATCH = 256
+
+
+class IdSource(Protocol):
+    """Where a session gets its message's queue id (core.submit's Submitter, or an ingress-only
+    node's ingress.handover)."""
+
+    def new_id(self) -> str: ...
+
+
+class Intake(Protocol):
+    """What takes a session's message: ``commit`` returns once it is safe, or raises
+    ``QueueUnavailable`` (451) or ``QueueRefused`` (554)."""
+
+    async def commit(self, draft: Draft) -> object: ...
 
 
 class Committer:

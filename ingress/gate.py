@@ -36,9 +36,8 @@ from core.address import routes_elsewhere, without_root_dot
 from core.config import Settings
 from core.directory import Directory
 from core.ratelimit import AsyncRateLimiter
-from core.submit import Submitter
 from ingress import replies
-from ingress.committer import Committer
+from ingress.committer import IdSource, Intake
 from ingress.dnsbl import Dnsbl, Hit
 from ingress.guard import tarpit
 from ingress.policy import Policy
@@ -48,7 +47,7 @@ log = logging.getLogger("shardmail.smtpd")
 
 
 class GatedHandler(Handler):
-    def __init__(self, settings: Settings, submitter: Submitter, committer: Committer, directory: Directory,
+    def __init__(self, settings: Settings, submitter: IdSource, committer: Intake, directory: Directory,
                  limiter: AsyncRateLimiter | None = None) -> None:
         super().__init__(settings, submitter, committer, directory)
         self.policy = Policy(settings)

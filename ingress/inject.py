@@ -10,23 +10,30 @@ Failures, as exit statuses (sysexits, like Postfix): 0 queued; 64 bad usage or n
 65 malformed address or message; 74 unreadable input; 75 the queue is unavailable (spool or
 Redis fault; try again later); 78 bad configuration.
 
-Settings: ``me``, ``databytes``, plus those of core.submit.
+With ``role = "ingress"`` the message goes to a queue node over QMQP (ingress.handover) instead of
+this node's spool; the exit status says the same things.
+
+Settings: ``me``, ``databytes``, ``role``, plus those of core.submit (or ingress.handover).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import getpass
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from core.address import check_mailbox
 from core.config import ConfigError, Settings, load
 from core.envelope import Client
-from core.outcome import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_USAGE, QueueUnavailable, exit_code
+from core.outcome import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_USAGE, QueueRefused, QueueUnavailable, exit_code
+
+if TYPE_CHECKING:
+    from ingress.handover import Handover
 
 _IGNORED_WITH_ARG = {"N", "B", "R", "V", "L", "O", "p", "X", "h"}
 _IGNORED_FLAGS = {"v", "m", "n", "U", "G", "bm"}
@@ -203,18 +210,33 @@ def main(argv: list[str], stdin: BinaryIO | None = None,
     from core.redis_conn import connect
     from core.submit import Draft, Submitter
 
-    submitter = Submitter(settings, connect(settings))
+    submitter: Submitter | Handover
+    submitter = Submitter(settings, connect(settings)) if settings.role == "node" else _handover(settings)
     message_id = submitter.new_id()
     received = (f"Received: (shardmail {message_id} invoked by {login});"
                 f" {email.utils.formatdate(localtime=True)}\r\n").encode()
     smtputf8 = not all(a.isascii() for a in [sender, *recipients])
+    draft = Draft(message_id, sender, recipients, received + message, Client(protocol="local", user=login), smtputf8)
     try:
-        submitter.accept(Draft(message_id, sender, recipients, received + message,
-                               Client(protocol="local", user=login), smtputf8))
+        if isinstance(submitter, Submitter):
+            submitter.accept(draft)
+        else:  # an ingress-only node: a queue node's K stands for our commit
+            asyncio.run(submitter.commit(draft))
     except QueueUnavailable as exc:
         print(f"sendmail: {exc.outcome.status} {exc.outcome.text}; try again later", file=sys.stderr)
         return exit_code(exc.outcome)
+    except QueueRefused as exc:
+        print(f"sendmail: {exc.outcome.status} {exc.outcome.text}", file=sys.stderr)
+        return exit_code(exc.outcome)
     return EX_OK
+
+
+def _handover(settings: Settings) -> Handover:
+    from core.nodes import Registry
+    from core.redis_conn import connect_shared
+    from ingress.handover import Handover
+
+    return Handover(settings, None if settings.qmqpservers else Registry.of(settings, connect_shared(settings)))
 
 
 def _login() -> str:

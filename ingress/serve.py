@@ -30,6 +30,7 @@ from core import sdnotify
 from core.auth import Authenticator, AuthThrottle
 from core.config import Settings
 from core.directory import open_directory
+from core.nodes import Registry
 from core.ratelimit import AsyncRateLimiter
 from core.redis_conn import connect, connect_async, connect_shared
 from core.submit import Submitter
@@ -37,6 +38,7 @@ from ingress.aiosmtpd_adapter import Server
 from ingress.committer import Committer
 from ingress.gate import GatedHandler
 from ingress.guard import ConnectionLimits, SessionGuard
+from ingress.handover import Handover
 from ingress.smtp_auth import AuthMechanisms
 from ingress.tls import TLSConfigError, server_context
 
@@ -72,15 +74,19 @@ async def serve(settings: Settings) -> None:
     if tls is None and (settings.submission_listen or settings.smtps_listen):
         raise TLSConfigError("submission_listen and smtps_listen need a certificate (tlscert, or `shardmail "
                              "gencert`): AUTH is only offered over TLS")
-    conn = connect(settings, max_connections=settings.ingress_threads + 4)
-    submitter = Submitter(settings, conn)
-    committer = Committer(submitter, settings.ingress_threads)
+    intake: Handover | Submitter
+    if settings.role == "ingress":  # no spool here: each message goes to a queue node over QMQP
+        intake = Handover(settings, None if settings.qmqpservers else Registry.of(settings, connect_shared(settings)))
+        committer: Handover | Committer = intake
+    else:
+        intake = Submitter(settings, connect(settings, max_connections=settings.ingress_threads + 4))
+        committer = Committer(intake, settings.ingress_threads)
     directory = open_directory(settings)
     limiter = None
     if settings.ratelimitip or settings.ratelimitsender:
         limiter = AsyncRateLimiter(connect_async(settings, connect_timeout=2, timeout=5), settings.redis_prefix,
                                    settings)
-    handler = GatedHandler(settings, submitter, committer, directory, limiter)
+    handler = GatedHandler(settings, intake, committer, directory, limiter)
     IngressServer.limits = ConnectionLimits(settings)
     IngressServer.guard_settings = settings
     throttle = AuthThrottle(connect_shared(settings), settings.redis_prefix, settings)  # for the cluster
@@ -129,7 +135,8 @@ async def serve(settings: Settings) -> None:
         await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in servers)), GRACE)
     except TimeoutError:
         log.warning("sessions still open after %.0f s; closing", GRACE)
-    committer.close()
+    if isinstance(committer, Committer):
+        committer.close()
 
 
 def main(settings: Settings) -> None:

@@ -39,17 +39,17 @@ from core.address import check_mailbox, clean_for_header, domain_matches, domain
 from core.config import Settings
 from core.directory import Directory, account_verdict, lookup_outcome
 from core.envelope import Client
-from core.outcome import Deferred, Failed, QueueUnavailable
-from core.submit import Draft, Submitter
+from core.outcome import Deferred, Failed, QueueRefused, QueueUnavailable
+from core.submit import Draft
 from ingress import replies
-from ingress.committer import Committer
+from ingress.committer import IdSource, Intake
 
 log = logging.getLogger("shardmail.smtpd")
 
 class Handler:
     """aiosmtpd hooks implementing shardmail's acceptance policy."""
 
-    def __init__(self, settings: Settings, submitter: Submitter, committer: Committer, directory: Directory) -> None:
+    def __init__(self, settings: Settings, submitter: IdSource, committer: Intake, directory: Directory) -> None:
         self.settings = settings
         self.submitter = submitter
         self.committer = committer
@@ -135,6 +135,8 @@ class Handler:
             await self.committer.commit(draft)
         except QueueUnavailable as exc:
             return replies.outcome(replace(exc.outcome, text=replies.TRY_AGAIN.format(text=exc.outcome.text)))
+        except QueueRefused as exc:  # an ingress-only node's queue node said no for good
+            return replies.outcome(exc.outcome)
         except Exception:
             log.exception("unexpected failure queueing %s", message_id)
             return replies.INTERNAL_ERROR.line

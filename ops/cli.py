@@ -45,6 +45,8 @@ def _serving(path: str | None) -> Settings:
     from core.nodes import SpoolOwned, serve_spool
 
     settings = _settings(path)
+    if settings.role == "ingress":  # an ingress-only node has no spool to serve
+        return settings
     try:
         serve_spool(settings)
     except SpoolOwned as exc:

@@ -147,6 +147,8 @@ class Supervisor:
         env = self._env()
         base = [sys.executable, "-m", "ops.cli"]
         children = [Child(f"smtpd-{i}", [*base, "smtpd"], env) for i in range(self.settings.processes)]
+        if self.settings.role == "ingress":  # no spool, so nothing to deliver, retry or serve by QMQP
+            return children
         if self.settings.qmqp_listen:
             children.append(Child("qmqpd", [*base, "qmqpd"], env))
         me = self.settings.me
@@ -172,7 +174,8 @@ class Supervisor:
             self.shutdown()
             return EX_UNAVAILABLE
         try:
-            self.claim_name()
+            if self.settings.role == "node":  # an ingress-only node serves no spool and claims no name
+                self.claim_name()
         except (NodeConflict, SpoolOwned) as exc:
             log.error("%s", exc)
             self.shutdown()
@@ -186,8 +189,10 @@ class Supervisor:
         for child in self.plan():
             child.start()
             self.children.append(child)
-        log.info("shardmail is running: SMTP on %s, %d shards, spool %s, Redis %s",
-                 ", ".join(self.settings.smtp_listen), self.settings.shards, self.settings.spool_root,
+        where = (f"{self.settings.shards} shards, spool {self.settings.spool_root}" if self.settings.role == "node"
+                 else "ingress only, handing mail over by QMQP to "
+                 + (", ".join(self.settings.qmqpservers) or "the cluster's queue nodes"))
+        log.info("shardmail is running: SMTP on %s, %s, Redis %s", ", ".join(self.settings.smtp_listen), where,
                  describe(self.settings))
         while not self._stopping:
             self._tend()

@@ -1,0 +1,144 @@
+"""An ingress-only node's intake: each accepted SMTP message is handed to a queue node over QMQP.
+
+Interface: ``Handover(settings, registry=None)`` with ``new_id()`` and ``await commit(draft)``, the
+same two calls ingress.smtpd makes of a spooling node's submitter and committer; ``Servers`` (which
+queue nodes, in which order). ``role = "ingress"`` makes ingress.serve use it.
+
+Why QMQP, as qmail's mini-qmail front ends did: the front end keeps no spool, so it can be added or
+lost without losing mail, and the client hears 250 only once a queue node said ``K`` after its own
+durable commit. Which queue node: ``qmqpservers`` in turn (qmail's control/qmqpservers), or, when
+that list is empty, the live nodes of the cluster that announce a QMQP listener (core.nodes'
+heartbeats), the least loaded (fewest spooled messages) first. A connect error, a timeout or ``Z``
+moves on to the next within ``qmqptimeout``; ``D`` is the queue node's verdict on the message.
+
+Failures: ``QueueUnavailable`` (451) when no queue node took the message (none known, every one
+down or saying ``Z``); ``QueueRefused`` (554, with the queue node's text and status) for ``D``.
+
+Settings: ``qmqpservers``, ``qmqptimeout``, ``me``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from core.config import Settings
+from core.envelope import new_id, node_tag
+from core.nodes import Registry
+from core.outcome import Deferred, Failed, QueueRefused, QueueUnavailable
+from core.qmqp import Reply, pack
+from core.submit import Draft
+
+log = logging.getLogger("shardmail.handover")
+REFRESH = 2.0  # s a list of queue nodes from the registry is reused
+MAX_REPLY = 65536
+_STATUS = re.compile(r"#?([245]\.\d{1,3}\.\d{1,3})")
+
+
+@dataclass
+class Servers:
+    """The queue nodes to try for the next message, in order."""
+
+    settings: Settings
+    registry: Registry | None = None
+    _turn: itertools.count[int] = field(default_factory=itertools.count)
+    _known: list[tuple[str, int]] = field(default_factory=list)
+    _read: float = -1e9
+
+    def static(self) -> list[tuple[str, int]]:
+        servers = []
+        for spec in self.settings.qmqpservers:
+            host, _, port = spec.rpartition(":")
+            servers.append((host.strip("[]"), int(port)))
+        return servers
+
+    def from_registry(self) -> list[tuple[str, int]]:
+        """Live nodes with a QMQP listener, fewest spooled first (heartbeat figures, cached)."""
+        if self.registry is None:
+            return []
+        now = time.monotonic()
+        if now - self._read > REFRESH:
+            try:
+                records = self.registry.nodes(time.time())
+            except redis.RedisError as exc:
+                log.warning("queue nodes not refreshed (Redis: %s); using the last list", exc)
+            else:
+                ranked = sorted((sum(s[0] for s in r.spool.values()), r.name, r.qmqp_address())
+                                for r in records if r.alive and r.qmqp and r.name != self.settings.node)
+                self._known = [address for _, _, address in ranked if address is not None]
+            self._read = now
+        return self._known
+
+    def order(self) -> list[tuple[str, int]]:
+        if self.settings.qmqpservers:
+            servers = self.static()
+            start = next(self._turn) % len(servers)
+            return servers[start:] + servers[:start]
+        return self.from_registry()
+
+
+class Handover:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.servers = Servers(settings, registry)
+        self._tag = node_tag(settings.me)
+
+    def new_id(self) -> str:
+        return new_id(self._tag)
+
+    async def commit(self, draft: Draft) -> Reply:
+        """The queue node's K, once one gave it; raises QueueUnavailable or QueueRefused."""
+        loop = asyncio.get_running_loop()
+        servers = await loop.run_in_executor(None, self.servers.order) if self.servers.registry else \
+            self.servers.order()
+        if not servers:
+            raise QueueUnavailable(Deferred("4.3.0", "no queue node is known (qmqpservers, heartbeats)"))
+        request = pack(draft.body, draft.sender, draft.recipients)
+        deadline = loop.time() + self.settings.qmqptimeout
+        last = Reply("Z", "no queue node answered")
+        for host, port in servers:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            reply = await _exchange(host, port, request, left)
+            if reply.accepted:
+                log.info("handed %s over to %s:%d: %s", draft.message_id, host, port, reply.text)
+                return reply
+            if reply.permanent:
+                raise QueueRefused(Failed(_status(reply.text, "5.0.0"), f"queue node {host}: {reply.text}"))
+            log.warning("queue node %s:%d did not take %s: %s", host, port, draft.message_id, reply.text)
+            last = reply
+        raise QueueUnavailable(Deferred(_status(last.text, "4.3.0"), f"no queue node took the message ({last.text})"))
+
+
+async def _exchange(host: str, port: int, request: bytes, timeout: float) -> Reply:
+    """One QMQP conversation; any trouble on the way is a Z (the message may go elsewhere)."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            writer.write_eof()
+            await writer.drain()
+            chunks: list[bytes] = []
+            while (chunk := await reader.read(4096)) and sum(map(len, chunks)) < MAX_REPLY:
+                chunks.append(chunk)
+            return Reply.decode(b"".join(chunks))
+    except (OSError, TimeoutError) as exc:
+        return Reply("Z", f"{host}:{port}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timeout'}")
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _status(text: str, default: str) -> str:
+    """The enhanced status code a reply's text carries (qmail's "(#5.1.1)" style), else ``default``;
+    always of the reply's own class."""
+    found = _STATUS.search(text)
+    return found.group(1) if found and found.group(1)[0] == default[0] else default
