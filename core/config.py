@@ -234,6 +234,11 @@ class Settings:
     quotawarningperiod: int = _setting(86400, "seconds between two quota warnings to one mailbox", POSITIVE)
     quotawarningtext: str = _setting("", "extra text for the quota warning (e.g. whom to contact)")
     clusterhosts: list[str] = _setting([], "other names of this node: mailHost values delivered here")
+    clusterforward: str = _setting("smtp", "how mail for a user whose mailHost is another node is handed over: "
+                                           "smtp (port 25 or smtproutes) | qmqp (port 628 or qmqproutes)",
+                                   _check(lambda v: v in ("smtp", "qmqp"), "smtp | qmqp"))
+    qmqproutes: list[str] = _setting([], "where cluster peers take QMQP, host:relay:port (smtproutes' format); "
+                                         "default: the mailHost itself on port 628")
     smtproutes: list[str] = _setting([], "static routes, qmail's format host:relay:port (cluster peers too)")
     dnsresolvers: list[str] = _setting([], "DNS resolvers for MX lookups, address[:port]; empty = the system's")
     dnstimeout: int = _setting(10, "seconds a DNS lookup may take before it counts as a temporary failure", POSITIVE)

@@ -4,7 +4,8 @@ Interface: ``netstring(data) -> bytes``; ``pack(message, sender, recipients) -> 
 request: an outer netstring holding the message's, the sender's and each recipient's; the message
 with LF line ends, as the protocol has it); ``unpack(payload) -> Request``; ``read_netstring(reader,
 limit)`` (asyncio: one netstring off a stream, the length field bounded); ``Reply`` (``code`` K
-accepted, Z temporary, D permanent, and its text) with ``encode()`` and ``Reply.decode(raw)``;
+accepted, Z temporary, D permanent, and its text) with ``encode()``, ``outcome()`` (as a
+``Delivered``/``Deferred``/``Failed``) and ``Reply.decode(raw)``;
 ``send(host, port, request, timeout) -> Reply`` (one request per connection, as qmail's qmqpc and
 Postfix's qmqpd do).
 
@@ -23,12 +24,16 @@ Settings: none (callers pass limits and timeouts).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from core.outcome import Deferred, Delivered, Failed, Outcome
+
 MAX_LENGTH_DIGITS = 10  # a length field longer than this is garbage, not a message
+_STATUS = re.compile(r"#?([245]\.\d{1,3}\.\d{1,3})")
 
 
 class ProtocolError(ValueError):
@@ -129,6 +134,17 @@ class Reply:
     def encode(self) -> bytes:
         return netstring(self.code.encode() + self.text.encode("utf-8", "replace"))
 
+    def outcome(self, where: str = "") -> Outcome:
+        """The reply as a delivery outcome, its enhanced status code taken from the text when it
+        carries one of its own class (qmail's "(#5.1.1)" style)."""
+        default = {"K": "2.0.0", "Z": "4.3.0", "D": "5.0.0"}[self.code]
+        found = _STATUS.search(self.text)
+        status = found.group(1) if found and found.group(1)[0] == default[0] else default
+        text = f"{self.text} ({where})" if where else self.text
+        if self.code == "K":
+            return Delivered(text, status)
+        return Deferred(status, text) if self.code == "Z" else Failed(status, text)
+
     @classmethod
     def decode(cls, raw: bytes) -> Reply:
         """A reply netstring; anything that is not one is a temporary failure (we cannot know the
@@ -157,7 +173,7 @@ def send(host: str, port: int, request: bytes, timeout: float) -> Reply:
                 if sum(len(c) for c in chunks) > 65536:
                     break
     except OSError as exc:
-        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc}")
+        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.1)")
     if not chunks:
-        return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply")
+        return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply (#4.4.2)")
     return Reply.decode(b"".join(chunks))

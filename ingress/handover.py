@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +37,6 @@ from core.submit import Draft
 log = logging.getLogger("shardmail.handover")
 REFRESH = 2.0  # s a list of queue nodes from the registry is reused
 MAX_REPLY = 65536
-_STATUS = re.compile(r"#?([245]\.\d{1,3}\.\d{1,3})")
 
 
 @dataclass
@@ -111,10 +109,13 @@ class Handover:
                 log.info("handed %s over to %s:%d: %s", draft.message_id, host, port, reply.text)
                 return reply
             if reply.permanent:
-                raise QueueRefused(Failed(_status(reply.text, "5.0.0"), f"queue node {host}: {reply.text}"))
+                refusal = reply.outcome(f"queue node {host}")
+                assert isinstance(refusal, Failed)
+                raise QueueRefused(refusal)
             log.warning("queue node %s:%d did not take %s: %s", host, port, draft.message_id, reply.text)
             last = reply
-        raise QueueUnavailable(Deferred(_status(last.text, "4.3.0"), f"no queue node took the message ({last.text})"))
+        status = last.outcome().status
+        raise QueueUnavailable(Deferred(status, f"no queue node took the message ({last.text})"))
 
 
 async def _exchange(host: str, port: int, request: bytes, timeout: float) -> Reply:
@@ -136,9 +137,3 @@ async def _exchange(host: str, port: int, request: bytes, timeout: float) -> Rep
         if writer is not None:
             writer.close()
 
-
-def _status(text: str, default: str) -> str:
-    """The enhanced status code a reply's text carries (qmail's "(#5.1.1)" style), else ``default``;
-    always of the reply's own class."""
-    found = _STATUS.search(text)
-    return found.group(1) if found and found.group(1)[0] == default[0] else default

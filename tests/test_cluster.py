@@ -1,6 +1,6 @@
 """Two shardmail nodes on loopback, one Redis and one prefix (each node's name its namespace): mail
-for a user whose mailHost is the other node is handed over SMTP and delivered there; a message a
-peer already handed over is never sent round again."""
+for a user whose mailHost is the other node is handed over (SMTP, or QMQP with clusterforward =
+qmqp) and delivered there; a message a peer already handed over is never sent round again."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Node, free_port, wait_until
+from tests.test_qmqpd import listens
 
 USERS = """dn: uid=remote,ou=people,dc=example,dc=test
 objectClass: inetOrgPerson
@@ -34,29 +37,41 @@ mailMessageStore: pingpong/
 """
 
 
-def start(node: Node) -> Path:
-    """smtpd and a local pool; returns the pool's log."""
+def start(node: Node, qmqp: bool = False) -> Path:
+    """smtpd, a local pool (and qmqpd); returns the pool's log."""
     node.start_smtpd()
     log = node.var_dir.parent / "worker.log"
-    with open(log, "wb") as out:
-        node.procs.append(subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "local"], env=node.env,
-                                           stdout=out, stderr=subprocess.STDOUT))
+    roles = [["worker", "local"]] + ([["qmqpd"]] if qmqp else [])
+    for role in roles:
+        with open(node.var_dir.parent / f"{role[0]}.log", "wb") as out:
+            node.procs.append(subprocess.Popen([sys.executable, "-m", "ops.cli", *role], env=node.env,
+                                               stdout=out, stderr=subprocess.STDOUT))
     return log
 
 
-def test_mailhost_routes_to_the_peer_and_loops_are_refused(node_factory: Callable[..., Node], tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["smtp", "qmqp"])
+def test_mailhost_routes_to_the_peer_and_loops_are_refused(node_factory: Callable[..., Node], tmp_path: Path,
+                                                           transport: str) -> None:
     users = tmp_path / "cluster.ldif"
     users.write_text(USERS)
     port_b = free_port()
+    qmqp_a, qmqp_b = free_port(), free_port()
+    by_qmqp = {"clusterforward": "qmqp", "qmqpclients": "127.0.0.0/8"} if transport == "qmqp" else {}
     node_a = node_factory(me="mx.test.example", users_ldif=str(users), node="mx1",
-                          ldapmessagestore=str(tmp_path / "mail-a"),
-                          smtproutes=f"mx2.test.example:127.0.0.1:{port_b},mx3.test.example:127.0.0.1:{port_b}")
+                          ldapmessagestore=str(tmp_path / "mail-a"), qmqp_listen=f"127.0.0.1:{qmqp_a}",
+                          smtproutes=f"mx2.test.example:127.0.0.1:{port_b},mx3.test.example:127.0.0.1:{port_b}",
+                          qmqproutes=f"mx2.test.example:127.0.0.1:{qmqp_b},mx3.test.example:127.0.0.1:{qmqp_b}",
+                          **by_qmqp)
     node_b = node_factory(me="mx2.test.example", users_ldif=str(users), node="mx2",
                           ldapmessagestore=str(tmp_path / "mail-b"), smtp_listen=f"127.0.0.1:{port_b}",
-                          smtproutes=f"mx3.test.example:127.0.0.1:{node_a.port}")
+                          qmqp_listen=f"127.0.0.1:{qmqp_b}", smtproutes=f"mx3.test.example:127.0.0.1:{node_a.port}",
+                          qmqproutes=f"mx3.test.example:127.0.0.1:{qmqp_a}", **by_qmqp)
     node_b.port = port_b
-    start(node_a)
-    log_b = start(node_b)
+    start(node_a, transport == "qmqp")
+    log_b = start(node_b, transport == "qmqp")
+    if transport == "qmqp":
+        for port in (qmqp_a, qmqp_b):
+            wait_until(lambda port=port: listens(port), timeout=20, what="qmqpd listening")
     with smtplib.SMTP("127.0.0.1", node_a.port, timeout=10) as client:
         client.sendmail("a@example.net", ["remote@test.example"], b"Subject: to the other node\r\n\r\nhi\r\n")
         client.sendmail("a@example.net", ["pingpong@test.example"], b"Subject: round and round\r\n\r\nhi\r\n")
@@ -64,6 +79,7 @@ def test_mailhost_routes_to_the_peer_and_loops_are_refused(node_factory: Callabl
     wait_until(lambda: inbox.exists() and len(list(inbox.iterdir())) == 1, timeout=30)
     message = next(inbox.iterdir()).read_bytes()
     assert b"X-Shardmail-Cluster: mx.test.example\n" in message
+    assert (b"with QMQP" in message) == (transport == "qmqp")
     assert b"Subject: to the other node" in message
     assert not (tmp_path / "mail-a" / "remote").exists()
     # pingpong: A hands it to B (mx3 routes there); B must not send it on: it fails 5.4.6 there
