@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
 SHIPPED_BINARY = "/usr/local/bin/shardmail"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"  # scripts/setup.sh: systemd
-ROLES = {"run", "smtpd", "worker local", "worker remote", "scheduler", "metrics"}
+ROLES = {"run", "smtpd", "qmqpd", "worker local", "worker remote", "scheduler", "metrics"}
+OPTIONAL = {"shardmail.service", "shardmail-qmqpd.service"}  # not pulled in by shardmail-roles.target
 HARDENING = {"ProtectSystem": "strict", "NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectHome": "yes",
              "ProtectKernelTunables": "yes", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
              "User": "shardmail", "ReadWritePaths": "/var/lib/shardmail"}
@@ -100,13 +101,13 @@ def test_every_role_has_a_unit_that_runs_a_real_subcommand_with_a_restart_policy
         assert "78" in service["RestartPreventExitStatus"][0].split(), path.name  # a configuration error stays down
         for key, value in HARDENING.items():
             assert service.get(key) == [value], (path.name, key, service.get(key))
-        binds = "smtpd" in argv or "run" in argv
+        binds = "smtpd" in argv or "qmqpd" in argv or "run" in argv
         assert service["CapabilityBoundingSet"] == (["CAP_NET_BIND_SERVICE"] if binds else [""]), path.name
     assert set(commands) == ROLES, commands
     assert keys(UNITS / "shardmail.service")["Service"]["KillMode"] == ["mixed"]  # the supervisor stops Redis last
     target = keys(UNITS / "shardmail-roles.target")["Unit"]
     wanted = {w for line in target["Wants"] for w in line.split()}
-    assert {re.sub(r"@\d+\.", "@.", w) for w in wanted} == set(commands.values()) - {"shardmail.service"}
+    assert {re.sub(r"@\d+\.", "@.", w) for w in wanted} == set(commands.values()) - OPTIONAL
     assert target["Conflicts"] == ["shardmail.service"]
 
 
@@ -158,6 +159,16 @@ def test_smtpd_is_ready_when_it_listens(node_factory: Callable[..., Node], liste
     message = listener.receive()
     assert _connectable(node.port)  # READY=1 means the listener is bound and accepting now
     assert message == {"READY": "1", "STATUS": f"SMTP on 127.0.0.1:{node.port}"}
+    assert listener.pending() == []
+
+
+def test_qmqpd_is_ready_when_it_listens(node_factory: Callable[..., Node], listener: Listener) -> None:
+    port = free_port()
+    node = node_factory(qmqp_listen=f"127.0.0.1:{port}", qmqpclients="127.0.0.1/32")
+    start(node, ["qmqpd"], listener.address)
+    message = listener.receive()
+    assert _connectable(port)
+    assert message == {"READY": "1", "STATUS": f"QMQP on 127.0.0.1:{port}"}
     assert listener.pending() == []
 
 
