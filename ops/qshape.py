@@ -112,9 +112,11 @@ def _shape_dir_args(args: tuple[str, str, str, float]) -> Tally:
 
 
 def shape(settings: Settings, shards: Iterable[int], which: str, by: str, now: float,
-          processes: int | None = None) -> list[Row]:
+          processes: int | None = None, start: str = "fork") -> list[Row]:
     """Read every split directory of the shards, ``processes`` (default ``PER_CORE`` a core) sharing
-    them out, reading only envelopes and marks; merge the counts."""
+    them out, reading only envelopes and marks; merge the counts. ``start``: how the processes
+    start (multiprocessing's start method: ``forkserver`` from a process with threads, which
+    must not fork)."""
     shard_map = ShardMap(settings)
     units = [(directory, which, by, now) for shard in shards for directory in shard_map.spool(shard).queue_dirs()]
     processes = processes or PER_CORE * (os.cpu_count() or 1)
@@ -134,7 +136,7 @@ def shape(settings: Settings, shards: Iterable[int], which: str, by: str, now: f
         for unit in units:
             merge(_shape_dir(*unit))
     else:
-        with ProcessPoolExecutor(min(processes, len(units)), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(min(processes, len(units)), mp_context=multiprocessing.get_context(start)) as pool:
             for tally in pool.map(_shape_dir_args, units):
                 merge(tally)
     return [total, *sorted(rows.values(), key=lambda r: (-r.total, r.domain))]
