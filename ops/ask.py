@@ -12,8 +12,8 @@ Why Redis: every node already reaches the cluster's main deployment (core.redis_
 JSON request ``{id, node, what, args, reply_key, deadline}`` onto each node's list
 ``<prefix>:ask:<node>`` (and gives the list an expiry, so that a dead node's unanswered requests do
 not pile up), then BLPOPs its own reply key ``<prefix>:ask:reply:<id>`` until every node answered
-or its one overall deadline passed. The answerer BLPOPs its node's list (a second at a time, so
-that it stops promptly), runs the handler named by ``what`` and LPUSHes the JSON reply ``{id,
+or its one overall deadline passed. The answerer BLPOPs its node's list (half a second at a
+time, so that it stops promptly), runs the handler named by ``what`` and LPUSHes the JSON reply ``{id,
 node, ok, data, error}`` to the reply key with a short expiry (nobody may read it: the asker gave
 up). A node that does not answer in time is the asker's to report (never silently left out).
 
@@ -48,7 +48,8 @@ from core.shards import Namespace
 log = logging.getLogger("shardmail.ask")
 MAX_REQUEST = 16 * 1024  # bytes of one encoded request
 MAX_REPLY = 4 * 1024 * 1024  # bytes of one encoded reply (handlers trim their data to fit)
-POLL = 1.0  # s per BLPOP: the answerer sees its stop within this, the asker stays under the socket timeout
+POLL = 1.0  # s per BLPOP of the asker: well under the client's socket timeout
+ANSWER_WAIT = 0.5  # s per BLPOP of the answerer: it sees its stop within this (a scheduler stops promptly)
 REPLY_TTL = 30  # s a reply nobody read stays in Redis
 REQUEST_TTL = 60  # s beyond its deadline a node's request list lives without new requests
 MAX_BACKOFF = 5.0
@@ -159,6 +160,7 @@ def ask(conn: redis.Redis, space: Namespace, nodes: Iterable[str], what: str, ar
         return answers
     request_id = uuid.uuid4().hex
     reply_key = reply_prefix(space) + request_id
+    ends = time.monotonic() + timeout  # here; the requests carry it as the cluster's (wall) clock says
     deadline = time.time() + timeout
     with conn.pipeline(transaction=False) as pipe:
         for node in nodes:
@@ -169,7 +171,7 @@ def ask(conn: redis.Redis, space: Namespace, nodes: Iterable[str], what: str, ar
     waiting = set(nodes)
     try:
         while waiting:
-            left = deadline - time.time()
+            left = ends - time.monotonic()
             if left <= 0:
                 break
             got = conn.blpop([reply_key], timeout=min(POLL, max(left, 0.01)))
@@ -237,7 +239,7 @@ class Answerer:
             pipe.expire(reply_key, REPLY_TTL)
             pipe.execute()
 
-    def once(self, wait: float = POLL) -> bool:
+    def once(self, wait: float = ANSWER_WAIT) -> bool:
         """Take one request (waiting up to ``wait`` s) and answer it; False if none came."""
         got = self.conn.blpop([self.key], timeout=wait)
         if got is None:
@@ -248,7 +250,7 @@ class Answerer:
         return True
 
     def serve(self, stop: threading.Event) -> None:
-        """Answer until ``stop`` is set (seen within ``POLL`` seconds)."""
+        """Answer until ``stop`` is set (seen within ``ANSWER_WAIT`` seconds)."""
         backoff = 0.2
         while not stop.is_set():
             try:

@@ -46,7 +46,7 @@ from core.config import Settings
 from core.nodes import Registry
 from core.shards import Namespace, ShardMap
 from ops.ask import MAX_REPLY, Handler, ask
-from ops.qshape import Row, render, shape
+from ops.qshape import BUCKETS, Row, render, shape
 from ops.queue import Filter, QueueAdmin, render_message, summary_line
 
 log = logging.getLogger("shardmail.cluster_spool")
@@ -156,10 +156,38 @@ class Gathered:
         return [a.node for a in self.nodes if not a.known]
 
 
+def _is_shape(data: Any) -> bool:
+    rows = data.get("rows") if isinstance(data, dict) else None
+    return bool(rows) and isinstance(rows, list) and all(
+        isinstance(r, dict) and isinstance(r.get("domain"), str) and isinstance(r.get("total"), int)
+        and isinstance(r.get("counts"), list) and len(r["counts"]) == len(BUCKETS) + 1
+        and all(isinstance(c, int) for c in r["counts"]) for r in rows) and rows[0]["domain"] == "TOTAL"
+
+
+def _is_listing(data: Any) -> bool:
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        return False
+    total = data.get("total")
+    return isinstance(total, dict) and all(isinstance(total.get(k), int) for k in
+                                           ("messages", "held", "active", "size", "recipients")) and all(
+        map(_is_message, data["messages"]))
+
+
+def _is_message(doc: Any) -> bool:
+    return isinstance(doc, dict) and {"id", "shard", "held", "active", "size", "arrival", "sender"} <= doc.keys() \
+        and isinstance(doc.get("recipients"), list) and all(
+            isinstance(r, dict) and isinstance(r.get("address"), str) and isinstance(r.get("state"), str)
+            for r in doc["recipients"])
+
+
+READABLE = {QSHAPE: _is_shape, QUEUE: _is_listing}  # what an answer must look like to be shown
+
+
 def gather(settings: Settings, conn: redis.Redis, what: str, args: dict[str, Any], timeout: float,
            now: float | None = None) -> Gathered:
     """Every node of the registry, by name: the live ones asked at once (one deadline), the dead
-    ones marked. ``conn``: the cluster's main deployment."""
+    ones marked, an answer that does not look like one (another version, say) an error.
+    ``conn``: the cluster's main deployment."""
     now = time.time() if now is None else now
     records = Registry.of(settings, conn).nodes(now)
     replies = ask(conn, Namespace.of(settings), [r.name for r in records if r.alive], what, args, timeout)
@@ -173,6 +201,8 @@ def gather(settings: Settings, conn: redis.Redis, what: str, args: dict[str, Any
             answers.append(NodeAnswer(record.name, "no answer", record.beat))
         elif not reply.ok:
             answers.append(NodeAnswer(record.name, "error", record.beat, error=reply.error))
+        elif what in READABLE and not READABLE[what](reply.data):
+            answers.append(NodeAnswer(record.name, "error", record.beat, error="an answer of an unknown form"))
         else:
             answers.append(NodeAnswer(record.name, "ok", record.beat, reply.data))
     return Gathered(now, timeout, answers)

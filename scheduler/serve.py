@@ -48,7 +48,7 @@ from core.outcome import EX_CONFIG
 from core.shards import Namespace
 from core.spool import Listings
 from core.submit import Submitter
-from ops.ask import POLL, start_answerer
+from ops.ask import ANSWER_WAIT, start_answerer
 from ops.cluster_spool import handlers
 from scheduler.retry import Settler
 from scheduler.sweep import Sweeper
@@ -56,7 +56,7 @@ from scheduler.sweep import Sweeper
 log = logging.getLogger("shardmail.scheduler")
 PASS_WAIT = 0.2  # s between passes when there was nothing to do (an idle pass: two round trips)
 MAX_BACKOFF = 5.0
-ANSWERER_JOIN = POLL + 1.0  # s to wait at shutdown for the answerer (it sees the stop within POLL)
+ANSWERER_JOIN = ANSWER_WAIT + 1.0  # s to wait at shutdown for the answerer (it sees the stop within ANSWER_WAIT)
 
 
 class Scheduler:

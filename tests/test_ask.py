@@ -16,13 +16,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from core.config import load
 from core.envelope import Mark
-from core.nodes import Registry
+from core.nodes import Beat, Identity, Registry
 from core.redis_conn import connect_shared
 from core.shards import Namespace, ShardMap
 from ops.ask import (
@@ -39,7 +42,7 @@ from ops.ask import (
     request_key,
     start_answerer,
 )
-from ops.cluster_spool import answer_qshape
+from ops.cluster_spool import answer_qshape, qshape_cluster, qshape_dict, render_qshape
 from tests.conftest import Node
 from tests.support import free_port, wait_until
 from tests.test_qshape import put
@@ -126,6 +129,42 @@ def test_ask_gathers_with_one_deadline_and_names_the_silent(redis_url: str) -> N
     assert answers["ghost"] is None and 0.8 <= took < 2.0
     assert conn.keys("t:ask:reply:*") == []  # the asker cleans its reply key
     assert conn.llen(request_key(SPACE, "ghost")) == 1 and 0 < conn.ttl(request_key(SPACE, "ghost")) <= 61
+
+
+def test_gather_shows_every_node_ok_dead_silent_or_unreadable(redis_url: str, tmp_path: Path) -> None:
+    settings = load(env={"SHARDMAIL_REDIS_URL": redis_url, "SHARDMAIL_VAR_DIR": str(tmp_path), "SHARDMAIL_NODE": "ok",
+                         "SHARDMAIL_NODEDEADAFTER": "30"})
+    conn = redis.Redis.from_url(redis_url)
+    registry = Registry.of(settings, conn)
+    now = time.time()
+    for name, beat in (("ok", now), ("gone", now - 3600), ("mute", now), ("odd", now)):
+        registry.claim(Identity(name, name * 8), Beat(), beat)
+    total = {"domain": "TOTAL", "total": 2, "counts": [2] + [0] * 9}
+    rows = {"rows": [total, {**total, "domain": "x.example"}], "omitted": 0}
+    stop = threading.Event()
+    space = Namespace.of(settings)
+    threads = [start_answerer(conn, replace(space, node="ok"), {"qshape": lambda args: rows}, stop),
+               start_answerer(conn, replace(space, node="odd"), {"qshape": lambda args: {"rows": "?"}}, stop)]
+    try:
+        began = time.monotonic()
+        cluster = qshape_cluster(settings, conn, timeout=0.5)
+        took = time.monotonic() - began
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+    assert {a.node: a.state for a in cluster.gathered.nodes} == {"gone": "dead", "mute": "no answer", "odd": "error",
+                                                                 "ok": "ok"}
+    assert 0.5 <= took < 2
+    doc = qshape_dict(cluster)
+    assert [n["data"] for n in doc["nodes"]] == [None, None, None, rows]
+    assert doc["total"]["unknown"] == ["gone", "mute", "odd"] and doc["total"]["rows"] == rows["rows"]
+    text = render_qshape(cluster)
+    since = time.strftime("%H:%M:%S", time.localtime(now - 3600))
+    for line in (f"gone: dead since {since}, share unknown", "mute: no answer within 0.5 s, share unknown",
+                 "odd: error (an answer of an unknown form), share unknown",
+                 "-- TOTAL: 1 of 4 nodes; unknown: gone, mute, odd (their mail is not in the TOTAL)"):
+        assert line in text.splitlines(), text
 
 
 def test_a_big_spool_is_counted_by_processes_from_a_fork_server(node_factory: Callable[..., Node],
