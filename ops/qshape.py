@@ -7,7 +7,9 @@ Every pending recipient counts once, under its domain (``--by recipient``, the d
 its message's sender domain (``--by sender``), in the age bucket of its message (the time since
 it arrived): 0-5, 5-10, 10-20 ... 640-1280 and over 1280 minutes, Postfix's buckets. ``ready``
 counts recipients never tried yet, ``deferred`` those whose last attempt was deferred, ``all``
-both. The first row is the total; then domains by their count, biggest first.
+both. The first row is the total; then domains by their count, biggest first. ``--json`` prints
+``{which, by, rows: [{domain, total, counts}]}`` (counts per bucket, the last beyond them all);
+``--cluster`` gathers every node's (ops.cluster_spool).
 
 Fast on big queues (a million messages in a few seconds): an entry is read only as far as its
 envelope line and its marks (core.spool's ``heads``: the body is never read), and the spool's

@@ -14,7 +14,8 @@ Ids are unique per node and say nothing about their shard, so a message is looke
 shard of the shard map (``Spool.where``: two stats each, queued and held).
 
 - ``list`` reads each entry's envelope line and marks, never its body (core.spool's ``peek``); it
-  streams shard by shard in directory order, so it stays flat on big queues. Held messages are
+  streams shard by shard in directory order, so it stays flat on big queues (``--limit N``: the
+  first N, and the JSON says ``truncated``; ``--cluster``: every node's, ops.cluster_spool). Held messages are
   flagged ``!``, messages with a delivery in flight ``*`` (from the started registries, when
   Redis answers). The first word of each message line is its id, so its output can be piped into
   the other commands with ``-``.
