@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -237,11 +236,12 @@ def own_qshape(node: Node) -> dict[str, list[int]]:
 
 
 def summed(*shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    total: dict[str, Counter[int]] = {}
+    """qshape rows added up, domain by domain and bucket by bucket."""
+    total: dict[str, list[int]] = {}
     for shape in shapes:
         for domain, counts in shape.items():
-            total.setdefault(domain, Counter()).update(dict(enumerate(counts)))
-    return {d: [c[i] for i in range(len(next(iter(shapes[0].values()))))] for d, c in total.items()}
+            total[domain] = [a + b for a, b in zip(total.get(domain, [0] * len(counts)), counts, strict=True)]
+    return total
 
 
 def cluster_rows(doc: dict[str, Any]) -> dict[str, list[int]]:
@@ -311,6 +311,8 @@ def test_cluster_qshape_and_queue_list_over_three_nodes_one_silent_one_dead(
     for proc in nodes["n2"].procs:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+    host, port = nodes["n2"].settings().smtp_listen[0].rsplit(":", 1)
+    assert not listening(host, int(port))  # nothing of n2 is left
     wait_until(lambda: {r.name: r.alive for r in registry.nodes(time.time())} == {"n1": True, "n2": False,
                                                                                    "n3": True},
                timeout=20, what="n2 dead, n3 beating again")
