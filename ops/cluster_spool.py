@@ -86,7 +86,7 @@ def answer_qshape(settings: Settings, args: dict[str, Any], parallel_from: int =
     """This node's ``qshape`` over all its shards: TOTAL first, then up to ``MAX_DOMAINS`` domains.
     A spool of ``parallel_from`` entries or more is read by ``qshape``'s processes, started from a
     fork server (the answerer is a thread: its process must not fork); a smaller one, or one whose
-processes could not start, in this thread."""
+    processes could not start, in this thread."""
     which = _choice(args, "which", ("all", "ready", "deferred"))
     by = _choice(args, "by", ("recipient", "sender"))
     shard_map = ShardMap(settings)
@@ -245,15 +245,18 @@ class ClusterShape:
         total = Row("TOTAL")
         rows: dict[str, Row] = {}
         for answer in self.gathered.nodes:
-            if not answer.known:
-                continue
-            own_total, *domains = self.node_rows(answer)
-            for target, source in [(total, own_total)] + [(rows.setdefault(r.domain, Row(r.domain)), r)
-                                                          for r in domains]:
-                for bucket, count in enumerate(source.counts):
-                    if count:
-                        target.add(bucket, count)
+            if answer.known:
+                own_total, *domains = self.node_rows(answer)
+                _add(total, own_total)
+                for row in domains:
+                    _add(rows.setdefault(row.domain, Row(row.domain)), row)
         return [total, *sorted(rows.values(), key=lambda r: (-r.total, r.domain))]
+
+
+def _add(target: Row, source: Row) -> None:
+    for bucket, count in enumerate(source.counts):
+        if count:
+            target.add(bucket, count)
 
 
 def qshape_cluster(settings: Settings, conn: redis.Redis, which: str = "all", by: str = "recipient",
@@ -275,9 +278,9 @@ def render_qshape(cluster: ClusterShape, top: int = 0) -> str:
     if not gathered.nodes:
         return "no node has announced itself (each node's scheduler sends its heartbeat)"
     lines = [render(cluster.merged(), top), "", "per node:"]
-    known = [cluster.node_rows(a)[0] for a in gathered.nodes if a.known]
-    table = render([Row(a.node, r.total, r.counts) for a, r in zip(
-        [a for a in gathered.nodes if a.known], known, strict=True)]).splitlines() if known else []
+    answering = [a for a in gathered.nodes if a.known]
+    table = render([Row(a.node, total.total, total.counts) for a in answering
+                    for total in cluster.node_rows(a)[:1]]).splitlines() if answering else []
     rows = iter(table[1:])  # after the header: one per answering node, in order
     if table:
         lines.append(table[0])

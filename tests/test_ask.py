@@ -125,7 +125,7 @@ def test_ask_gathers_with_one_deadline_and_names_the_silent(redis_url: str) -> N
         thread.join(5)
     assert not thread.is_alive()  # stopped within its poll
     assert answers["n1"] == Reply(answers["n1"].id, "n1", True, {"node": "n1", "q": 2})  # type: ignore[union-attr]
-    assert answers["ghost"] is None and 0.8 <= took < 2.0
+    assert answers["ghost"] is None and 0.8 <= took < 4
     assert conn.keys("t:ask:reply:*") == []  # the asker cleans its reply key
     assert conn.llen(request_key(SPACE, "ghost")) == 1 and 0 < conn.ttl(request_key(SPACE, "ghost")) <= 61
 
@@ -154,7 +154,7 @@ def test_gather_shows_every_node_ok_dead_silent_or_unreadable(redis_url: str, tm
             thread.join(5)
     assert {a.node: a.state for a in cluster.gathered.nodes} == {"gone": "dead", "mute": "no answer", "odd": "error",
                                                                  "ok": "ok"}
-    assert 0.5 <= took < 2
+    assert 0.5 <= took < 4
     doc = qshape_dict(cluster)
     assert [n["data"] for n in doc["nodes"]] == [None, None, None, rows]
     assert doc["total"]["unknown"] == ["gone", "mute", "odd"] and doc["total"]["rows"] == rows["rows"]
@@ -186,6 +186,7 @@ def test_a_big_spool_is_counted_by_processes_from_a_fork_server(node_factory: Ca
 
 # -- three real nodes ---------------------------------------------------------------------------------
 HOSTS = {"n1": "127.0.0.2", "n2": "127.0.0.3", "n3": "127.0.0.4"}
+PATIENT = ("--timeout", "15")  # where every live node should answer: returns as soon as they all did
 
 
 def cli(node: Node, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
@@ -270,24 +271,24 @@ def test_cluster_qshape_and_queue_list_over_three_nodes_one_silent_one_dead(
 
     # every node answers: the cluster's TOTAL is the sum of the nodes' own qshape
     own = {name: own_qshape(node) for name, node in nodes.items()}
-    doc = as_json(cli(first, "qshape", "--cluster", "--json"))
+    doc = as_json(cli(first, "qshape", "--cluster", "--json", *PATIENT))
     assert states(doc) == {"n1": "ok", "n2": "ok", "n3": "ok"}
     assert doc["total"]["unknown"] == [] and doc["total"]["answered"] == 3
     assert cluster_rows(doc) == summed(*own.values())
     assert cluster_rows(doc)["TOTAL"] == [sum(c) for c in zip(*(o["TOTAL"] for o in own.values()), strict=True)]
     assert sum(cluster_rows(doc)["TOTAL"]) == sum(2 * (2 + i) + 1 for i in range(3))  # see fill: held not counted
-    text = cli(first, "qshape", "--cluster").stdout
+    text = cli(first, "qshape", "--cluster", *PATIENT).stdout
     assert "-- TOTAL: all 3 node(s)" in text
     assert [line.split()[0] for line in text.split("per node:")[1].splitlines()[2:5]] == ["n1", "n2", "n3"]
 
-    listing = as_json(cli(first, "queue", "list", "--cluster", "--json"))
+    listing = as_json(cli(first, "queue", "list", "--cluster", "--json", *PATIENT))
     assert {n["node"]: {m["id"] for m in n["data"]["messages"]} for n in listing["nodes"]} == ids
     assert listing["total"]["messages"] == sum(map(len, ids.values())) and listing["total"]["held"] == 3
-    text = cli(first, "queue", "list", "--cluster").stdout
+    text = cli(first, "queue", "list", "--cluster", *PATIENT).stdout
     for name, node_ids in ids.items():
         assert all(listed(text, message_id, name) for message_id in node_ids), text
         assert f"-- {name}: {len(node_ids)} message(s)" in text
-    short = as_json(cli(first, "queue", "list", "--cluster", "--json", "--limit", "2"))
+    short = as_json(cli(first, "queue", "list", "--cluster", "--json", "--limit", "2", *PATIENT))
     assert [len(n["data"]["messages"]) for n in short["nodes"]] == [2, 2, 2] and short["total"]["truncated"]
 
     # n3's scheduler stopped: its heartbeat still counts as alive (here, for 60 s), its share "no answer"
@@ -295,16 +296,16 @@ def test_cluster_qshape_and_queue_list_over_three_nodes_one_silent_one_dead(
     os.kill(scheduler3.pid, signal.SIGSTOP)
     try:
         began = time.monotonic()
-        doc = as_json(cli(first, "qshape", "--cluster", "--json", "--timeout", "1.5", nodedeadafter="60"))
+        doc = as_json(cli(first, "qshape", "--cluster", "--json", "--timeout", "2.5", nodedeadafter="60"))
         took = time.monotonic() - began
-        text = cli(first, "queue", "list", "--cluster", "--timeout", "1.5", nodedeadafter="60").stdout
+        text = cli(first, "queue", "list", "--cluster", "--timeout", "2.5", nodedeadafter="60").stdout
     finally:
         os.kill(scheduler3.pid, signal.SIGCONT)
-    assert states(doc) == {"n1": "ok", "n2": "ok", "n3": "no answer"} and took < 1.5 + 5
+    assert states(doc) == {"n1": "ok", "n2": "ok", "n3": "no answer"} and took < 2.5 + 10
     (silent,) = [n for n in doc["nodes"] if n["node"] == "n3"]
     assert silent["data"] is None and doc["total"]["unknown"] == ["n3"]
     assert cluster_rows(doc) == summed(own["n1"], own["n2"])
-    assert "-- n3: no answer within 1.5 s, share unknown" in text and "-- cluster:" in text
+    assert "-- n3: no answer within 2.5 s, share unknown" in text and "-- cluster:" in text
     assert "on 2 of 3 node(s); unknown: n3" in text
 
     # n2's whole tree killed: once its heartbeat is older than nodedeadafter, it is shown dead
@@ -317,15 +318,15 @@ def test_cluster_qshape_and_queue_list_over_three_nodes_one_silent_one_dead(
                                                                                    "n3": True},
                timeout=20, what="n2 dead, n3 beating again")
     beat = next(r.beat for r in registry.nodes(time.time()) if r.name == "n2")
-    doc = as_json(cli(first, "qshape", "--cluster", "--json"))
+    doc = as_json(cli(first, "qshape", "--cluster", "--json", *PATIENT))
     assert states(doc) == {"n1": "ok", "n2": "dead", "n3": "ok"}
     (dead,) = [n for n in doc["nodes"] if n["node"] == "n2"]
     assert dead["data"] is None and dead["heartbeat"] == beat
     assert cluster_rows(doc) == summed(own["n1"], own["n3"])
     since = time.strftime("%H:%M:%S", time.localtime(beat))
-    text = cli(first, "qshape", "--cluster").stdout
+    text = cli(first, "qshape", "--cluster", *PATIENT).stdout
     assert f"n2: dead since {since}, share unknown" in text and "unknown: n2" in text
-    text = cli(first, "queue", "list", "--cluster").stdout
+    text = cli(first, "queue", "list", "--cluster", *PATIENT).stdout
     assert f"-- n2: dead since {since}, share unknown" in text
     assert all(listed(text, m, "n1") for m in ids["n1"]) and all(listed(text, m, "n3") for m in ids["n3"])
     assert not any(listed(text, m, "n2") for m in ids["n2"])
