@@ -6,9 +6,10 @@ delivery pool),
 ``sendmail`` (inject; also used when the program is invoked under the name ``sendmail``),
 ``scheduler`` (retries, bounces, sweeps), ``recover`` (rebuild Redis from the spool), ``adopt``
 (take in a dead node's spool: ops.adopt), ``status`` (depth per shard; ``--cluster``: every node,
-ops.cluster), ``qshape`` (domains by age), ``metrics`` (the Prometheus endpoint, or ``--once`` to
-print it), ``queue`` (list, show, hold, release, requeue, delete, flush queued mail: ops.queue),
-``config`` (validate and print the effective settings).
+ops.cluster), ``qshape`` (domains by age; ``--cluster``: every node's, ops.cluster_spool),
+``metrics`` (the Prometheus endpoint, or ``--once`` to print it), ``queue`` (list, show, hold,
+release, requeue, delete, flush queued mail: ops.queue; ``list --cluster``: every node's,
+ops.cluster_spool), ``config`` (validate and print the effective settings).
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -267,13 +268,66 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_qshape(args: argparse.Namespace) -> int:
+    import json
     import time
 
     from ops.qshape import render, shape
 
     settings = _settings(args.config)
+    if args.cluster:
+        return _qshape_cluster(settings, args)
     shards = _shards(args.shard, settings, "--shard")
-    print(render(shape(settings, shards, args.which, args.by, time.time()), args.top))
+    rows = shape(settings, shards, args.which, args.by, time.time())
+    if args.json:
+        from ops.cluster_spool import row_doc
+
+        print(json.dumps({"which": args.which, "by": args.by, "rows": [row_doc(r) for r in rows]}, indent=2))
+        return 0
+    print(render(rows, args.top))
+    return 0
+
+
+def _qshape_cluster(settings: Settings, args: argparse.Namespace) -> int:
+    """Every node's qshape (ops.cluster_spool): each node answers for its own spool."""
+    import json
+
+    import redis
+
+    from core.redis_conn import connect_shared
+    from ops.cluster_spool import qshape_cluster, qshape_dict, render_qshape
+
+    if args.shard != "all":
+        print("shardmail qshape: --shard names one node's shards: not with --cluster", file=sys.stderr)
+        return EX_USAGE
+    try:
+        cluster = qshape_cluster(settings, connect_shared(settings), args.which, args.by, max(0.1, args.timeout))
+    except redis.RedisError as exc:
+        print(f"shardmail: Redis unavailable ({exc}): no cluster view without it", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(json.dumps(qshape_dict(cluster), indent=2) if args.json else render_qshape(cluster, args.top))
+    return 0
+
+
+def _queue_cluster(settings: Settings, args: argparse.Namespace) -> int:
+    """Every node's queue listing (ops.cluster_spool), at most --limit messages per node."""
+    import json
+
+    import redis
+
+    from core.redis_conn import connect_shared
+    from ops.cluster_spool import DEFAULT_LIST, MAX_LIST, queue_cluster, queue_dict, render_queue
+
+    if args.shard != "all":
+        print("shardmail queue: --shard names one node's shards: not with --cluster", file=sys.stderr)
+        return EX_USAGE
+    limit = min(args.limit or DEFAULT_LIST, MAX_LIST)
+    try:
+        gathered = queue_cluster(settings, connect_shared(settings), limit, args.held, args.domain or "",
+                                 max(0.1, args.timeout))
+    except redis.RedisError as exc:
+        print(f"shardmail: Redis unavailable ({exc}): no cluster view without it", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(json.dumps(queue_dict(gathered, limit), indent=2) if args.json else render_queue(gathered, limit))
     return 0
 
 
@@ -284,12 +338,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(args.config)
+    if args.action == "list" and args.cluster:
+        return _queue_cluster(settings, args)
     conn = _ping(connect(settings))
     admin = QueueAdmin(settings, conn)
     flt = Filter(_shards(getattr(args, "shard", "all"), settings, "--shard"), getattr(args, "held", False),
                  getattr(args, "domain", "") or "")
     if args.action == "list":
-        return admin.listing(flt, args.json)
+        return admin.listing(flt, args.json, max(0, args.limit))
     if args.action == "flush":
         return admin.flush(flt)
     ids = parse_ids(args.ids, sys.stdin)
@@ -497,6 +553,11 @@ def parser() -> argparse.ArgumentParser:
     qshape.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
     qshape.add_argument("--by", choices=["recipient", "sender"], default="recipient")
     qshape.add_argument("--top", type=int, default=0, help="only the N biggest domains")
+    qshape.add_argument("--json", action="store_true", help="machine-readable (fields in ops/cluster_spool.py)")
+    qshape.add_argument("--cluster", action="store_true", help="every node of the cluster, each answering for its "
+                        "own spool; a dead or silent node's share is marked unknown")
+    qshape.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="--cluster: how long to wait for the nodes' answers (default 5)")
     shards = sub.add_parser("shards", help="list, drain, reopen, add and rebalance queue shards")
     shards.add_argument("action", choices=["list", "drain", "open", "add", "rebalance"])
     shards.add_argument("shard", nargs="?", type=int, help="the shard to drain or open")
@@ -535,6 +596,12 @@ def _queue_parser(sub: argparse._SubParsersAction) -> None:
     ids_help = "message ids; - reads them from stdin (the first word of each line, as `queue list` prints)"
     listing = actions.add_parser("list", help="queued messages with their waiting recipients (like mailq)")
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--limit", type=int, default=0, metavar="N",
+                         help="only the first N messages (default: all; with --cluster 100 per node, at most 1000)")
+    listing.add_argument("--cluster", action="store_true", help="every node's messages, each node answering for its "
+                         "own spool; a dead or silent node's share is marked unknown")
+    listing.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                         help="--cluster: how long to wait for the nodes' answers (default 5)")
     show = actions.add_parser("show", help="a message's envelope, marks and headers (like postcat)")
     show.add_argument("--body", action="store_true", help="the body too")
     hold = actions.add_parser("hold", help="put messages on hold: no delivery, no expiry, until released")

@@ -7,7 +7,9 @@ Every pending recipient counts once, under its domain (``--by recipient``, the d
 its message's sender domain (``--by sender``), in the age bucket of its message (the time since
 it arrived): 0-5, 5-10, 10-20 ... 640-1280 and over 1280 minutes, Postfix's buckets. ``ready``
 counts recipients never tried yet, ``deferred`` those whose last attempt was deferred, ``all``
-both. The first row is the total; then domains by their count, biggest first.
+both. The first row is the total; then domains by their count, biggest first. ``--json`` prints
+``{which, by, rows: [{domain, total, counts}]}`` (counts per bucket, the last beyond them all);
+``--cluster`` gathers every node's (ops.cluster_spool).
 
 Fast on big queues (a million messages in a few seconds): an entry is read only as far as its
 envelope line and its marks (core.spool's ``heads``: the body is never read), and the spool's
@@ -112,9 +114,11 @@ def _shape_dir_args(args: tuple[str, str, str, float]) -> Tally:
 
 
 def shape(settings: Settings, shards: Iterable[int], which: str, by: str, now: float,
-          processes: int | None = None) -> list[Row]:
+          processes: int | None = None, start: str = "fork") -> list[Row]:
     """Read every split directory of the shards, ``processes`` (default ``PER_CORE`` a core) sharing
-    them out, reading only envelopes and marks; merge the counts."""
+    them out, reading only envelopes and marks; merge the counts. ``start``: how the processes
+    start (multiprocessing's start method: ``forkserver`` from a process with threads, which
+    must not fork)."""
     shard_map = ShardMap(settings)
     units = [(directory, which, by, now) for shard in shards for directory in shard_map.spool(shard).queue_dirs()]
     processes = processes or PER_CORE * (os.cpu_count() or 1)
@@ -134,7 +138,7 @@ def shape(settings: Settings, shards: Iterable[int], which: str, by: str, now: f
         for unit in units:
             merge(_shape_dir(*unit))
     else:
-        with ProcessPoolExecutor(min(processes, len(units)), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(min(processes, len(units)), mp_context=multiprocessing.get_context(start)) as pool:
             for tally in pool.map(_shape_dir_args, units):
                 merge(tally)
     return [total, *sorted(rows.values(), key=lambda r: (-r.total, r.domain))]

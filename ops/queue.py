@@ -1,9 +1,11 @@
 """``shardmail queue``: look at and act on queued mail, message by message (postqueue/postsuper for shards).
 
 Interface: ``QueueAdmin(settings, conn, out, err)`` (``conn`` None when Redis is down) with
-``list(filter, as_json)``, ``show(ids, body)``, ``hold(ids, force, wait)``, ``release(ids)``,
+``listing(filter, as_json, limit)``, ``show(ids, body)``, ``hold(ids, force, wait)``, ``release(ids)``,
 ``requeue(ids)``, ``delete(ids)``, ``delete_all(filter)``, ``flush(filter)``, each returning the
-exit status; ``Filter`` (shards, held only, recipient domain), ``parse_ids(words, stdin)``.
+exit status; ``Filter`` (shards, held only, recipient domain), ``parse_ids(words, stdin)``;
+``message_doc``, ``render_message``, ``summary_line`` (one listed message as JSON and as text, and
+the closing line: ops.cluster_spool shows other nodes' listings with them).
 
 The spool is the truth and Redis only rings the bell, so every command starts from the spool
 entry and treats Redis as something to tidy: a job whose entry is gone (held, deleted) ends
@@ -12,7 +14,8 @@ Ids are unique per node and say nothing about their shard, so a message is looke
 shard of the shard map (``Spool.where``: two stats each, queued and held).
 
 - ``list`` reads each entry's envelope line and marks, never its body (core.spool's ``peek``); it
-  streams shard by shard in directory order, so it stays flat on big queues. Held messages are
+  streams shard by shard in directory order, so it stays flat on big queues (``--limit N``: the
+  first N, and the JSON says ``truncated``; ``--cluster``: every node's, ops.cluster_spool). Held messages are
   flagged ``!``, messages with a delivery in flight ``*`` (from the started registries, when
   Redis answers). The first word of each message line is its id, so its output can be piped into
   the other commands with ``-``.
@@ -59,7 +62,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import TextIO
+from typing import Any, TextIO
 
 import redis
 
@@ -140,6 +143,35 @@ def _recipient(envelope: Envelope, index: int, states: list[Mark | None]) -> dic
     return entry
 
 
+def message_doc(found: Entry, active: bool) -> dict[str, Any]:
+    """A listed message as ``queue list --json`` gives it: its waiting recipients only."""
+    envelope = found.read
+    states = envelope.states()
+    return {"id": envelope.id, "shard": found.shard, "held": found.held, "active": active, "size": envelope.size,
+            "arrival": envelope.birth, "sender": envelope.sender,
+            "recipients": [_recipient(envelope, i, states) for i in waiting(envelope)]}
+
+
+def render_message(doc: dict[str, Any], where: str) -> str:
+    """A listed message's lines (``where``: its shard, as ``s0`` or, in a cluster, ``mx1/s0``):
+    the id flagged ``!`` held or ``*`` in flight, then one line per waiting recipient."""
+    flag = "!" if doc["held"] else "*" if doc["active"] else " "
+    lines = [f"{doc['id']}{flag} {where:<4} {doc['size']:>9}  {_when(doc['arrival'])}  <{doc['sender']}>"]
+    for entry in doc["recipients"]:
+        line = f"    <{entry['address']}>  {entry['state']}"
+        if entry["state"] == "failed":
+            line += " (bounce due)"
+        if "status" in entry and entry["state"] != "ready":
+            line += f"  {entry['status']} {entry['reason']} (at {_when(float(entry['at']))})"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(messages: int, size: int, recipients: int, held: int, active: int) -> str:
+    return (f"-- {messages} message(s), {_size(size)}, {recipients} recipient(s) waiting; {held} held (!), "
+            f"{active} in flight (*)")
+
+
 @dataclass
 class Totals:
     messages: int = 0
@@ -208,7 +240,9 @@ class QueueAdmin:
         return worst if worst != EX_OK else (EX_NOTFOUND if self.missing else EX_OK)
 
     # -- list and show ----------------------------------------------------------------------------
-    def listing(self, flt: Filter, as_json: bool = False) -> int:
+    def listing(self, flt: Filter, as_json: bool = False, limit: int = 0) -> int:
+        """Every message the filter takes, or the first ``limit`` of them (0: all); the JSON says
+        ``"truncated": true`` when there were more."""
         active: set[str] = set()
         try:
             if self.conn is None:
@@ -217,42 +251,31 @@ class QueueAdmin:
         except redis.RedisError as exc:
             self._say_err(f"Redis unavailable ({exc}): deliveries in flight are not flagged")
         totals = Totals()
+        truncated = False
         if as_json:
             self.out.write('{"messages": [')
         for found in self.messages(flt):
-            envelope = found.read
-            rcpts = waiting(envelope)
-            states = envelope.states()
-            is_active = envelope.id in active
+            if limit and totals.messages >= limit:
+                truncated = True
+                break
+            doc = message_doc(found, found.read.id in active)
             totals.messages += 1
             totals.held += found.held
-            totals.active += is_active
-            totals.size += envelope.size
-            totals.recipients += len(rcpts)
+            totals.active += doc["active"]
+            totals.size += doc["size"]
+            totals.recipients += len(doc["recipients"])
             if as_json:
-                doc = {"id": envelope.id, "shard": found.shard, "held": found.held, "active": is_active,
-                       "size": envelope.size, "arrival": envelope.birth, "sender": envelope.sender,
-                       "recipients": [_recipient(envelope, i, states) for i in rcpts]}
                 self.out.write(("\n  " if totals.messages == 1 else ",\n  ") + json.dumps(doc))
-                continue
-            flag = "!" if found.held else "*" if is_active else " "
-            self.out.write(f"{envelope.id}{flag} {shard_label(found.shard):<4} {envelope.size:>9}  "
-                           f"{_when(envelope.birth)}  <{envelope.sender}>\n")
-            for index in rcpts:
-                entry = _recipient(envelope, index, states)
-                line = f"    <{entry['address']}>  {entry['state']}"
-                if entry["state"] == "failed":
-                    line += " (bounce due)"
-                if "status" in entry and entry["state"] != "ready":
-                    line += f"  {entry['status']} {entry['reason']} (at {_when(float(entry['at']))})"  # type: ignore[arg-type]
-                self.out.write(line + "\n")
+            else:
+                self.out.write(render_message(doc, shard_label(found.shard)))
         if as_json:
             total = {"messages": totals.messages, "held": totals.held, "active": totals.active,
                      "size": totals.size, "recipients": totals.recipients}
-            self.out.write(("\n" if totals.messages else "") + f'], "total": {json.dumps(total)}}}\n')
+            self.out.write(("\n" if totals.messages else "") + f'], "total": {json.dumps(total)}, '
+                           f'"truncated": {json.dumps(truncated)}}}\n')
         elif totals.messages:
-            self.out.write(f"-- {totals.messages} message(s), {_size(totals.size)}, {totals.recipients} "
-                           f"recipient(s) waiting; {totals.held} held (!), {totals.active} in flight (*)\n")
+            self.out.write(summary_line(totals.messages, totals.size, totals.recipients, totals.held, totals.active)
+                           + (f" (the first {limit}: there are more)" if truncated else "") + "\n")
         else:
             self.out.write("-- the queue is empty" + (" (for this selection)\n" if flt.domain or flt.held_only
                                                        or len(flt.shards) < len(self.map.ids()) else "\n"))

@@ -15,7 +15,9 @@ The scheduler also carries the node's heartbeat (core.nodes): it claims the node
 (refused while another live node holds it) and renews it every few seconds (core.nodes' ``interval``) with the
 node's shards and spool figures, which ``shardmail status --cluster`` shows for every node. Every
 node runs at least one scheduler; several on one node share the spool's identity, so their
-heartbeats are one node's.
+heartbeats are one node's. Beside the heartbeat, a daemon thread answers what other nodes ask
+about this node's spool (ops.ask over the cluster's main deployment, with ops.cluster_spool's
+handlers: ``qshape --cluster``, ``queue list --cluster``); it stops with the scheduler.
 
 Failures: the node's name held by another live node, or a spool belonging to another node, ends
 ``run_scheduler`` at start with one line saying so (exit 78); later, a conflict is logged at every
@@ -46,18 +48,24 @@ from core.outcome import EX_CONFIG
 from core.shards import Namespace
 from core.spool import Listings
 from core.submit import Submitter
+from ops.ask import ANSWER_WAIT, start_answerer
+from ops.cluster_spool import handlers
 from scheduler.retry import Settler
 from scheduler.sweep import Sweeper
 
 log = logging.getLogger("shardmail.scheduler")
 PASS_WAIT = 0.2  # s between passes when there was nothing to do (an idle pass: two round trips)
 MAX_BACKOFF = 5.0
+ANSWERER_JOIN = ANSWER_WAIT + 1.0  # s to wait at shutdown for the answerer (it sees the stop within ANSWER_WAIT)
+
+
 class Scheduler:
     def __init__(self, settings: Settings, conn: redis.Redis, name: str | None = None,
                  shared: redis.Redis | None = None) -> None:
         """``conn``: the deployment of this node's queues; ``shared``: the cluster's main one (the
         node registry), the same unless shard groups put the queues elsewhere."""
         self.settings = settings
+        self.conn = conn
         self.settler = Settler(settings, conn, Submitter(settings, conn))
         self.sweeper = Sweeper(self.settler)
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.scheduler"
@@ -106,6 +114,9 @@ class Scheduler:
     def run(self, stop: threading.Event) -> None:
         backoff = PASS_WAIT
         log.info("scheduler %s for shards %s", self.name, self.settler.map.ids())
+        answered = threading.Event()  # set when this loop ends, however it ends
+        answering = start_answerer(self.registry.conn, Namespace.of(self.settings),
+                                   handlers(self.settings, self.conn), answered)
         sdnotify.ready("scheduler")
         try:
             while not stop.is_set():
@@ -127,8 +138,10 @@ class Scheduler:
                 if not work:
                     stop.wait(PASS_WAIT)
         finally:
+            answered.set()
             with contextlib.suppress(redis.RedisError):
                 self.leases.give_up(self.led)
+            answering.join(ANSWERER_JOIN)
 
 
 def run_scheduler(settings: Settings) -> None:
