@@ -198,10 +198,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
+    import threading
+
+    from core.redis_conn import connect, connect_shared
+    from core.shards import Namespace
+    from ops.ask import start_answerer
+    from ops.cluster_spool import handlers
     from scheduler.serve import run_scheduler
 
     _logging(args.verbose)
-    run_scheduler(_serving(args.config))
+    settings = _serving(args.config)
+
+    def answerer(ended: threading.Event) -> threading.Thread:
+        """Answers the cluster's questions about this node's spool while the scheduler runs."""
+        return start_answerer(connect_shared(settings), Namespace.of(settings), handlers(settings, connect(settings)),
+                              ended)
+
+    run_scheduler(settings, answerer)
     return 0
 
 

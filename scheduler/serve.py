@@ -15,9 +15,10 @@ The scheduler also carries the node's heartbeat (core.nodes): it claims the node
 (refused while another live node holds it) and renews it every few seconds (core.nodes' ``interval``) with the
 node's shards and spool figures, which ``shardmail status --cluster`` shows for every node. Every
 node runs at least one scheduler; several on one node share the spool's identity, so their
-heartbeats are one node's. Beside the heartbeat, a daemon thread answers what other nodes ask
-about this node's spool (ops.ask over the cluster's main deployment, with ops.cluster_spool's
-handlers: ``qshape --cluster``, ``queue list --cluster``); it stops with the scheduler.
+heartbeats are one node's. Beside the heartbeat runs an optional companion thread, started with
+the loop and stopped with it: ``shardmail scheduler`` passes the one that answers what other nodes
+ask about this node's spool (ops.ask, ``qshape --cluster``, ``queue list --cluster``), so every
+node that beats also answers.
 
 Failures: the node's name held by another live node, or a spool belonging to another node, ends
 ``run_scheduler`` at start with one line saying so (exit 78); later, a conflict is logged at every
@@ -37,6 +38,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -48,15 +50,14 @@ from core.outcome import EX_CONFIG
 from core.shards import Namespace
 from core.spool import Listings
 from core.submit import Submitter
-from ops.ask import ANSWER_WAIT, start_answerer
-from ops.cluster_spool import handlers
 from scheduler.retry import Settler
 from scheduler.sweep import Sweeper
 
 log = logging.getLogger("shardmail.scheduler")
 PASS_WAIT = 0.2  # s between passes when there was nothing to do (an idle pass: two round trips)
 MAX_BACKOFF = 5.0
-ANSWERER_JOIN = ANSWER_WAIT + 1.0  # s to wait at shutdown for the answerer (it sees the stop within ANSWER_WAIT)
+COMPANION_JOIN = 2.0  # s to wait at shutdown for the companion thread
+Companion = Callable[[threading.Event], threading.Thread]  # started with an event set when the loop ends
 
 
 class Scheduler:
@@ -65,7 +66,6 @@ class Scheduler:
         """``conn``: the deployment of this node's queues; ``shared``: the cluster's main one (the
         node registry), the same unless shard groups put the queues elsewhere."""
         self.settings = settings
-        self.conn = conn
         self.settler = Settler(settings, conn, Submitter(settings, conn))
         self.sweeper = Sweeper(self.settler)
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.scheduler"
@@ -111,12 +111,11 @@ class Scheduler:
                 del self._swept[shard]  # lost the lead: sweep again on taking it back
         return work
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, companion: Companion | None = None) -> None:
         backoff = PASS_WAIT
         log.info("scheduler %s for shards %s", self.name, self.settler.map.ids())
-        answered = threading.Event()  # set when this loop ends, however it ends
-        answering = start_answerer(self.registry.conn, Namespace.of(self.settings),
-                                   handlers(self.settings, self.conn), answered)
+        ended = threading.Event()  # set when this loop ends, however it ends
+        beside = companion(ended) if companion is not None else None
         sdnotify.ready("scheduler")
         try:
             while not stop.is_set():
@@ -138,13 +137,14 @@ class Scheduler:
                 if not work:
                     stop.wait(PASS_WAIT)
         finally:
-            answered.set()
+            ended.set()
             with contextlib.suppress(redis.RedisError):
                 self.leases.give_up(self.led)
-            answering.join(ANSWERER_JOIN)
+            if beside is not None:
+                beside.join(COMPANION_JOIN)
 
 
-def run_scheduler(settings: Settings) -> None:
+def run_scheduler(settings: Settings, companion: Companion | None = None) -> None:
     import signal
 
     from core.redis_conn import connect, connect_shared
@@ -160,4 +160,4 @@ def run_scheduler(settings: Settings) -> None:
         raise SystemExit(EX_CONFIG) from None
     except redis.RedisError as exc:  # the loop tries again: a node shown late is no harm
         log.warning("heartbeat not sent (%s); trying again in the loop", exc)
-    scheduler.run(stop)
+    scheduler.run(stop, companion)
