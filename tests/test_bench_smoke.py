@@ -47,7 +47,7 @@ FIGURES: dict[str, list[str]] = {
                    rf"^round 1 without a watcher: {N} msg/s$",
                    rf"^round 1 with a watcher: {N} msg/s \(watcher CPU {N} % of a core",
                    rf"^watch cost: {N} % of the local delivery rate",
-                   rf"^windows of {N} s \(watcher running = \*\): {N}\*? "],
+                   rf"^windows of {N} s \(watcher running = \*\): {N}\*?(?: |$)"],
     "rebalance": [rf"^spool of \d+ messages built in {N} s$",
                   rf"^recover \(doorbells for all\): +{N} msg/s \({N} s\)$",
                   rf"^rebalance 0 -> 1,2: +{N} msg/s \({N} s\), shards now \d+ \+ \d+, none left in 0$"],
