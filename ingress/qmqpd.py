@@ -27,7 +27,6 @@ import contextlib
 import email.utils
 import ipaddress
 import logging
-import signal
 
 from core import hops, sdnotify
 from core.address import check_mailbox, clean_for_header, peer_in
@@ -38,7 +37,7 @@ from core.qmqp import ProtocolError, Reply, Request, TooLong, read_netstring, un
 from core.redis_conn import connect
 from core.submit import Draft, Submitter
 from ingress.committer import Committer
-from ingress.serve import GRACE, listening_socket
+from ingress.serve import listening_socket, serve_until_stopped
 
 log = logging.getLogger("shardmail.qmqpd")
 ADDRESS_ROOM = 300  # bytes a recipient's netstring may take in the size bound
@@ -127,7 +126,6 @@ class QmqpService:
 
 
 async def serve(settings: Settings) -> None:
-    loop = asyncio.get_running_loop()
     submitter = Submitter(settings, connect(settings, max_connections=settings.ingress_threads + 4))
     committer = Committer(submitter, settings.ingress_threads)
     service = QmqpService(settings, submitter, committer)
@@ -135,16 +133,7 @@ async def serve(settings: Settings) -> None:
                for spec in settings.qmqp_listen]
     log.info("QMQP on %s for %s", ", ".join(settings.qmqp_listen), ", ".join(settings.qmqpclients) or "no one")
     sdnotify.ready("QMQP on " + ", ".join(settings.qmqp_listen))
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    for server in servers:
-        server.close()
-    try:
-        await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in servers)), GRACE)
-    except TimeoutError:
-        log.warning("QMQP connections still open after %.0f s; closing", GRACE)
+    await serve_until_stopped(servers)
     committer.close()
 
 

@@ -59,6 +59,22 @@ def listening_socket(spec: str) -> socket.socket:
     return sock
 
 
+async def serve_until_stopped(servers: list[asyncio.Server]) -> None:
+    """Serve until SIGTERM or SIGINT, then stop listening and give the sessions in progress up to
+    ``GRACE`` seconds to finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    for server in servers:
+        server.close()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in servers)), GRACE)
+    except TimeoutError:
+        log.warning("sessions still open after %.0f s; closing", GRACE)
+
+
 class IngressServer(SessionGuard, AuthMechanisms, Server):  # type: ignore[misc]  # push: see SessionGuard
     """The SMTP server of every listener: shardmail's replies (ingress.aiosmtpd_adapter, ingress.replies)
     with its limits (ingress.guard) and SMTP AUTH (ingress.smtp_auth)."""
@@ -125,16 +141,7 @@ async def serve(settings: Settings) -> None:
     log.info("listening on %s%s", ", ".join(f"{spec} ({kind})" for spec, kind in listeners),
              "" if tls is None else "; STARTTLS offered")
     sdnotify.ready("SMTP on " + ", ".join(spec for spec, _ in listeners))
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    for server in servers:
-        server.close()
-    try:
-        await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in servers)), GRACE)
-    except TimeoutError:
-        log.warning("sessions still open after %.0f s; closing", GRACE)
+    await serve_until_stopped(servers)
     if isinstance(committer, Committer):
         committer.close()
 

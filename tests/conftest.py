@@ -155,9 +155,9 @@ class Node:
         return sorted(i for s in shard_map.ids() for i in shard_map.spool(s).ids())
 
 
-def _connectable(port: int) -> bool:
+def _connectable(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False

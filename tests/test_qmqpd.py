@@ -16,19 +16,12 @@ import pytest
 
 from core.qmqp import Reply, netstring, pack, send
 from tests.conftest import Node, RedisServer
+from tests.conftest import _connectable as listens
 from tests.support import free_port, wait_until
 from tests.test_recovery import start
 
 NULLMAILER_QMQP = Path(__file__).resolve().parent.parent / ".venv/nullmailer/usr/lib/nullmailer/qmqp"
 MESSAGE = b"From: a@example.net\nSubject: by QMQP\n\nfirst line\nsecond line\n"
-
-
-def listens(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def qmqp_node(node_factory: Callable[..., Node], **overrides: str) -> tuple[Node, int]:

@@ -9,7 +9,6 @@ import itertools
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import redis.sentinel
 
 from core.config import ConfigError, load
 from core.redis_conn import connect, connect_shared, describe, private_client
-from tests.conftest import Node
+from tests.conftest import Node, _connectable
 from tests.dns_server import DnsServer
 from tests.sentinel import MASTER, Deployment
 from tests.smtp_peers import Sink
@@ -90,14 +89,6 @@ def send(host: str, port: int, i: int) -> bool:
         return False
 
 
-def listens(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def local_copies(node: Node) -> Counter[str]:
     new = node.var_dir / "mail" / "catchall" / "new"
     copies: Counter[str] = Counter()
@@ -156,7 +147,7 @@ def test_a_failover_under_load_loses_nothing(sentinel_deployment: Deployment, no
         for log in logs:
             wait_until(lambda log=log: "shardmail is running" in log.read_text(errors="replace"), 30, "node up")
         for host, port in zip(hosts, ports, strict=True):
-            wait_until(lambda host=host, port=port: listens(host, port), 30, "SMTP up")
+            wait_until(lambda host=host, port=port: _connectable(port, host), 30, "SMTP up")
         assert "sentinels" in logs[0].read_text()  # it says where Redis is: no embedded server was started
         threads = [threading.Thread(target=client) for _ in range(8)]
         for thread in threads:
