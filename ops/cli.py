@@ -8,7 +8,8 @@ delivery pool),
 (take in a dead node's spool: ops.adopt), ``status`` (depth per shard; ``--cluster``: every node,
 ops.cluster), ``qshape`` (domains by age), ``metrics`` (the Prometheus endpoint, or ``--once`` to
 print it), ``queue`` (list, show, hold, release, requeue, delete, flush queued mail: ops.queue),
-``config`` (validate and print the effective settings).
+``config`` (validate and print the effective settings), ``dkim keygen`` (a signing key and its DNS
+record: ops.dkim_keys).
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -47,6 +48,13 @@ def _serving(path: str | None) -> Settings:
     settings = _settings(path)
     if settings.role == "ingress":  # an ingress-only node has no spool to serve
         return settings
+    from core.dkim import Signer
+
+    try:
+        Signer.of(settings)  # the DKIM keys core.submit will sign with: all readable, or no start
+    except ConfigError as exc:
+        print(f"shardmail: configuration: {exc}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
     try:
         serve_spool(settings)
     except SpoolOwned as exc:
@@ -444,6 +452,20 @@ def cmd_gencert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ops.dkim_keys import keygen
+
+    out = Path(args.out) if args.out else Path(_settings(args.config).var_dir) / "dkim"
+    try:
+        print(keygen(args.domain, args.selector, args.algorithm, args.bits, out), end="")
+    except (ValueError, OSError) as exc:
+        print(f"shardmail: dkim keygen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     for key, _default, doc in describe():
@@ -513,6 +535,13 @@ def parser() -> argparse.ArgumentParser:
     cert.add_argument("--host", help="the name in the certificate (default: me)")
     cert.add_argument("--days", type=int, default=365)
     cert.add_argument("--force", action="store_true", help="replace an existing pair")
+    dkim = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="action", required=True)
+    keygen = dkim.add_parser("keygen", help="write a new signing key and print the DNS TXT record to publish")
+    keygen.add_argument("--domain", required=True)
+    keygen.add_argument("--selector", required=True)
+    keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (1024 at least; default 2048)")
+    keygen.add_argument("--out", metavar="DIR", help="where the key goes (default: <var_dir>/dkim)")
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top
@@ -569,6 +598,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
         "adopt": cmd_adopt, "forget": cmd_forget,
         "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,
+        "dkim": cmd_dkim,
     }
     sys.exit(commands[args.command](args))
 
