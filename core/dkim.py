@@ -15,7 +15,8 @@ message that already carries a signature with that d= is left alone. relaxed/rel
 6376 §5.4.1 header set, From/To/Subject/Date oversigned (one more time than present), t=, and x=
 when ``dkim_expire`` is set.
 
-dkimpy does the canonicalisation, header selection and folding; the private-key operation is
+dkimpy does the canonicalisation (its body whitespace step made cheaper: ``relaxed_body``), header
+selection and folding; the private-key operation is
 OpenSSL's through ``cryptography`` (dkimpy's own RSA is pure Python: some 10-30 ms a signature,
 against well under 1 ms here), with each key parsed once at start.
 
@@ -39,6 +40,7 @@ import email.utils
 import hashlib
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,7 +49,12 @@ import dkim
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import (
+    CanonicalizationPolicy,
+    correct_empty_body,
+    strip_trailing_lines,
+    strip_trailing_whitespace,
+)
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from core.address import peer_in
@@ -64,7 +71,15 @@ OVERSIGNED = (b"from", b"to", b"subject", b"date")  # signed once more than pres
 FIELD = b"DKIM-Signature"
 B64_LINE = 64  # b= folded in lines of this many characters
 
+WSP_RUNS = re.compile(rb"\t[\t ]*| [\t ]+")  # every whitespace run but a lone space, which stays as it is
+
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """dkimpy's relaxed body canonicalisation (RFC 6376 §3.4.4), with its whitespace step matching only the
+    runs it changes: dkimpy's rewrites every single space of the text, half the cost of a signature."""
+    return correct_empty_body(strip_trailing_lines(WSP_RUNS.sub(b" ", strip_trailing_whitespace(body))))
 
 
 def _domain(text: str) -> str:
@@ -220,7 +235,7 @@ class Signer:
         if domain is None or domain in _signed_by(headers):
             return b""
         canonical = POLICY.canonicalize_headers(headers)
-        body_hash = base64.b64encode(hashlib.sha256(POLICY.canonicalize_body(body)).digest())
+        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         now = int(time.time())
         return b"".join(self._signature(key, headers, canonical, body_hash, now) for key in self.keys[domain])
 

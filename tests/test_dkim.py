@@ -17,9 +17,12 @@ from pathlib import Path
 import dkim
 import dns.resolver
 import pytest
+from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import parse_tag_value
+from hypothesis import given
+from hypothesis import strategies as st
 
-from core.dkim import KeySpec, load_key
+from core.dkim import KeySpec, load_key, relaxed_body
 from core.qmqp import pack, send
 from ops.dkim_keys import generate, txt_value, write_key
 from tests.conftest import Node
@@ -268,3 +271,10 @@ def test_keygen_writes_a_0600_key_prints_its_record_and_never_overwrites(tmp_pat
     small = keygen("--selector", "r2", "--bits", "512")
     assert small.returncode == 1 and "1024 bits at least" in small.stderr
     assert not (tmp_path / f"{DOMAIN}.r2.key").exists()
+
+
+@given(st.lists(st.sampled_from([b" ", b"  ", b"\t", b" \t ", b"a", b"bc", b"\r\n", b"\r\n\r\n", b".", b"\xc3\xa9"]),
+                max_size=40))
+def test_relaxed_body_is_dkimpys_canonicalisation(parts: list[bytes]) -> None:
+    body = b"".join(parts)
+    assert relaxed_body(body) == CanonicalizationPolicy.from_c_value(b"relaxed/relaxed").canonicalize_body(body)
