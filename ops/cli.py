@@ -9,7 +9,7 @@ delivery pool),
 ops.cluster), ``qshape`` (domains by age), ``metrics`` (the Prometheus endpoint, or ``--once`` to
 print it), ``queue`` (list, show, hold, release, requeue, delete, flush queued mail: ops.queue),
 ``config`` (validate and print the effective settings), ``dkim keygen`` (a signing key and its DNS
-record: ops.dkim_keys).
+record) and ``dkim cost`` (µs per signature): ops.dkim_keys.
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -455,8 +455,13 @@ def cmd_gencert(args: argparse.Namespace) -> int:
 def cmd_dkim(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ops.dkim_keys import keygen
+    from ops.dkim_keys import keygen, signing_cost
 
+    if args.action == "cost":
+        for algorithm in ("rsa", "ed25519"):
+            print(f"{algorithm}: {signing_cost(algorithm, args.size, args.count):.0f} µs per signature "
+                  f"({args.size}-byte message)")
+        return 0
     out = Path(args.out) if args.out else Path(_settings(args.config).var_dir) / "dkim"
     try:
         print(keygen(args.domain, args.selector, args.algorithm, args.bits, out), end="")
@@ -542,6 +547,9 @@ def parser() -> argparse.ArgumentParser:
     keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
     keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (1024 at least; default 2048)")
     keygen.add_argument("--out", metavar="DIR", help="where the key goes (default: <var_dir>/dkim)")
+    cost = dkim.add_parser("cost", help="measure the signing cost: µs per signature, RSA-2048 and Ed25519")
+    cost.add_argument("--size", type=int, default=4096, help="message size in bytes (default 4096)")
+    cost.add_argument("--count", type=int, default=500, help="signatures per round (best of five rounds)")
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top

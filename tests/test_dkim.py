@@ -278,3 +278,11 @@ def test_keygen_writes_a_0600_key_prints_its_record_and_never_overwrites(tmp_pat
 def test_relaxed_body_is_dkimpys_canonicalisation(parts: list[bytes]) -> None:
     body = b"".join(parts)
     assert relaxed_body(body) == CanonicalizationPolicy.from_c_value(b"relaxed/relaxed").canonicalize_body(body)
+
+
+def test_dkim_cost_prints_microseconds_per_signature_for_each_algorithm() -> None:
+    done = subprocess.run([sys.executable, "-m", "ops.cli", "dkim", "cost", "--count", "5", "--size", "2000"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    figures = re.findall(r"^(rsa|ed25519): (\d+) µs per signature \(2000-byte message\)$", done.stdout, re.M)
+    assert [name for name, _ in figures] == ["rsa", "ed25519"] and all(int(us) > 0 for _, us in figures)
