@@ -227,7 +227,7 @@ class Signer:
             return b""
         try:
             headers, body = dkim.rfc822_parse(message)
-        except dkim.MessageFormatError as exc:
+        except dkim.DKIMException as exc:
             log.warning("not signed: unparsable header block (%s)", exc)
             return b""
         domain = self.choose(_from_domain(headers), _domain(sender.rpartition("@")[2]) if "@" in sender else "",

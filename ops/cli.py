@@ -472,7 +472,14 @@ def cmd_dkim(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from core.dkim import Signer
+
     settings = _settings(args.config)
+    try:
+        Signer.of(settings)  # the DKIM keys too: what smtpd would refuse to start with
+    except ConfigError as exc:
+        print(f"shardmail: configuration: {exc}", file=sys.stderr)
+        return EX_CONFIG
     for key, _default, doc in describe():
         print(f"{key} = {getattr(settings, key)!r}    # {doc}")
     return 0

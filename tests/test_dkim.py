@@ -241,11 +241,12 @@ def test_a_key_that_cannot_be_used_stops_smtpd_at_start_with_78(
     assert expected in done.stderr and b"Traceback" not in done.stderr
 
 
-def test_a_fallback_without_a_key_is_a_configuration_error(node_factory: Callable[..., Node],
+def test_a_fallback_without_a_key_is_a_configuration_error_for_smtpd_and_config(node_factory: Callable[..., Node],
                                                           keys: dict[str, Path]) -> None:
     node = node_factory(dkim=f"{DOMAIN}:r2026:{keys['r2026']}", dkim_fallback="*=elsewhere.example")
-    done = node.command("smtpd")
-    assert done.returncode == 78 and b"no dkim key is configured for elsewhere.example" in done.stderr
+    for command in ("smtpd", "config"):
+        done = node.command(command)
+        assert done.returncode == 78 and b"no dkim key is configured for elsewhere.example" in done.stderr
 
 
 def test_keygen_writes_a_0600_key_prints_its_record_and_never_overwrites(tmp_path: Path) -> None:
