@@ -300,6 +300,8 @@ class Settings:
     dkim_fallback: list[str] = _setting([], "signing domain for mail whose From: domain has no key: user@domain=D "
                                             "(authenticated user), domain=D (From: or envelope sender domain), *=D",
                                         _dkim_fallback_list)
+    dkim_ldap: bool = _setting(False, "an authenticated user's dkimSigningDomain (directory entry) names the "
+                                      "signing domain when the From: domain has no key, before dkim_fallback")
     dkim_expire: int = _setting(0, "seconds a DKIM signature is valid for (x= tag); 0 = no expiry", NONNEGATIVE)
     metrics_listen: str = _setting("127.0.0.1:9525", "Prometheus endpoint of `shardmail run`, host:port (empty = off)",
                                    lambda v: _listen_list([v]) if v else None)

@@ -20,16 +20,20 @@ selection and folding; the private-key operation is
 OpenSSL's through ``cryptography`` (dkimpy's own RSA is pure Python: some 10-30 ms a signature,
 against well under 1 ms here), with each key parsed once at start.
 
+With ``dkim_ldap``, an SMTP-authenticated user's ``dkimSigningDomain`` (core/schema/shardmail.ldif)
+comes before ``dkim_fallback``.
+
 Interface: ``parse_keys(entries)``, ``parse_fallback(entries)`` (the settings' syntax, also used by
 core.config to check values), ``Signer.of(settings) -> Signer | None`` (None: no keys configured),
-``Signer.header(message, sender, client) -> bytes`` (b"" = not signed).
+``Signer.header(message, sender, client) -> bytes`` (b"" = not signed; ``SigningUnavailable`` when the
+directory cannot be asked: core.submit answers 4.4.3, never a message signed as someone else).
 
 Failures: a key file that is missing, unreadable, not a private key, of the wrong algorithm or an
 RSA key under 1024 bits, or a fallback naming a domain without a key, raises ``ConfigError`` in
 ``Signer.of``, at start. A message whose header block dkimpy cannot parse is accepted unsigned, with
 a warning (it is malformed anyway).
 
-Settings: ``dkim``, ``dkim_fallback``, ``dkim_expire``, ``relaynets``.
+Settings: ``dkim``, ``dkim_fallback``, ``dkim_ldap`` (and the directory's), ``dkim_expire``, ``relaynets``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import dkim
@@ -74,6 +78,10 @@ B64_LINE = 64  # b= folded in lines of this many characters
 WSP_RUNS = re.compile(rb"\t[\t ]*| [\t ]+")  # every whitespace run but a lone space, which stays as it is
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+class SigningUnavailable(Exception):
+    """The directory could not say which domain signs an authenticated user's mail (temporary)."""
 
 
 def relaxed_body(body: bytes) -> bytes:
@@ -196,7 +204,8 @@ class Signer:
     """The keys by domain, the fallbacks, and who may have mail signed."""
 
     def __init__(self, keys: Sequence[Key], fallback: dict[str, str], relaynets: Sequence[str],
-                 expire: int = 0) -> None:
+                 expire: int = 0, directory: Callable[[str], str] | None = None) -> None:
+        """``directory``: an authenticated user's signing domain from their entry ("" = none), or None."""
         self.keys: dict[str, list[Key]] = {}
         for key in keys:
             self.keys.setdefault(key.domain, []).append(key)
@@ -206,6 +215,7 @@ class Signer:
         self.fallback = fallback
         self.relaynets = [ipaddress.ip_network(n, strict=False) for n in relaynets]
         self.expire = expire
+        self.directory = directory
 
     @classmethod
     def of(cls, settings: Settings) -> Signer | None:
@@ -215,7 +225,8 @@ class Signer:
                 raise ConfigError("dkim_fallback: set, but no dkim keys are configured")
             return None
         keys = [load_key(spec) for spec in parse_keys(settings.dkim)]
-        return cls(keys, parse_fallback(settings.dkim_fallback), settings.relaynets, settings.dkim_expire)
+        directory = _directory_domain(settings) if settings.dkim_ldap else None
+        return cls(keys, parse_fallback(settings.dkim_fallback), settings.relaynets, settings.dkim_expire, directory)
 
     def trusted(self, client: Client) -> bool:
         """An authenticated user, a relaynets address or a local submission: mail we vouch for."""
@@ -230,8 +241,9 @@ class Signer:
         except dkim.DKIMException as exc:
             log.warning("not signed: unparsable header block (%s)", exc)
             return b""
+        login = client.user.lower() if client.protocol != "local" else ""  # sendmail's is a Unix login
         domain = self.choose(_from_domain(headers), _domain(sender.rpartition("@")[2]) if "@" in sender else "",
-                             client.user.lower())
+                             client.user.lower(), login)
         if domain is None or domain in _signed_by(headers):
             return b""
         canonical = POLICY.canonicalize_headers(headers)
@@ -239,13 +251,21 @@ class Signer:
         now = int(time.time())
         return b"".join(self._signature(key, headers, canonical, body_hash, now) for key in self.keys[domain])
 
-    def choose(self, from_domain: str, sender_domain: str, user: str) -> str | None:
-        """The signing domain: the From: domain's or a parent's (aligned), else the fallbacks, else None."""
+    def choose(self, from_domain: str, sender_domain: str, user: str, login: str = "") -> str | None:
+        """The signing domain: the From: domain's or a parent's (aligned), else the SMTP ``login``'s
+        dkimSigningDomain (with dkim_ldap), else the fallbacks, else None."""
         labels = from_domain.split(".")
         for start in range(len(labels) - 1):
             candidate = ".".join(labels[start:])
             if candidate in self.keys:
                 return candidate
+        if self.directory is not None and login:
+            found = self.directory(login)
+            chosen = _domain(found) if found else ""
+            if chosen in self.keys:
+                return chosen
+            if chosen:
+                log.warning("%s: dkimSigningDomain %s has no dkim key; trying dkim_fallback", login, chosen)
         for source in (user, from_domain, sender_domain, "*"):
             if source and source in self.fallback:
                 return self.fallback[source]
@@ -267,6 +287,22 @@ class Signer:
         signature = base64.b64encode(key.sign(hasher.digest()))
         folded = b"".join(b"\r\n\t" + signature[i:i + B64_LINE] for i in range(0, len(signature), B64_LINE))
         return FIELD + b": " + unsigned + folded + b"\r\n"
+
+
+def _directory_domain(settings: Settings) -> Callable[[str], str]:
+    """dkimSigningDomain of the entry whose address is ``login`` (the directory caches it for ldapcachettl)."""
+    from core.directory import AmbiguousAddress, DirectoryUnavailable, open_directory
+
+    directory = open_directory(settings)
+
+    def domain(login: str) -> str:
+        try:
+            user = directory.lookup(login)
+        except (DirectoryUnavailable, AmbiguousAddress) as exc:
+            raise SigningUnavailable(f"directory lookup of {login} for DKIM signing failed: {exc}") from None
+        return user.dkim_domain if user is not None and login in (user.mail, *user.alternates) else ""
+
+    return domain
 
 
 def _from_domain(headers: list[list[bytes]]) -> str:

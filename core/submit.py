@@ -14,7 +14,9 @@ commits are withdrawn durably first, so a 4xx never leaves behind a message that
 delivered later; if even the withdrawal fails, the messages stay committed, the sweep will
 enqueue them, and they count as accepted (a 250 is then the truthful answer).
 
-Failures at start: ``Submitter(...)`` raises ``ConfigError`` when a DKIM key cannot be loaded.
+With ``dkim_ldap``, a draft whose signing domain the directory cannot tell comes back as
+``QueueUnavailable`` (4.4.3). At start, ``Submitter(...)`` raises ``ConfigError`` when a DKIM key
+cannot be loaded.
 
 Settings: ``me``, ``locals``, plus those of core.shards and core.dkim.
 """
@@ -31,7 +33,7 @@ import redis
 from core import faults, metrics
 from core.address import domain_matches, domain_of
 from core.config import Settings
-from core.dkim import Signer
+from core.dkim import Signer, SigningUnavailable
 from core.envelope import Channel, Client, Envelope, Recipient, new_id, node_tag
 from core.jobs import Item, Jobs
 from core.outcome import Deferred, QueueUnavailable
@@ -93,7 +95,12 @@ class Submitter:
                 continue
             recipients = tuple(Recipient(r, self.route(r)) for r in draft.recipients)
             if self.signer is not None and any(r.channel == "remote" for r in recipients):  # signed once, here
-                bodies[index] = self.signer.header(draft.body, draft.sender, draft.client) + draft.body
+                try:
+                    bodies[index] = self.signer.header(draft.body, draft.sender, draft.client) + draft.body
+                except SigningUnavailable as exc:
+                    log.error("%s: %s", draft.message_id, exc)
+                    results[index] = QueueUnavailable(Deferred("4.4.3", "directory unavailable for DKIM signing"))
+                    continue
             envelope = Envelope(
                 id=draft.message_id,
                 sender=draft.sender,

@@ -27,10 +27,13 @@ from core.qmqp import pack, send
 from ops.dkim_keys import generate, txt_value, write_key
 from tests.conftest import Node
 from tests.dns_server import DnsServer, Zone, standard_zone
+from tests.slapd import Slapd
 from tests.smtp_peers import Sink
 from tests.support import free_port, wait_until
 from tests.test_qmqpd import listens
 from tests.test_recovery import start
+from tests.test_smtp_auth import Session
+from tests.test_smtp_limits import make_cert
 
 DNS_ADDRESS = "127.0.53.1"  # port 53 here: resolv.conf takes no port
 SINK = "127.0.1.49"  # mail.d49.test
@@ -272,6 +275,57 @@ def test_keygen_writes_a_0600_key_prints_its_record_and_never_overwrites(tmp_pat
     small = keygen("--selector", "r2", "--bits", "512")
     assert small.returncode == 1 and "1024 bits at least" in small.stderr
     assert not (tmp_path / f"{DOMAIN}.r2.key").exists()
+
+
+SELLERS_LDIF = """dn: dc=example,dc=test
+objectClass: top
+objectClass: dcObject
+objectClass: organization
+dc: example
+o: shardmail tests
+""" + "".join(f"""
+dn: uid={uid},dc=example,dc=test
+objectClass: inetOrgPerson
+objectClass: qmailUser
+objectClass: shardmailUser
+uid: {uid}
+cn: {uid}
+sn: {uid}
+mail: {uid}@market.example
+mailMessageStore: {uid}/
+userPassword: {{SSHA}}2ClhvWnecDR/xveBC/QuAPUb4sERVsjD
+""" + extra for uid, extra in (("seller", "dkimSigningDomain: Shop.Example\n"), ("buyer", "")))  # pw-ssha-secret
+
+
+def test_an_authenticated_users_dkim_signing_domain_comes_from_the_directory(
+        node_factory: Callable[..., Node], keys: dict[str, Path], dkim_dns: DnsServer, tmp_path: Path) -> None:
+    (tmp_path / "sellers.ldif").write_text(SELLERS_LDIF)
+    slapd = Slapd(tmp_path / "slapd", tmp_path / "sellers.ldif")  # slapadd checks the entries against the schema
+    with slapd.serving():
+        node = signing_node(node_factory, keys, dkim_dns, ldapserver=slapd.url, ldapbasedn=slapd.base_dn,
+                            dkim_ldap="true", ldapcachettl="0", ldapnegcachettl="0", ldaptimeout="2",
+                            relaynets="10.0.0.0/8", authfaildelay="0")
+        context = make_cert(node)
+        node.start_smtpd()
+
+        def submit(talk: Session, uid: str) -> str:
+            assert talk.cmd(f"MAIL FROM:<{uid}@market.example>").startswith("250")
+            assert talk.cmd("RCPT TO:<u@d49.test>").startswith("250")
+            assert talk.cmd("DATA").startswith("354")
+            message = MESSAGE.replace(b"news@shop.example", f"{uid}@market.example".encode())
+            return talk.cmd(message.decode("utf-8").replace("\r\n.", "\r\n..") + ".")
+
+        for uid, expected in (("seller", [b"shop.example", b"shop.example"]), ("buyer", [])):
+            talk = Session(node.port, context)
+            assert talk.plain(f"{uid}@market.example", "pw-ssha-secret").startswith("235"), uid
+            queued = submit(talk, uid)
+            assert queued.startswith("250"), queued
+            assert [t[b"d"] for t in signatures(node.message(queued.rsplit(" ", 1)[-1])[1])] == expected, uid
+        late = Session(node.port, context)
+        assert late.plain("seller@market.example", "pw-ssha-secret").startswith("235")
+        slapd.stop()  # the directory goes away after AUTH: 451, not a message signed by guess
+        assert submit(late, "seller").startswith("451 4.4.3"), "directory down"
+        assert len(node.spooled()) == 2
 
 
 @given(st.lists(st.sampled_from([b" ", b"  ", b"\t", b" \t ", b"a", b"bc", b"\r\n", b"\r\n\r\n", b".", b"\xc3\xa9"]),
