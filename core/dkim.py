@@ -13,9 +13,8 @@ mail. The key is the From: domain's (or its parent's: DMARC's relaxed alignment)
 (core/schema/shardmail.ldif), else the ``dkim_fallback`` domain of the authenticated user, the
 From: domain or the envelope sender's domain, else ``*``. Every key of the chosen domain signs
 (RSA plus Ed25519 = dual signature); a message that already carries a signature with that d= is
-left alone. relaxed/relaxed, the RFC
-6376 §5.4.1 header set, From/To/Subject/Date oversigned (one more time than present), t=, and x=
-when ``dkim_expire`` is set.
+left alone. relaxed/relaxed, the RFC 6376 §5.4.1 header set, From/To/Subject/Date oversigned (one
+more time than present), t=, and x= when ``dkim_expire`` is set.
 
 dkimpy does the canonicalisation (its body whitespace step made cheaper: ``relaxed_body``), header
 selection and folding; the private-key operation is OpenSSL's through ``cryptography`` (dkimpy's
