@@ -88,6 +88,32 @@ def _group_list(values: list[str]) -> str | None:
     return None
 
 
+def _dkim_list(values: list[str]) -> str | None:
+    from core.dkim import parse_keys
+
+    try:
+        parse_keys(values)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _dkim_fallback_list(values: list[str]) -> str | None:
+    from core.dkim import parse_fallback
+
+    try:
+        parse_fallback(values)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _dkim_tables(raw: Any, source: str) -> Any:
+    from core.dkim import dkim_tables
+
+    return dkim_tables(raw, source)
+
+
 def _group_tables(raw: Any, source: str) -> Any:
     """``[[redis_group]]`` tables (``nodes`` or ``shards``, and ``url``) as ``pattern=url`` entries."""
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
@@ -268,6 +294,15 @@ class Settings:
                                   POSITIVE)
     schedulerprocesses: int = _setting(1, "schedulers started by `shardmail run` (one leads each shard)",
                                        NONNEGATIVE)
+    dkim: list[str] = _setting([], "DKIM signing keys, domain:selector:keyfile[:rsa|ed25519] (two for one domain: a "
+                                   "dual signature); in the file also [[dkim]] tables with domain, selector, keyfile "
+                                   "and algorithm", _dkim_list)
+    dkim_fallback: list[str] = _setting([], "signing domain for mail whose From: domain has no key: user@domain=D "
+                                            "(authenticated user), domain=D (From: or envelope sender domain), *=D",
+                                        _dkim_fallback_list)
+    dkim_ldap: bool = _setting(False, "an authenticated user's dkimSigningDomain (directory entry) names the "
+                                      "signing domain when the From: domain has no key, before dkim_fallback")
+    dkim_expire: int = _setting(0, "seconds a DKIM signature is valid for (x= tag); 0 = no expiry", NONNEGATIVE)
     metrics_listen: str = _setting("127.0.0.1:9525", "Prometheus endpoint of `shardmail run`, host:port (empty = off)",
                                    lambda v: _listen_list([v]) if v else None)
 
@@ -362,7 +397,8 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
         for key, raw in data.items():
             if key not in kinds:
                 raise ConfigError(f"{key}: unknown setting (in {chosen})")
-            values[key] = (_group_tables(raw, f"in {chosen}") if key == "redis_group" else raw, f"in {chosen}")
+            tables = {"redis_group": _group_tables, "dkim": _dkim_tables}.get(key)
+            values[key] = (tables(raw, f"in {chosen}") if tables else raw, f"in {chosen}")
     for key in kinds:
         name = ENV_PREFIX + key.upper()
         if name in env:

@@ -42,7 +42,7 @@ log = logging.getLogger("shardmail.directory")
 ATTRIBUTES = (
     "mail", "mailAlternateAddress", "mailMessageStore", "mailHost", "mailForwardingAddress",
     "deliveryMode", "mailReplyText", "accountStatus", "mailQuotaSize", "mailQuotaCount", "mailSizeMax",
-    "deliveryProgramPath", "qmailUID", "qmailGID", "uid", "objectClass",
+    "deliveryProgramPath", "qmailUID", "qmailGID", "uid", "objectClass", "dkimSigningDomain",
 )  # fmt: skip
 CATCHALL = "catchall"
 MAX_DASH_LEVELS = 4
@@ -74,6 +74,7 @@ class User:
     uid: str = ""
     qmail_uid: int | None = None
     qmail_gid: int | None = None
+    dkim_domain: str = ""  # dkimSigningDomain (core/schema/shardmail.ldif): core.dkim's signer for this user
 
 
 def _first(values: Mapping[str, list[str]], name: str) -> str:
@@ -112,6 +113,7 @@ def user_from_attributes(dn: str, attributes: Mapping[str, Iterable[Any]]) -> Us
         uid=_first(values, "uid"),
         qmail_uid=_integer(values, "qmailUID"),
         qmail_gid=_integer(values, "qmailGID"),
+        dkim_domain=_first(values, "dkimSigningDomain").strip().rstrip(".").lower(),
     )
 
 

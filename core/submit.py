@@ -4,7 +4,8 @@ Interface: ``Draft`` (a message not yet accepted), ``Submitter(settings, conn)``
 ``route(address) -> Channel``, ``accept(draft) -> Envelope`` and ``accept_batch(drafts)``.
 Accepting = pick a shard, write + fsync + commit the spool file, enqueue one job per channel; a
 batch shares the syncs (across its shards, when they share a file system) and one pipelined Redis
-round trip (group commit). When a draft
+round trip (group commit). Mail for remote recipients from a trusted client is DKIM-signed first
+(core.dkim), so the spool holds the signed bytes. When a draft
 comes back as an ``Envelope``, it is durable and queued: the caller may say 250 (or exit 0).
 
 Failures: a draft comes back as (or ``accept`` raises) ``QueueUnavailable`` (temporary, 4.3.0) when
@@ -13,7 +14,11 @@ commits are withdrawn durably first, so a 4xx never leaves behind a message that
 delivered later; if even the withdrawal fails, the messages stay committed, the sweep will
 enqueue them, and they count as accepted (a 250 is then the truthful answer).
 
-Settings: ``me``, ``locals``, plus those of core.shards.
+With ``dkim_ldap``, a draft whose signing domain the directory cannot tell comes back as
+``QueueUnavailable`` (4.4.3). At start, ``Submitter(...)`` raises ``ConfigError`` when a DKIM key
+cannot be loaded.
+
+Settings: ``me``, ``locals``, plus those of core.shards and core.dkim.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import redis
 from core import faults, metrics
 from core.address import domain_matches, domain_of
 from core.config import Settings
+from core.dkim import Signer, SigningUnavailable
 from core.envelope import Channel, Client, Envelope, Recipient, new_id, node_tag
 from core.jobs import Item, Jobs
 from core.outcome import Deferred, QueueUnavailable
@@ -60,6 +66,7 @@ class Submitter:
         self.picker = Picker(self.map, self.jobs, settings.shard_policy)
         self._node = node_tag(settings.node)
         self._locals = [d.lower() for d in settings.locals]
+        self.signer = Signer.of(settings)  # every DKIM key read now: a missing one is a ConfigError at start
 
     def new_id(self) -> str:
         return new_id(self._node)
@@ -79,25 +86,34 @@ class Submitter:
         results: list[Result | None] = [None] * len(drafts)
         by_shard: dict[int, list[tuple[int, Envelope]]] = {}
         now = time.time()
+        bodies = [draft.body for draft in drafts]
         for index, draft in enumerate(drafts):
             try:
                 shard = self.picker.pick()
             except NoShardAvailable as exc:
                 results[index] = QueueUnavailable(Deferred("4.3.0", str(exc)))
                 continue
+            recipients = tuple(Recipient(r, self.route(r)) for r in draft.recipients)
+            if self.signer is not None and any(r.channel == "remote" for r in recipients):  # signed once, here
+                try:
+                    bodies[index] = self.signer.header(draft.body, draft.sender, draft.client) + draft.body
+                except SigningUnavailable as exc:
+                    log.error("%s: %s", draft.message_id, exc)
+                    results[index] = QueueUnavailable(Deferred("4.4.3", "directory unavailable for DKIM signing"))
+                    continue
             envelope = Envelope(
                 id=draft.message_id,
                 sender=draft.sender,
-                recipients=tuple(Recipient(r, self.route(r)) for r in draft.recipients),
+                recipients=recipients,
                 birth=now,
                 shard=shard,
-                size=len(draft.body),
+                size=len(bodies[index]),
                 smtputf8=draft.smtputf8,
                 client=draft.client,
             )
             by_shard.setdefault(shard, []).append((index, envelope))
         committed: dict[int, list[tuple[int, Envelope]]] = {}
-        answers = write_batches([(self.map.spool(shard), [(env, drafts[i].body) for i, env in entries])
+        answers = write_batches([(self.map.spool(shard), [(env, bodies[i]) for i, env in entries])
                                  for shard, entries in by_shard.items()])
         for (shard, entries), errors in zip(by_shard.items(), answers, strict=True):
             for (index, envelope), error in zip(entries, errors, strict=True):

@@ -211,7 +211,11 @@ def main(argv: list[str], stdin: BinaryIO | None = None,
     from core.submit import Draft, Submitter
 
     submitter: Submitter | Handover
-    submitter = Submitter(settings, connect(settings)) if settings.role == "node" else _handover(settings)
+    try:
+        submitter = Submitter(settings, connect(settings)) if settings.role == "node" else _handover(settings)
+    except ConfigError as exc:  # a DKIM key that cannot be read: no mail goes out unsigned
+        print(f"sendmail: configuration: {exc}", file=sys.stderr)
+        return EX_CONFIG
     message_id = submitter.new_id()
     received = (f"Received: (shardmail {message_id} invoked by {login});"
                 f" {email.utils.formatdate(localtime=True)}\r\n").encode()

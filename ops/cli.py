@@ -9,7 +9,8 @@ delivery pool),
 ops.cluster), ``qshape`` (domains by age; ``--cluster``: every node's, ops.cluster_spool),
 ``metrics`` (the Prometheus endpoint, or ``--once`` to print it), ``queue`` (list, show, hold,
 release, requeue, delete, flush queued mail: ops.queue; ``list --cluster``: every node's,
-ops.cluster_spool), ``config`` (validate and print the effective settings).
+ops.cluster_spool), ``config`` (validate and print the effective settings), ``dkim keygen`` (a
+signing key and its DNS record) and ``dkim cost`` (µs per signature): ops.dkim_keys.
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -48,6 +49,13 @@ def _serving(path: str | None) -> Settings:
     settings = _settings(path)
     if settings.role == "ingress":  # an ingress-only node has no spool to serve
         return settings
+    from core.dkim import Signer
+
+    try:
+        Signer.of(settings)  # the DKIM keys core.submit will sign with: all readable, or no start
+    except ConfigError as exc:
+        print(f"shardmail: configuration: {exc}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
     try:
         serve_spool(settings)
     except SpoolOwned as exc:
@@ -513,8 +521,34 @@ def cmd_gencert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ops.dkim_keys import keygen, signing_cost
+
+    if args.action == "cost":
+        for algorithm in ("rsa", "ed25519"):
+            print(f"{algorithm}: {signing_cost(algorithm, args.size, args.count):.0f} µs per signature "
+                  f"({args.size}-byte message)")
+        return 0
+    out = Path(args.out) if args.out else Path(_settings(args.config).var_dir) / "dkim"
+    try:
+        print(keygen(args.domain, args.selector, args.algorithm, args.bits, out), end="")
+    except (ValueError, OSError) as exc:
+        print(f"shardmail: dkim keygen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    from core.dkim import Signer
+
     settings = _settings(args.config)
+    try:
+        Signer.of(settings)  # the DKIM keys too: what smtpd would refuse to start with
+    except ConfigError as exc:
+        print(f"shardmail: configuration: {exc}", file=sys.stderr)
+        return EX_CONFIG
     for key, _default, doc in describe():
         print(f"{key} = {getattr(settings, key)!r}    # {doc}")
     return 0
@@ -587,6 +621,16 @@ def parser() -> argparse.ArgumentParser:
     cert.add_argument("--host", help="the name in the certificate (default: me)")
     cert.add_argument("--days", type=int, default=365)
     cert.add_argument("--force", action="store_true", help="replace an existing pair")
+    dkim = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="action", required=True)
+    keygen = dkim.add_parser("keygen", help="write a new signing key and print the DNS TXT record to publish")
+    keygen.add_argument("--domain", required=True)
+    keygen.add_argument("--selector", required=True)
+    keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (1024 at least; default 2048)")
+    keygen.add_argument("--out", metavar="DIR", help="where the key goes (default: <var_dir>/dkim)")
+    cost = dkim.add_parser("cost", help="measure the signing cost: µs per signature, RSA-2048 and Ed25519")
+    cost.add_argument("--size", type=int, default=4096, help="message size in bytes (default 4096)")
+    cost.add_argument("--count", type=int, default=500, help="signatures per round (best of five rounds)")
     sub.add_parser("config", help="check the configuration and print the effective settings")
     sub.add_parser("sendmail", help="sendmail-compatible injection (options as sendmail's)", add_help=False)
     return top
@@ -649,6 +693,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
         "adopt": cmd_adopt, "forget": cmd_forget,
         "qshape": cmd_qshape, "queue": cmd_queue, "shards": cmd_shards, "gencert": cmd_gencert,
+        "dkim": cmd_dkim,
     }
     sys.exit(commands[args.command](args))
 

@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server redis-sentinel swaks slapd ldap-utils dovecot-imapd unbound postfix openssl prometheus systemd"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server redis-sentinel swaks slapd ldap-utils dovecot-imapd unbound postfix openssl prometheus systemd opendkim-tools"
 # Installed without their Recommends: prometheus would bring prometheus-node-exporter (one more service on every
-# interface), systemd a D-Bus daemon and a time syncer; the tests need only their binaries.
+# interface), systemd a D-Bus daemon and a time syncer; the tests need only their binaries. opendkim-tools
+# (opendkim-testmsg, the tests' second DKIM verifier) is the library's command-line tools only: no daemon, no
+# unit, no init script (the milter is the separate package opendkim, which is not installed).
 LEAN_PACKAGES="prometheus systemd"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do

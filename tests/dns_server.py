@@ -18,7 +18,8 @@ Names outside every zone are REFUSED. Two ways to fail, both per subtree:
 
 Fixtures (register with ``pytest_plugins = ["tests.dns_server"]``): ``dns_server``, one per session
 serving ``standard_zone()`` (never pause or stop it), and ``dns_server_factory(*zones)``, servers of
-their own for one test (``standard_zone()`` when no zone is given), stopped at the end of the test.
+their own for one test (``standard_zone()`` when no zone is given; ``address=``/``port=`` to listen at a
+fixed place), stopped at the end of the test.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Zone:
     """A zone as unbound local data: records, plus subtrees answered SERVFAIL or not at all.
 
     Names are absolute, trailing dot optional, Unicode allowed (stored in IDNA form); names inside
-    record data too (``"10 mx.bücher.test"``).
+    record data too (``"10 mx.bücher.test"``). ``txt`` adds a TXT record of any length (DKIM keys).
     """
 
     origin: str = "test"
@@ -113,6 +114,13 @@ class Zone:
         """An MX record for ``domain``, and the exchanger's addresses (none: add them yourself, or don't)."""
         self.add(domain, "MX", f"{preference} {_name(host)}", ttl=ttl)
         return self.address(host, *addresses, ttl=ttl)
+
+    def txt(self, name: str, text: str, ttl: int = DEFAULT_TTL) -> Zone:
+        """One TXT record holding ``text``, cut into character-strings of 255 at most (a DKIM key's
+        record is longer than one string may be; a reader joins them again)."""
+        strings = " ".join('"' + text[i:i + 255].replace("\\", "\\\\").replace('"', '\\"') + '"'
+                           for i in range(0, len(text), 255))
+        return self.add(name, "TXT", strings or '""', ttl=ttl)
 
     def _inside(self, name: str) -> dns.name.Name:
         owner = _name(name)
@@ -163,14 +171,16 @@ def standard_zone() -> Zone:
 class DnsServer:
     """One unbound process serving ``zones`` on 127.0.0.1:``port`` (UDP and TCP), files under ``directory``."""
 
-    address = ADDRESS
-
-    def __init__(self, directory: Path, zones: Sequence[Zone]) -> None:
+    def __init__(self, directory: Path, zones: Sequence[Zone], address: str = ADDRESS, port: int = 0) -> None:
+        """``address``/``port``: where to listen (port 0 = a free one); a resolver that only takes
+        an address (glibc's resolv.conf: port 53) needs a fixed port on an address of its own."""
         self.directory = directory
         self.zones = list(zones)
         self.config_path = directory / "unbound.conf"
         self.log_path = directory / "unbound.log"
-        self.port = 0
+        self.address = address
+        self.fixed_port = port
+        self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -224,7 +234,7 @@ class DnsServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         output = ""
         for _attempt in range(PORT_ATTEMPTS):
-            self.port = free_port(self.address)
+            self.port = self.fixed_port or free_port(self.address)
             self.config_path.write_text(self.config())
             log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             with self.log_path.open("ab") as log:
@@ -323,8 +333,8 @@ def dns_server_factory(tmp_path: Path) -> Iterator[Callable[..., DnsServer]]:
     """``dns_server_factory(zone, ...)`` starts a private server (``standard_zone()`` if no zone given)."""
     servers: list[DnsServer] = []
 
-    def factory(*zones: Zone) -> DnsServer:
-        server = DnsServer(tmp_path / f"dns{len(servers)}", zones or [standard_zone()])
+    def factory(*zones: Zone, address: str = ADDRESS, port: int = 0) -> DnsServer:
+        server = DnsServer(tmp_path / f"dns{len(servers)}", zones or [standard_zone()], address, port)
         servers.append(server)
         server.start()
         return server

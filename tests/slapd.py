@@ -1,8 +1,8 @@
 """A private OpenLDAP server for the tests, so directory lookups run against a real slapd and schema.
 
 Each ``Slapd`` builds its own cn=config (slapadd -n0) in a tmp dir: the system core, cosine, nis and
-inetorgperson schemas plus the project's ``core/schema/qmailuser.ldif``, one mdb database for
-``dc=example,dc=test`` (or another ``suffix``) loaded from ``tests/data/users.ldif`` (slapadd checks every
+inetorgperson schemas plus the project's ``core/schema/qmailuser.ldif`` and ``shardmail.ldif``, one mdb
+database for ``dc=example,dc=test`` (or another ``suffix``) loaded from ``tests/data/users.ldif`` (slapadd checks every
 entry against the schema; ``users_ldif=None`` leaves it empty, as a fresh install), then runs slapd in
 the foreground on 127.0.0.1 only. Nothing of the system slapd is used.
 
@@ -31,6 +31,7 @@ from tests.support import die_with_parent, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 QMAIL_SCHEMA = REPO / "core" / "schema" / "qmailuser.ldif"
+SHARDMAIL_SCHEMA = REPO / "core" / "schema" / "shardmail.ldif"
 USERS_LDIF = REPO / "tests" / "data" / "users.ldif"
 SYSTEM_SCHEMA_DIR = Path("/etc/ldap/schema")
 SYSTEM_SCHEMAS = ("core", "cosine", "nis", "inetorgperson")  # the order their dependencies need
@@ -103,7 +104,7 @@ class Slapd:
                 "olcModuleLoad: back_mdb",
             ]))
         parts.append("dn: cn=schema,cn=config\nobjectClass: olcSchemaConfig\ncn: schema")
-        schemas = [SYSTEM_SCHEMA_DIR / f"{name}.ldif" for name in SYSTEM_SCHEMAS] + [QMAIL_SCHEMA]
+        schemas = [SYSTEM_SCHEMA_DIR / f"{name}.ldif" for name in SYSTEM_SCHEMAS] + [QMAIL_SCHEMA, SHARDMAIL_SCHEMA]
         parts += [path.read_text().strip() for path in schemas]
         parts.append("\n".join([
             "dn: olcDatabase={1}mdb,cn=config",

@@ -192,3 +192,42 @@ def test_config_command_bad_value_exits_78_with_one_line(node_factory: Callable[
     assert len(err.strip().splitlines()) == 1
     assert "databytes" in err and "SHARDMAIL_DATABYTES" in err
     assert result.stdout == b""
+
+
+def test_dkim_tables_in_the_file_are_the_env_entries(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[[dkim]]\ndomain = "Shop.Example"\nselector = "r1"\nkeyfile = "/k/r1.pem"\n'
+                                'algorithm = "rsa"\n\n[[dkim]]\ndomain = "shop.example"\nselector = "e1"\n'
+                                'keyfile = "/k:odd/e1.pem"\n')
+    from_file = load(path, env={})
+    assert from_file.dkim == ["Shop.Example:r1:/k/r1.pem:rsa", "shop.example:e1:/k:odd/e1.pem"]
+    from_env = load(env={"SHARDMAIL_DKIM": "Shop.Example:r1:/k/r1.pem:rsa, shop.example:e1:/k:odd/e1.pem"})
+    assert from_env.dkim == from_file.dkim
+    from core.dkim import KeySpec, parse_keys
+
+    assert parse_keys(from_file.dkim) == [KeySpec("shop.example", "r1", "/k/r1.pem", "rsa"),
+                                          KeySpec("shop.example", "e1", "/k:odd/e1.pem", "")]
+
+
+@pytest.mark.parametrize("table", ['domain = "a.example"\nselector = "s"\n',  # no keyfile
+                                   'domain = "a.example"\nselector = "s"\nkeyfile = "/k"\nalgorithm = "dsa"\n',
+                                   'domain = "a.example"\nselector = "s"\nkeyfile = "/k"\nkey = "/k"\n'])
+def test_a_bad_dkim_table_names_the_setting_and_file(tmp_path: Path, table: str) -> None:
+    with pytest.raises(ConfigError, match=r"^dkim: expected tables with domain, selector, keyfile .*shardmail\.toml"):
+        load(write_toml(tmp_path, f"[[dkim]]\n{table}"), env={})
+
+
+@pytest.mark.parametrize(("key", "value"), [("SHARDMAIL_DKIM", "shop.example:r1"),
+                                            ("SHARDMAIL_DKIM_FALLBACK", "shop.example"),
+                                            ("SHARDMAIL_DKIM_FALLBACK", "a b=shop.example")])
+def test_bad_dkim_entries_are_refused(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key.removeprefix('SHARDMAIL_').lower()}: expected .*bad entry"):
+        load(env={key: value})
+
+
+def test_dkim_fallback_keys_are_users_domains_or_star() -> None:
+    from core.dkim import parse_fallback
+
+    settings = load(env={"SHARDMAIL_DKIM_FALLBACK": "Alice@Shop.Example=esp.example, lists.example=Shop.Example, "
+                                                    "*=shop.example"})
+    assert parse_fallback(settings.dkim_fallback) == {"alice@shop.example": "esp.example",
+                                                      "lists.example": "shop.example", "*": "shop.example"}
