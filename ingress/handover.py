@@ -14,7 +14,11 @@ moves on to the next within ``qmqptimeout``; ``D`` is the queue node's verdict o
 Failures: ``QueueUnavailable`` (451) when no queue node took the message (none known, every one
 down or saying ``Z``); ``QueueRefused`` (554, with the queue node's text and status) for ``D``.
 
-Settings: ``qmqpservers``, ``qmqptimeout``, ``me``.
+Mail from a trusted client for remote recipients is DKIM-signed here (core.dkim), as a spooling
+node's front door would: the queue node, seeing only a relaying peer, leaves a signature of the
+same domain alone.
+
+Settings: ``qmqpservers``, ``qmqptimeout``, ``node``, ``locals``, plus those of core.dkim.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from dataclasses import dataclass, field
 
 import redis
 
+from core.address import domain_matches, domain_of
 from core.config import Settings
+from core.dkim import Signer, SigningUnavailable
 from core.envelope import new_id, node_tag
 from core.nodes import Registry
 from core.outcome import Deferred, Failed, QueueRefused, QueueUnavailable
@@ -85,7 +91,9 @@ class Handover:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.servers = Servers(settings, registry)
-        self._tag = node_tag(settings.me)
+        self._tag = node_tag(settings.node)
+        self._locals = [d.lower() for d in settings.locals]
+        self.signer = Signer.of(settings)  # every DKIM key read now: a missing one is a ConfigError at start
 
     def new_id(self) -> str:
         return new_id(self._tag)
@@ -97,7 +105,13 @@ class Handover:
             self.servers.order()
         if not servers:
             raise QueueUnavailable(Deferred("4.3.0", "no queue node is known (qmqpservers, heartbeats)"))
-        request = pack(draft.body, draft.sender, draft.recipients)
+        body = draft.body
+        if self.signer is not None and any(not domain_matches(domain_of(r), self._locals) for r in draft.recipients):
+            try:  # signed here, where the client's trust is known: the queue node sees a relaying peer
+                body = await loop.run_in_executor(None, self.signer.header, body, draft.sender, draft.client) + body
+            except SigningUnavailable as exc:
+                raise QueueUnavailable(Deferred("4.4.3", str(exc))) from None
+        request = pack(body, draft.sender, draft.recipients)
         deadline = loop.time() + self.settings.qmqptimeout
         last = Reply("Z", "no queue node answered")
         for host, port in servers:

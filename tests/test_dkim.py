@@ -341,3 +341,25 @@ def test_dkim_cost_prints_microseconds_per_signature_for_each_algorithm() -> Non
     assert done.returncode == 0, done.stderr
     figures = re.findall(r"^(rsa|ed25519): (\d+) µs per signature \(2000-byte message\)$", done.stdout, re.M)
     assert [name for name, _ in figures] == ["rsa", "ed25519"] and all(int(us) > 0 for _, us in figures)
+
+
+def test_an_ingress_only_node_signs_before_it_hands_over(
+        node_factory: Callable[..., Node], keys: dict[str, Path], dkim_dns: DnsServer) -> None:
+    """The edge knows the client, so it signs, and a stranger's mail it passes on stays unsigned at
+    the queue node (the same keys there; the edge is not in its relaynets, as the README asks)."""
+    from tests.test_qmqpd import qmqp_node
+
+    queue, port = qmqp_node(node_factory, node="q1", relaynets="127.0.0.9/32",
+                            dkim=f"{DOMAIN}:r2026:{keys['r2026']}:rsa,{DOMAIN}:e2026:{keys['e2026']}:ed25519")
+    edge = signing_node(node_factory, keys, dkim_dns, node="edge", role="ingress", relaynets="127.0.0.1/32",
+                        qmqpservers=f"127.0.0.1:{port}")
+    edge.start_smtpd()
+    smtp_send(edge, MESSAGE, "news@shop.example", ["r@hosted.example"], source="127.0.0.1")
+    stranger = smtp_send(edge, MESSAGE, "news@shop.example", ["s@hosted.example"], source="127.0.0.2")
+    assert stranger
+    spooled = {tuple(e.address for e in queue.message(m)[0].recipients): queue.message(m)[1]
+               for m in queue.spooled()}
+    signed = spooled[("r@hosted.example",)]
+    assert [t[b"a"] for t in signatures(signed)] == [b"rsa-sha256", b"ed25519-sha256"]
+    assert dkimpy_verifies(signed, dkim_dns, 0) and dkimpy_verifies(signed, dkim_dns, 1)
+    assert signatures(spooled[("s@hosted.example",)]) == []  # the stranger's mail stays unsigned at the edge
