@@ -1,0 +1,201 @@
+"""``shardmail queue move`` and ``shards move``: two nodes on one Redis and prefix; n1 holds queued
+mail and runs no pools, n2 runs qmqpd, its local pool and its scheduler (whose heartbeat announces
+the QMQP listener). Every remaining recipient is delivered exactly once at n2, held mail stays held
+there, and n1's spool and Redis keep nothing of what moved; a mover SIGKILLed at each journal step
+and run again loses nothing and doubles at most the one message whose K was in flight; a target
+that does not answer leaves everything where it was."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from core.envelope import Envelope, Mark
+from core.jobs import Jobs
+from core.nodes import Registry
+from core.redis_conn import connect
+from core.shards import Namespace, ShardMap
+from core.submit import Draft, Submitter
+from tests.conftest import Node
+from tests.support import free_port, wait_until
+from tests.test_qmqpd import listens
+from tests.test_recovery import start
+
+STEPS = ["sending", "held", "accepted", "sent", "removed", "done"]
+
+
+@dataclass
+class Cluster:
+    n1: Node
+    n2: Node
+    qmqp_port: int
+
+
+def two_nodes(node_factory: Callable[..., Node], qmqpd: bool = True) -> Cluster:
+    """n1 (no processes) and n2 (scheduler, and unless told otherwise qmqpd and a local pool), n2
+    alive in the registry with its QMQP listener."""
+    port = free_port()
+    n1 = node_factory(node="n1", shards="2")
+    n2 = node_factory(node="n2", shards="2", qmqp_listen=f"127.0.0.1:{port}", qmqpclients="127.0.0.0/8")
+    start(n2, "scheduler")
+    if qmqpd:
+        start(n2, "qmqpd")
+        start(n2, "worker", "local")
+        wait_until(lambda: listens(port), timeout=20, what="n2's qmqpd listening")
+    registry = Registry.of(n1.settings(), connect(n1.settings()))
+    wait_until(lambda: any(r.name == "n2" and r.alive and r.qmqp for r in registry.nodes(time.time())),
+               timeout=20, what="n2's heartbeat with its QMQP listener")
+    return Cluster(n1, n2, port)
+
+
+def queue_mail(node: Node, recipients: list[list[str]]) -> list[Envelope]:
+    """One message per recipient list (local addresses), accepted on ``node``."""
+    settings = node.settings()
+    submitter = Submitter(settings, connect(settings))
+    drafts = [Draft(submitter.new_id(), "sender@example.net", rcpts,
+                    f"Subject: move {n}\r\n\r\nbody of message {n}\r\n".encode()) for n, rcpts in enumerate(recipients)]
+    results = submitter.accept_batch(drafts)
+    assert all(isinstance(r, Envelope) for r in results)
+    return results  # type: ignore[return-value]
+
+
+def checkpoint(node: Node, envelope: Envelope, index: int, state: str) -> None:
+    """A recipient's outcome recorded on the spool entry, as a pool would have."""
+    status = {"delivered": "2.0.0", "deferred": "4.2.2"}[state]
+    ShardMap(node.settings()).spool(envelope.shard).mark(envelope.id, [Mark(index, state, status, state, time.time())])  # type: ignore[arg-type]
+
+
+def delivered(node: Node) -> Counter[str]:
+    """Recipients of the copies in the node's Maildir (its Delivered-To lines)."""
+    new = node.var_dir / "mail" / "catchall" / "new"
+    copies: Counter[str] = Counter()
+    for name in os.listdir(new) if new.exists() else []:
+        for line in (new / name).read_bytes().split(b"\n")[:3]:
+            if line.startswith(b"Delivered-To: "):
+                copies[line[14:].strip().decode()] += 1
+    return copies
+
+
+def held_on(node: Node) -> list[tuple[Envelope, bytes]]:
+    shard_map = ShardMap(node.settings())
+    return [shard_map.spool(s).load(i, held=True) for s in shard_map.ids(fresh=True) for i in shard_map.spool(s).held()]
+
+
+def traces(node: Node, ids: set[str]) -> set[str]:
+    """What the node's spool (queued or held) and Redis still hold of these messages."""
+    settings = node.settings()
+    shard_map = ShardMap(settings)
+    jobs = Jobs(connect(settings), Namespace.of(settings))
+    found = set()
+    for shard in shard_map.ids(fresh=True):
+        spool = shard_map.spool(shard)
+        found |= {f"spool:{i}" for i in (*spool.ids(), *spool.held()) if i in ids}
+        found |= {f"redis:{d}" for d in jobs.doorbells(shard) if d.split(":")[0] in ids}
+    return found
+
+
+def mover(node: Node, *args: str, crash: str = "") -> subprocess.CompletedProcess[str]:
+    env = dict(node.env, SHARDMAIL_CRASH_AT=f"move.{crash}") if crash else node.env
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def the_mail(cluster: Cluster) -> tuple[list[Envelope], set[str]]:
+    """Four messages on n1: two plain, one with a recipient delivered already (a checkpoint) and one
+    deferred, one held; and the recipients still to be delivered."""
+    plain, partial, deferred, held = queue_mail(cluster.n1, [["a1@test.example", "a2@test.example"],
+                                                             ["b1@test.example", "b2@test.example"],
+                                                             ["c1@test.example"], ["h1@test.example"]])
+    checkpoint(cluster.n1, partial, 0, "delivered")
+    checkpoint(cluster.n1, deferred, 0, "deferred")
+    assert cluster.n1.command("queue", "hold", held.id).returncode == 0
+    return [plain, partial, deferred, held], {"a1@test.example", "a2@test.example", "b2@test.example",
+                                              "c1@test.example"}
+
+
+def test_queue_move_and_shards_move_deliver_each_remaining_recipient_once_and_keep_the_hold(
+        node_factory: Callable[..., Node]) -> None:
+    cluster = two_nodes(node_factory)
+    mail, wanted = the_mail(cluster)
+    plain, _, _, held = mail
+    more = queue_mail(cluster.n1, [[f"m{i}@test.example"] for i in range(6)])  # spread over s0 and s1
+    wanted |= {f"m{i}@test.example" for i in range(6)}
+    result = mover(cluster.n1, "queue", "move", plain.id, held.id, "--to", "n2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{plain.id}: moved to n2 as ") and "(2 recipient(s))" in lines[0]
+    assert lines[1].startswith(f"{held.id}: moved to n2 as ") and lines[1].endswith("(1 recipient(s), on hold)")
+    assert lines[-1] == "move to n2: moved 2, left 0 (temporary), refused 0"
+    for shard in (0, 1):
+        result = mover(cluster.n1, "shards", "move", f"n1/s{shard}", "--to", "n2")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines()[-1].startswith("move to n2: moved ")
+    assert ShardMap(cluster.n1.settings()).draining() == {0, 1}  # ingress no longer chooses them
+    everything = {e.id for e in [*mail, *more]}
+    assert traces(cluster.n1, everything) == set()
+    wait_until(lambda: sum(delivered(cluster.n2).values()) >= len(wanted - {"h1@test.example"}), timeout=30,
+               what="n2 delivering what moved")
+    copies = delivered(cluster.n2)
+    assert set(copies) == wanted - {"h1@test.example"} and max(copies.values()) == 1
+    assert "b1@test.example" not in copies  # delivered before the move: not again
+    ((envelope, body),) = held_on(cluster.n2)  # held there too, never delivered
+    assert [r.address for r in envelope.recipients] == ["h1@test.example"]
+    assert envelope.birth == pytest.approx(held.birth, abs=1e-3)  # its retries and lifetime go on
+    assert b"X-Shardmail-Move" not in body and b"with QMQP" in body and b"Subject: move 3" in body
+    wait_until(lambda: cluster.n2.spooled() == [], timeout=20, what="n2's queue empty")
+    assert held_on(cluster.n2)[0][0].id == envelope.id
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_move_killed_at_each_step_and_run_again_loses_nothing(node_factory: Callable[..., Node],
+                                                                step: str) -> None:
+    cluster = two_nodes(node_factory)
+    mail, wanted = the_mail(cluster)
+    ids = [e.id for e in mail]
+    killed = mover(cluster.n1, "queue", "move", *ids, "--to", "n2", crash=step)
+    assert killed.returncode == -9, killed.stdout + killed.stderr  # died at move.<step> of the first message
+    again = mover(cluster.n1, "queue", "move", *ids, "--to", "n2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines()[-1].startswith("move to n2: moved ")
+    assert not (cluster.n1.settings().spool_root / "move.journal").exists()  # nothing open: journal gone
+    assert traces(cluster.n1, set(ids)) == set()
+    wait_until(lambda: set(delivered(cluster.n2)) >= wanted, timeout=30, what="every remaining recipient at n2")
+    copies = delivered(cluster.n2)
+    assert set(copies) == wanted
+    doubled = {address for address, n in copies.items() if n > 1}
+    if step == "accepted":  # the first message's K was in flight: that one message comes twice
+        assert doubled == {"a1@test.example", "a2@test.example"} and max(copies.values()) == 2
+    else:
+        assert doubled == set()
+    assert [[r.address for r in e.recipients] for e, _ in held_on(cluster.n2)] == [["h1@test.example"]]
+
+
+def test_a_target_that_does_not_answer_leaves_everything(node_factory: Callable[..., Node]) -> None:
+    cluster = two_nodes(node_factory, qmqpd=False)  # alive and announcing QMQP, but nobody listens
+    mail, _ = the_mail(cluster)
+    ids = [e.id for e in mail]
+    before = traces(cluster.n1, set(ids))
+    result = mover(cluster.n1, "queue", "move", *ids, "--to", "n2")
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "move to n2: moved 0, left 4 (temporary), refused 0"
+    assert "Connection refused" in result.stderr
+    assert sorted(cluster.n1.spooled()) == sorted(ids[:3])  # queued again, not left on hold
+    assert [e.id for e, _ in held_on(cluster.n1)] == [ids[3]]
+    assert traces(cluster.n1, set(ids)) == before  # and their doorbells rung as before
+    assert delivered(cluster.n2) == Counter() and cluster.n2.spooled() == []
+    assert not (cluster.n1.settings().spool_root / "move.journal").exists()
+    unknown = mover(cluster.n1, "queue", "move", ids[0], "--to", "n9")
+    assert unknown.returncode == 69 and "no node 'n9' in the cluster's registry" in unknown.stderr
+    itself = mover(cluster.n1, "shards", "move", "n1/s0", "--to", "n1")
+    assert itself.returncode == 64 and "is this node" in itself.stderr
+    elsewhere = mover(cluster.n1, "shards", "move", "n2/s0", "--to", "n2")
+    assert elsewhere.returncode == 64 and "run the move there" in elsewhere.stderr
+    closed = mover(cluster.n1, "queue", "move", ids[0], "--to", "n2", "--qmqp", f"127.0.0.1:{free_port()}")
+    assert closed.returncode == 75 and sorted(cluster.n1.spooled()) == sorted(ids[:3])
