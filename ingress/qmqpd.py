@@ -16,6 +16,10 @@ taken off: the message keeps its birth (its retry times and lifetime go on, howe
 moves), and one held there is committed into hold/ here (core.submit ``held``), never queued.
 Only the very first line counts (every spooled message starts with a Received line of ours), and
 only clients in ``qmqpclients`` reach this at all: they are trusted to relay, so they may hold.
+The new id is remembered in Redis for ``MOVED_TTL`` (``<prefix>:moved:<this node>:<node>/<old
+id>``, set once the copy is queued, before the K): a mover killed while our K was on its way asks
+again on its rerun and gets the same K without a second copy (only Redis losing that key lets the
+one copy too many through that the mover's journal allows).
 The double-bounce sender ``#@[]`` and a bare ``postmaster`` recipient are taken as core.submit
 takes them (a moved double bounce).
 
@@ -26,7 +30,7 @@ unavailable. A client that stops mid-request (EOF) or stays silent past ``timeou
 disconnected without a reply; nothing of a partial request reaches the spool.
 
 Settings: ``qmqp_listen``, ``qmqpclients``, ``databytes``, ``maxrcptcount``, ``maxhops``,
-``timeoutsmtpd``, ``ingress_threads``, ``me``, plus those of core.submit.
+``timeoutsmtpd``, ``ingress_threads``, ``me``, ``node``, ``redis_prefix``, plus those of core.submit.
 """
 
 from __future__ import annotations
@@ -36,13 +40,16 @@ import contextlib
 import email.utils
 import ipaddress
 import logging
+import re
 import signal
 from dataclasses import dataclass
+
+import redis
 
 from core import hops, sdnotify
 from core.address import check_mailbox, clean_for_header, peer_in
 from core.config import Settings
-from core.envelope import DOUBLE_BOUNCE_SENDER, Client
+from core.envelope import DOUBLE_BOUNCE_SENDER, Client, valid_id
 from core.outcome import QueueUnavailable
 from core.qmqp import ProtocolError, Reply, Request, TooLong, read_netstring, unpack
 from core.redis_conn import connect
@@ -54,6 +61,7 @@ log = logging.getLogger("shardmail.qmqpd")
 ADDRESS_ROOM = 300  # bytes a recipient's netstring may take in the size bound
 NO_LIMIT = 2**31
 MOVE_HEADER = b"X-Shardmail-Move:"  # the first line of a message another node moves here (ops.move)
+MOVED_TTL = 86400  # s a moved message's new id is remembered, for a mover that asks again after a crash
 
 
 class QmqpService:
@@ -121,6 +129,10 @@ class QmqpService:
             content += b"\r\n"
         if (loop := hops.check(content, self.settings.maxhops, added=1)) is not None:
             return Reply("D", f"{loop.text} (#{loop.status})")
+        if move is not None and (earlier := await self._moved_before(move)):
+            log.info("%s moved here before as %s (the mover asks again after a crash): not queued twice",
+                     move.origin, earlier)
+            return Reply("K", f"ok {earlier}")
         message_id = self.submitter.new_id()
         received = (f"Received: from [{clean_for_header(peer)}]\r\n\tby {self.settings.me} (shardmail) with QMQP "
                     f"id {message_id}; {email.utils.formatdate(localtime=True)}\r\n")
@@ -138,16 +150,40 @@ class QmqpService:
         log.info("queued %s by QMQP from %s: <%s> for %d rcpt, %d bytes%s", message_id, peer, request.sender,
                  len(request.recipients), len(draft.body),
                  f" (moved from {move.origin}{', on hold' if move.held else ''})" if move else "")
+        if move is not None and move.known:
+            await self._remember(move, message_id)
         return Reply("K", f"ok {message_id}")
+
+    def _moved_key(self, move: Move) -> str:
+        return f"{self.settings.redis_prefix}:moved:{self.settings.node}:{move.origin}"
+
+    async def _moved_before(self, move: Move) -> str | None:
+        """The id this node gave the same message when it was moved here before (None: never, or
+        Redis does not say: then it is queued, and at worst once more)."""
+        if not move.known:
+            return None
+        try:
+            found = await asyncio.to_thread(self.submitter.jobs.conn.get, self._moved_key(move))
+        except redis.RedisError as exc:
+            log.warning("cannot look up whether %s moved here before: %s", move.origin, exc)
+            return None
+        return found.decode() if isinstance(found, bytes) else found
+
+    async def _remember(self, move: Move, message_id: str) -> None:
+        try:
+            await asyncio.to_thread(self.submitter.jobs.conn.set, self._moved_key(move), message_id, ex=MOVED_TTL)
+        except redis.RedisError as exc:
+            log.warning("cannot record that %s moved here as %s: %s", move.origin, message_id, exc)
 
 
 @dataclass(frozen=True, slots=True)
 class Move:
     """What a node moving mail here says of a message in its ``X-Shardmail-Move`` line."""
 
-    origin: str  # "<node>/<old id>", for the log
+    origin: str  # "<node>/<old id>"
     birth: float | None
     held: bool
+    known: bool = False  # node and id given: a repeated request can be recognised
 
 
 def moved_from(message: bytes) -> tuple[Move | None, bytes]:
@@ -166,7 +202,9 @@ def moved_from(message: bytes) -> tuple[Move | None, bytes]:
         birth = None
     if birth is not None and not (0 < birth < float("inf")):
         birth = None
-    return Move(f"{fields.get('node', '?')}/{fields.get('id', '?')}", birth, fields.get("hold") == "yes"), rest
+    node, old_id = fields.get("node", ""), fields.get("id", "")
+    known = valid_id(old_id) and re.fullmatch(r"[A-Za-z0-9_-]+", node) is not None
+    return Move(f"{node or '?'}/{old_id or '?'}", birth, fields.get("hold") == "yes", known), rest
 
 
 async def serve(settings: Settings) -> None:

@@ -404,7 +404,7 @@ def _move(args: argparse.Namespace, settings: Settings, ids: list[str] | None = 
         total = len(ids or [])
     progress = Progress(total, sys.stderr, "move") if sys.stderr.isatty() and total > 1 else None
     mover = Mover(settings, conn, target, shared=shared, timeout=args.timeout, each=ids is not None,
-                  progress=progress)
+                  parallel=args.parallel, progress=progress)
     status = None
     try:
         if number is None:
@@ -605,6 +605,8 @@ def _move_options(parser: argparse.ArgumentParser, prefix: str) -> None:
                         "heartbeat announces)")
     parser.add_argument("--timeout", type=float, default=30.0, help=f"{prefix}seconds to wait for the target's "
                         "answer to each message")
+    parser.add_argument("--parallel", type=int, default=8, metavar="N", help=f"{prefix}messages handed over at once "
+                        "(default 8)")
 
 
 def _queue_parser(sub: argparse._SubParsersAction) -> None:

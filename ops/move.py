@@ -26,14 +26,19 @@ the shard draining (ingress stops choosing it; after a fresh mark, ``DRAIN_SETTL
 every ingress process to see it), then moves every entry of it, queued, deferred and held, and
 lists it again until nothing new turns up; the shard stays draining (``shards open`` reopens it).
 
-The journal, ``<spool root>/move.journal``: one JSON line per step, each fdatasync'd before the
-step it announces. Per message: "sending" (with whether it was held, and the target) → hold →
-QMQP → "sent" (with the target's new id) → entry and jobs removed → "done" ("back" instead when it
-was put back). A run first finishes what the journal leaves open: "sending" is handed over again
-(the only step where a copy may be doubled: the target's ``K`` was in flight when the mover
-died), "sent" only has its entry removed; then the journal goes once nothing in it is open. A
-crash point ``move.<step>`` (core.faults) follows each step: sending, held, accepted, sent,
-removed, done. One mover at a time per node (``move.lock``, else ``MoveBusy``).
+The journal, ``<spool root>/move.journal``: one JSON line per step. Per message: "sending" (with
+whether it was held, and the target; fdatasync'd before the hold) → hold → QMQP → "sent" (with
+the target's new id; fdatasync'd before the removal) → entry and jobs removed (durably) → "done"
+("back" instead when it was put back). A run first finishes what the journal leaves open:
+"sending" is handed over again (the only step where a copy could be doubled: the target's ``K``
+was in flight when the mover died; the target's qmqpd remembers for a day which node and id it
+took in, and answers such a repeat with the same ``K`` instead of a second copy), "sent" only
+has its entry removed; the journal goes once
+nothing in it is open. A crash point ``move.<step>`` (core.faults) follows each step: sending,
+held, accepted, sent, removed, done. ``parallel`` messages (8) are handed over at once, each
+on its own thread through these steps, so that the target's group commit takes several per sync
+(a crash may then find up to that many with a ``K`` in flight: still one copy too many at most
+for each). One mover at a time per node (``move.lock``, else ``MoveBusy``).
 
 Failures: ``MoveRefused``: this node as target (64), an unknown node or one without a QMQP
 listener (69), a dead one (75). Per message: ``Z`` (or no answer) leaves it, counted "left"
@@ -54,9 +59,12 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -79,6 +87,7 @@ LOCK = "move.lock"
 DRAIN_SETTLE = 2.0  # s after a fresh drain mark: ingress processes look at the markers once a second
 GIVE_UP = 5  # temporary failures in a row after which the target is taken for down and the run stops
 OPEN = ("sending", "sent")  # journal states of a move not finished
+PARALLEL = 8  # messages handed over at once (the target commits them together)
 
 
 class MoveRefused(Exception):
@@ -176,6 +185,7 @@ class Journal:
     states: dict[str, dict[str, object]] = field(default_factory=dict)
     _fd: int = -1
     _lock: int = -1
+    _mutex: threading.Lock = field(default_factory=threading.Lock)  # the movers' threads append in turn
 
     def open(self) -> None:
         self._lock = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -199,10 +209,16 @@ class Journal:
                     self.states[record["id"]] = {**self.states.get(record["id"], {}), **record}
 
     def write(self, message_id: str, state: str, **fields: object) -> None:
+        """Append a step; durable before returning when it opens one ("sending", "sent"). A closing
+        one ("done", "back") that a crash loses leaves its message open, and the rerun finds
+        nothing more to do for it, or moves it once more from where it is."""
         record = {"id": message_id, "state": state, **fields, "at": round(time.time(), 3)}
-        os.write(self._fd, json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        os.fdatasync(self._fd)
-        self.states[message_id] = {**self.states.get(message_id, {}), **record}
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        with self._mutex:
+            os.write(self._fd, line)
+            if state in OPEN:
+                os.fdatasync(self._fd)
+            self.states[message_id] = {**self.states.get(message_id, {}), **record}
 
     def unfinished(self) -> list[dict[str, object]]:
         return [r for r in self.states.values() if r.get("state") in OPEN]
@@ -224,7 +240,7 @@ class Journal:
 class Mover:
     def __init__(self, settings: Settings, conn: redis.Redis, target: Target, *, shared: redis.Redis | None = None,
                  timeout: float = 30.0, wait: float = 10.0, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
-                 each: bool = True, progress: Callable[[int], None] | None = None) -> None:
+                 each: bool = True, parallel: int = PARALLEL, progress: Callable[[int], None] | None = None) -> None:
         self.settings = settings
         self.target = target
         self.shared = shared or conn
@@ -234,6 +250,7 @@ class Mover:
         self.map: ShardMap = self.admin.map
         self.timeout = timeout
         self.wait = wait
+        self.parallel = max(1, parallel)
         self.out = out
         self.err = err
         self.each = each  # a line for every message moved (else only for those left or refused)
@@ -242,24 +259,12 @@ class Mover:
         self.report = MoveReport()
         self._failures = 0  # temporary failures in a row
         self._later: list[str] | None = None  # a shard's first passes: ids in flight, for a last pass
+        self._lock = threading.Lock()  # the report, the output and the failure count, among threads
 
     # -- the two commands ---------------------------------------------------------------------------
     def move_ids(self, ids: Iterable[str]) -> MoveReport:
         with self._journal():
-            for message_id in ids:
-                if self._stopped(message_id):
-                    continue
-                record = self.journal.states.get(message_id)
-                found = self.admin.locate(message_id)
-                if found is None and record is not None and record.get("state") == "done":
-                    self._say(f"{message_id}: moved to {record.get('to')} already"
-                              + (f" as {record['new']}" if record.get("new") else ""))
-                elif found is None:
-                    self.report.missing += 1
-                    self._warn(f"{message_id}: no such message in the queue")
-                else:
-                    self._move(found)
-                self.progress(1)
+            self._each(ids, self._move_id)
         return self.report
 
     def move_shard(self, shard: int) -> MoveReport:
@@ -276,21 +281,57 @@ class Mover:
                 if not fresh:
                     break
                 seen.update(fresh)
-                self._move_each(spool.find, fresh)
+                self._each(fresh, partial(self._move_found, spool.find))
             later, self._later = self._later, None
-            self._move_each(spool.find, later, counted=True)
+            self._each(later, partial(self._move_found, spool.find), counted=False)
         return self.report
 
-    def _move_each(self, find: Callable[[str], Entry | None], ids: list[str], counted: bool = False) -> None:
-        for message_id in ids:
-            if self._stopped(message_id):
-                continue
-            found = find(message_id)
-            if found is not None and found.envelope is None:
-                self._left(message_id, f"unreadable spool entry ({found.error})")
-            elif found is not None:
-                self._move(found)
-            if not counted:
+    def _move_id(self, message_id: str) -> None:
+        if self._stopped(message_id):
+            return
+        record = self.journal.states.get(message_id)
+        found = self.admin.locate(message_id)
+        if found is None and record is not None and record.get("state") == "done":
+            self._say(f"{message_id}: moved to {record.get('to')} already"
+                      + (f" as {record['new']}" if record.get("new") else ""))
+        elif found is None:
+            self._add("missing")
+            self._warn(f"{message_id}: no such message in the queue")
+        else:
+            self._move(found)
+
+    def _move_found(self, find: Callable[[str], Entry | None], message_id: str) -> None:
+        if self._stopped(message_id):
+            return
+        found = find(message_id)
+        if found is not None and found.envelope is None:
+            self._left(message_id, f"unreadable spool entry ({found.error})")
+        elif found is not None:
+            self._move(found)
+
+    def _each(self, items: Iterable[str], work: Callable[[str], None], counted: bool = True) -> None:
+        """``work`` for every item, ``parallel`` at a time (the target's group commit then takes
+        several messages per sync); the first exception stops new work and is raised once the
+        work under way has ended (each message is in a state the journal describes)."""
+        failures: list[BaseException] = []
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix="move") as pool:
+            running: set[Future[None]] = set()
+            for item in items:
+                if len(running) >= 2 * self.parallel:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    self._ended(done, failures, counted)
+                if failures:
+                    break
+                running.add(pool.submit(work, item))
+            self._ended(wait(running).done, failures, counted)
+        if failures:
+            raise failures[0]
+
+    def _ended(self, done: Iterable[Future[None]], failures: list[BaseException], counted: bool) -> None:
+        for future in done:
+            if future.exception() is not None:
+                failures.append(future.exception())  # type: ignore[arg-type]
+            elif counted:
                 self.progress(1)
 
     @contextlib.contextmanager
@@ -311,7 +352,7 @@ class Mover:
         if self._failures < GIVE_UP:
             return False
         self.report.stopped = True
-        self.report.left += 1
+        self._add("left")
         return True
 
     # -- one message --------------------------------------------------------------------------------
@@ -367,7 +408,7 @@ class Mover:
         if not pending:
             self._remove(shard, message_id)
             self.journal.write(message_id, "done", removed=True)
-            self.report.removed += 1
+            self._add("removed")
             return
         line = f"X-Shardmail-Move: node={self.settings.node} id={message_id} birth={envelope.birth!r}"
         request = pack((line + (" hold=yes" if was_held else "") + "\r\n").encode() + body, envelope.sender,
@@ -377,7 +418,8 @@ class Mover:
             self._refused(held, was_held, target, reply)
             return
         faults.crash_point("move.accepted")
-        self._failures = 0
+        with self._lock:
+            self._failures = 0
         new_id = reply.text.split()[-1] if reply.text.strip() else ""
         self.journal.write(message_id, "sent", new=new_id)
         faults.crash_point("move.sent")
@@ -385,7 +427,7 @@ class Mover:
         faults.crash_point("move.removed")
         self.journal.write(message_id, "done")
         faults.crash_point("move.done")
-        self.report.moved += 1
+        self._add("moved")
         log.info("%s: moved to %s as %s (%d recipients%s)", message_id, target, new_id, len(pending),
                  ", on hold" if was_held else "")
         if self.each:
@@ -395,10 +437,11 @@ class Mover:
     def _refused(self, held: Entry, was_held: bool, target: Target, reply: Reply) -> None:
         self._put_back(held, was_held)
         if reply.permanent:
-            self.report.refused += 1
+            self._add("refused")
             self._warn(f"{held.id}: refused by {target.node}: {reply.text}; it stays here")
             return
-        self._failures += 1
+        with self._lock:
+            self._failures += 1
         self._left(held.id, f"{target.node} answered: {reply.text}")
 
     def _put_back(self, held: Entry, was_held: bool) -> None:
@@ -425,14 +468,14 @@ class Mover:
             if record["state"] == "sent":
                 self._remove(shard, message_id)
                 self.journal.write(message_id, "done")
-                self.report.moved += 1
-                self.report.finished += 1
+                self._add("moved")
+                self._add("finished")
                 self._say(f"{message_id}: moved to {to} as {record.get('new') or '?'} (finishing an interrupted move)")
                 continue
             try:
                 target = self.target if to == self.target.node else find_target(self.settings, self.shared, to)
             except MoveRefused as exc:
-                self.report.left += 1
+                self._add("left")
                 self._warn(f"{message_id}: an interrupted move to {to} cannot be finished now ({exc}); it stays "
                            f"on hold here: `shardmail queue move {message_id} --to {to}` finishes it")
                 continue
@@ -441,12 +484,20 @@ class Mover:
             self.report.finished += self.report.moved - before
 
     # -- output -------------------------------------------------------------------------------------
+    def _add(self, name: str, count: int = 1) -> None:
+        with self._lock:
+            setattr(self.report, name, getattr(self.report, name) + count)
+
     def _left(self, message_id: str, why: str) -> None:
-        self.report.left += 1
+        self._add("left")
         self._warn(f"{message_id}: not moved: {why}; it stays here")
 
     def _say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        with self._lock:
+            self.out.write(text + "\n")
+            self.out.flush()
 
     def _warn(self, text: str) -> None:
-        print(f"shardmail move: {text}", file=self.err, flush=True)
+        with self._lock:
+            self.err.write(f"shardmail move: {text}\n")
+            self.err.flush()
