@@ -224,3 +224,29 @@ def test_a_target_that_does_not_answer_leaves_everything(node_factory: Callable[
     assert elsewhere.returncode == 64 and "run the move there" in elsewhere.stderr
     closed = mover(cluster.n1, "queue", "move", ids[0], "--to", "n2", "--qmqp", f"127.0.0.1:{free_port()}")
     assert closed.returncode == 75 and sorted(cluster.n1.spooled()) == sorted(ids[:3])
+
+
+def test_a_shard_moved_while_its_own_pool_delivers_gives_each_recipient_one_copy(
+        node_factory: Callable[..., Node]) -> None:
+    """The mover and n1's local pool race for one shard: what the mover takes out is held (the
+    pool's claims waited for), so every recipient gets one copy, from one node or the other."""
+    cluster = two_nodes(node_factory)
+    assert cluster.n1.command("shards", "drain", "1").returncode == 0  # all the mail into s0
+    count = 400
+    mail = queue_mail(cluster.n1, [[f"r{i}@test.example"] for i in range(count)])
+    assert {e.shard for e in mail} == {0}
+    assert cluster.n1.command("shards", "drain", "0").returncode == 0  # the move starts at once
+    move = subprocess.Popen([sys.executable, "-m", "ops.cli", "shards", "move", "n1/s0", "--to", "n2"],
+                            env=cluster.n1.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: len(delivered(cluster.n2)) >= 20, timeout=30, what="the move under way")
+    start(cluster.n1, "worker", "local")  # and now the pool too
+    out, err = move.communicate(timeout=120)
+    assert move.returncode == 0, out + err
+    moved = int(out.splitlines()[-1].split("moved ")[1].split(",")[0])
+    wait_until(lambda: sum((delivered(cluster.n1) + delivered(cluster.n2)).values()) >= count
+               and cluster.n1.spooled() == [] and cluster.n2.spooled() == [], timeout=60,
+               what="every message delivered on one node or the other")
+    copies = delivered(cluster.n1) + delivered(cluster.n2)
+    assert set(copies) == {f"r{i}@test.example" for i in range(count)} and max(copies.values()) == 1
+    assert sum(delivered(cluster.n2).values()) == moved  # what moved was delivered there, the rest here
+    assert traces(cluster.n1, {e.id for e in mail}) == set()
