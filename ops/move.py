@@ -199,14 +199,16 @@ class Journal:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         if created:
             fsync_dir(self.root)
-        with open(path, "rb") as existing:
-            for line in existing:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # the torn last line of a crash mid-append: its step did not happen
-                if isinstance(record, dict) and isinstance(record.get("id"), str):
-                    self.states[record["id"]] = {**self.states.get(record["id"], {}), **record}
+        data = path.read_bytes()
+        for line in data.split(b"\n"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the torn last line of a crash mid-append: its step did not happen
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                self.states[record["id"]] = {**self.states.get(record["id"], {}), **record}
+        if data and not data.endswith(b"\n"):
+            os.write(self._fd, b"\n")  # the torn line must not swallow the next record
 
     def write(self, message_id: str, state: str, **fields: object) -> None:
         """Append a step; durable before returning when it opens one ("sending", "sent"). A closing

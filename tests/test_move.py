@@ -23,6 +23,7 @@ from core.nodes import Registry
 from core.redis_conn import connect
 from core.shards import Namespace, ShardMap
 from core.submit import Draft, Submitter
+from ops.move import Journal
 from tests.conftest import Node
 from tests.support import free_port, wait_until
 from tests.test_qmqpd import listens
@@ -250,3 +251,21 @@ def test_a_shard_moved_while_its_own_pool_delivers_gives_each_recipient_one_copy
     assert set(copies) == {f"r{i}@test.example" for i in range(count)} and max(copies.values()) == 1
     assert sum(delivered(cluster.n2).values()) == moved  # what moved was delivered there, the rest here
     assert traces(cluster.n1, {e.id for e in mail}) == set()
+
+
+def test_the_journal_survives_a_torn_line_and_one_mover_runs_at_a_time(node_factory: Callable[..., Node]) -> None:
+    node = node_factory(node="n1")
+    root = node.settings().spool_root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "move.journal").write_bytes(b'{"id":"A","state":"sending","shard":0}\n{"id":"A","sta')  # killed mid-write
+    journal = Journal(root)
+    journal.open()
+    assert journal.states["A"]["state"] == "sending"  # the torn step did not happen
+    journal.write("A", "sent", new="B")
+    result = mover(node, "queue", "move", "0123456789ABCDEF0123456789", "--to", "n2", "--qmqp", "127.0.0.1:1")
+    assert result.returncode == 75 and "another move is running on this node" in result.stderr
+    journal.close()
+    again = Journal(root)
+    again.open()
+    assert again.states["A"]["state"] == "sent" and again.states["A"]["new"] == "B"
+    again.close()
