@@ -566,7 +566,8 @@ def parser() -> argparse.ArgumentParser:
     qshape.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")
     qshape.add_argument("--by", choices=["recipient", "sender"], default="recipient")
     qshape.add_argument("--top", type=int, default=0, help="only the N biggest domains")
-    shards = sub.add_parser("shards", help="list, drain, reopen, add and rebalance queue shards")
+    shards = sub.add_parser("shards", help="list, drain, reopen, add and rebalance queue shards, or move one to "
+                            "another node")
     shards.add_argument("action", choices=["list", "drain", "open", "add", "rebalance", "move"])
     shards.add_argument("shard", nargs="?", help="the shard to drain or open (a number), or to move "
                         "(<node>/s<N>)")
