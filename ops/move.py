@@ -41,10 +41,12 @@ on its own thread through these steps, so that the target's group commit takes s
 for each). One mover at a time per node (``move.lock``, else ``MoveBusy``).
 
 Failures: ``MoveRefused``: this node as target (64), an unknown node or one without a QMQP
-listener (69), a dead one (75). Per message: ``Z`` (or no answer) leaves it, counted "left"
-(temporary; after ``GIVE_UP`` of them in a row the run stops and leaves the rest); ``D``
-leaves it, "refused". redis.RedisError and OSError propagate: what was done is in the journal,
-and running the same command again finishes it.
+listener (69), a dead one (75). Per message: ``Z`` (or no connection) puts it back, counted
+"left" (temporary; after ``GIVE_UP`` of them in a row the run stops and leaves the rest); ``D``
+puts it back, "refused"; no verdict once the request went out (core.qmqp's ``unsure``: the
+target may have queued it) keeps it held with its "sending" open, "left", for the rerun to ask
+again rather than let this node deliver a second copy. redis.RedisError and OSError propagate:
+what was done is in the journal, and running the same command again finishes it.
 
 Settings: ``node``, ``nodedeadafter`` (through core.nodes), the spool root and shards (core.shards),
 ``redis_prefix``.
@@ -437,6 +439,13 @@ class Mover:
                       f"{', on hold' if was_held else ''})")
 
     def _refused(self, held: Entry, was_held: bool, target: Target, reply: Reply) -> None:
+        if reply.unsure:  # it may be queued there: kept on hold here, its "sending" open for the rerun
+            with self._lock:
+                self._failures += 1
+            self._left(held.id, f"no verdict from {target.node} once it was sent ({reply.text})",
+                       f"it is on hold until the same command is run again, which asks {target.node} again (a "
+                       f"message it took is recognised, not queued twice)")
+            return
         self._put_back(held, was_held)
         if reply.permanent:
             self._add("refused")
@@ -490,9 +499,9 @@ class Mover:
         with self._lock:
             setattr(self.report, name, getattr(self.report, name) + count)
 
-    def _left(self, message_id: str, why: str) -> None:
+    def _left(self, message_id: str, why: str, where: str = "it stays here") -> None:
         self._add("left")
-        self._warn(f"{message_id}: not moved: {why}; it stays here")
+        self._warn(f"{message_id}: not moved: {why}; {where}")
 
     def _say(self, text: str) -> None:
         with self._lock:

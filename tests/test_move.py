@@ -8,8 +8,10 @@ that does not answer leaves everything where it was."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import pytest
 from core.envelope import Envelope, Mark
 from core.jobs import Jobs
 from core.nodes import Registry
+from core.qmqp import Reply, send
 from core.redis_conn import connect
 from core.shards import Namespace, ShardMap
 from core.submit import Draft, Submitter
@@ -269,3 +272,53 @@ def test_the_journal_survives_a_torn_line_and_one_mover_runs_at_a_time(node_fact
     again.open()
     assert again.states["A"]["state"] == "sent" and again.states["A"]["new"] == "B"
     again.close()
+
+
+class ReplyLost:
+    """A QMQP hop that hands each request on to the real server and drops its verdict: the K
+    that never arrives (a network cut just after the target committed)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.verdicts: list[Reply] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                chunks = []
+                while chunk := client.recv(65536):
+                    chunks.append(chunk)
+                self.verdicts.append(send("127.0.0.1", self.port, b"".join(chunks), 10))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_lost_verdict_keeps_the_message_held_and_the_rerun_makes_no_second_copy(
+        node_factory: Callable[..., Node]) -> None:
+    cluster = two_nodes(node_factory)
+    mail, wanted = the_mail(cluster)
+    ids = [e.id for e in mail]
+    hop = ReplyLost(cluster.qmqp_port)
+    try:
+        cut = mover(cluster.n1, "queue", "move", *ids, "--to", "n2", "--qmqp", hop.address)
+    finally:
+        hop.close()
+    assert cut.returncode == 75, cut.stdout + cut.stderr
+    assert cut.stdout.splitlines()[-1] == "move to n2: moved 0, left 4 (temporary), refused 0"
+    assert "no verdict from n2 once it was sent" in cut.stderr
+    assert len(hop.verdicts) == 4 and all(v.accepted for v in hop.verdicts)  # n2 took them all
+    assert cluster.n1.spooled() == []  # all kept on hold here: not delivered by n1 meanwhile
+    assert sorted(e.id for e, _ in held_on(cluster.n1)) == sorted(ids)
+    again = mover(cluster.n1, "queue", "move", *ids, "--to", "n2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {line.split(" as ")[-1].split()[0] for line in again.stdout.splitlines()[:-1]} == {
+        v.text.removeprefix("ok ") for v in hop.verdicts}  # the ids n2 gave the first time
+    assert_moved_once(cluster, ids, wanted, doubled=set())
