@@ -422,14 +422,19 @@ class QueueAdmin:
             spool.unhold(message_id)
 
     def restore(self, found: Entry) -> list[Channel]:
-        """Undo ``take_out``: the held entry back into the queue with its doorbells rung (as
-        ``release`` does); returns the channels given jobs. Raises FileNotFoundError (not held),
-        OSError, redis.RedisError (then the entry is queued and the sweep rings its bell)."""
+        """Undo ``take_out``: the held entry back into the queue with doorbells as it had them: a
+        job now for a channel never tried, and for one whose recipients were tried (deferred) a
+        settle entry, from which the scheduler puts it back at its computed retry time. Returns
+        the channels given jobs. Raises FileNotFoundError (not held), OSError, redis.RedisError
+        (then the entry is queued, and the sweep rings its bell)."""
         self.map.spool(found.shard).unhold(found.id)
-        assert self.jobs is not None
+        envelope = found.read
         result = self._drop(found.shard, found.id)
         live = {c for c, (_, claim) in result.items() if claim == 1}
-        return self._ring(found.shard, replace(found, held=False).read, live)
+        states = envelope.states()
+        tried = {c for c in envelope.channels() if any(states[i] is not None for i in envelope.pending(c))}
+        self._settle_later(found.shard, found.id, tried - live)
+        return self._ring(found.shard, envelope, live | tried)
 
     def release(self, ids: list[str]) -> int:
         worst = EX_OK

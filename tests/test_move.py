@@ -119,6 +119,9 @@ def the_mail(cluster: Cluster) -> tuple[list[Envelope], set[str]]:
                                                              ["c1@test.example"], ["h1@test.example"]])
     checkpoint(cluster.n1, partial, 0, "delivered")
     checkpoint(cluster.n1, deferred, 0, "deferred")
+    jobs = Jobs(connect(cluster.n1.settings()), Namespace.of(cluster.n1.settings()))
+    jobs.forget(deferred.shard, deferred.id, time.time())  # as the scheduler has it: due in an hour
+    jobs.schedule(deferred.shard, [(deferred.id, "local", time.time() + 3600)])
     assert cluster.n1.command("queue", "hold", held.id).returncode == 0
     return [plain, partial, deferred, held], {"a1@test.example", "a2@test.example", "b2@test.example",
                                               "c1@test.example"}
@@ -217,7 +220,13 @@ def test_a_target_that_does_not_answer_leaves_everything(node_factory: Callable[
     assert "Connection refused" in result.stderr
     assert sorted(cluster.n1.spooled()) == sorted(ids[:3])  # queued again, not left on hold
     assert [e.id for e, _ in held_on(cluster.n1)] == [ids[3]]
-    assert traces(cluster.n1, set(ids)) == before  # and their doorbells rung as before
+    assert traces(cluster.n1, set(ids)) == before  # and their doorbells rung as before:
+    settings = cluster.n1.settings()
+    jobs = Jobs(connect(settings), Namespace.of(settings))
+    queued = {i for shard in (0, 1) for i in jobs.queued(shard, "local")}
+    assert queued == {ids[0], ids[1]}  # a job now for mail never tried, the deferred one back to its retry time
+    assert [m.decode() for m in connect(settings).lrange(jobs.settle_key(mail[2].shard), 0, -1)] == [
+        f"{ids[2]}:local"]
     assert delivered(cluster.n2) == Counter() and cluster.n2.spooled() == []
     assert not (cluster.n1.settings().spool_root / "move.journal").exists()
     unknown = mover(cluster.n1, "queue", "move", ids[0], "--to", "n9")
