@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from core.envelope import Envelope, Mark
-from core.jobs import Jobs
+from core.jobs import Jobs, job_id
 from core.nodes import Registry
 from core.qmqp import Reply, send
 from core.redis_conn import connect
@@ -93,7 +93,8 @@ def held_on(node: Node) -> list[tuple[Envelope, bytes]]:
 
 
 def traces(node: Node, ids: set[str]) -> set[str]:
-    """What the node's spool (queued or held) and Redis still hold of these messages."""
+    """What the node's spool (queued or held) and Redis (doorbells, rq's job hashes) still hold of
+    these messages."""
     settings = node.settings()
     shard_map = ShardMap(settings)
     jobs = Jobs(connect(settings), Namespace.of(settings))
@@ -102,6 +103,9 @@ def traces(node: Node, ids: set[str]) -> set[str]:
         spool = shard_map.spool(shard)
         found |= {f"spool:{i}" for i in (*spool.ids(), *spool.held()) if i in ids}
         found |= {f"redis:{d}" for d in jobs.doorbells(shard) if d.split(":")[0] in ids}
+    conn = connect(settings)
+    found |= {f"redis:{key}" for i in ids for channel in ("local", "remote")
+              if conn.exists(key := f"rq:job:{job_id(Namespace.of(settings), i, channel)}")}
     return found
 
 
