@@ -16,7 +16,8 @@ field alone.
 Failures: a malformed netstring or request raises ``ProtocolError`` (the server answers D or closes);
 ``send`` never raises for the peer's sake: a refused or reset connection, a timeout or a garbled
 reply comes back as a ``Z`` reply (temporary: try another server or later), only the server's own
-``D`` is permanent.
+``D`` is permanent. Such a ``Z`` after the request went out is ``unsure`` (the server may have
+queued it): a caller that must not make a second copy (ops.move) keeps its own until it knows.
 
 Settings: none (callers pass limits and timeouts).
 """
@@ -27,7 +28,7 @@ import asyncio
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from core.outcome import Deferred, Delivered, Failed, Outcome
@@ -120,8 +121,12 @@ Code = Literal["K", "Z", "D"]
 
 @dataclass(frozen=True, slots=True)
 class Reply:
+    """``unsure``: a Z of our own making after the request went out (the connection broke, timed
+    out or closed without a verdict, or the verdict was garbled): the server may have taken it."""
+
     code: Code
     text: str
+    unsure: bool = field(default=False, compare=False)
 
     @property
     def accepted(self) -> bool:
@@ -152,19 +157,25 @@ class Reply:
         try:
             (payload,) = _split(raw)
         except (ProtocolError, ValueError):
-            return cls("Z", f"garbled QMQP reply {raw[:60]!r}")
+            return cls("Z", f"garbled QMQP reply {raw[:60]!r}", unsure=True)
         code, text = payload[:1].decode("ascii", "replace"), payload[1:].decode("utf-8", "replace")
         if code == "K":
             return cls("K", text)
         if code == "D":
             return cls("D", text)
-        return cls("Z", text if code == "Z" else f"unknown QMQP reply {payload[:60]!r}")
+        if code == "Z":
+            return cls("Z", text)
+        return cls("Z", f"unknown QMQP reply {payload[:60]!r}", unsure=True)
 
 
 def send(host: str, port: int, request: bytes, timeout: float) -> Reply:
     """Hand one packed request to a QMQP server and read its verdict."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:  # nothing was sent: the server has certainly not taken it
+        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.1)")
+    try:
+        with sock:
             sock.sendall(request)
             sock.shutdown(socket.SHUT_WR)
             chunks = []
@@ -173,7 +184,7 @@ def send(host: str, port: int, request: bytes, timeout: float) -> Reply:
                 if sum(len(c) for c in chunks) > 65536:
                     break
     except OSError as exc:
-        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.1)")
+        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.2)", unsure=True)
     if not chunks:
-        return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply (#4.4.2)")
+        return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply (#4.4.2)", unsure=True)
     return Reply.decode(b"".join(chunks))

@@ -7,7 +7,8 @@ Interface: ``Spool(root, shard, split)`` with ``write(envelope, body) -> Path``,
 another shard, for the rebalancer), ``remove(id)``, ``scan() -> Iterator[Entry]``,
 ``leftovers() -> Iterator[Leftover]``, ``quarantine(id)``, ``count()``; ``syncfs(fd)`` and
 ``SYNCFS`` (whether it is available), the group commit of several files' writes. Held mail
-(``shardmail queue``): ``hold(id)``, ``unhold(id)``, ``held()``, ``held_path(id)``, ``where(id)``,
+(``shardmail queue``): ``hold(id)``, ``unhold(id)``, ``write_held(envelope, body)`` (a message
+moved in from another node while held there), ``held()``, ``held_path(id)``, ``where(id)``,
 ``peek(id, held=False)`` (envelope and marks without reading the body), ``find(id) -> Entry``
 (queued or held), ``entries(held=False) -> Iterator[Entry]``, ``load(id, held=True)``,
 ``discard(id, held=False)`` (an admin's delete, durable). Listings for the ops views:
@@ -548,6 +549,31 @@ class Spool:
         os.rename(self._path(message_id), self._hold_s + message_id)
         self._hold_sync.sync()
         self._syncers[self._bucket(message_id)].sync()
+
+    def write_held(self, envelope: Envelope, body: bytes) -> Path:
+        """Commit a new message straight into hold/ (one moved here while held on its old node:
+        it must never be in queue/, where the sweep would ring its bell): tmp/ written and
+        fsync'd, renamed into hold/, hold/ fsync'd. Raises OSError, leaving nothing."""
+        tmp = f"{self._tmp_s}{envelope.id}"
+        place = self._hold_s + envelope.id
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                faults.check("spool.write")
+                _write_all(fd, encode(envelope) + body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, place)
+        except OSError:
+            _unlink_quietly(tmp)
+            raise
+        try:
+            self._hold_sync.sync()
+        except OSError:
+            _unlink_quietly(place)
+            raise
+        return Path(place)
 
     def unhold(self, message_id: str) -> None:
         """hold/ -> queue/, durable. FileNotFoundError if not held."""

@@ -2,7 +2,9 @@
 
 Interface: ``Draft`` (a message not yet accepted), ``Submitter(settings, conn)`` with ``new_id()``,
 ``route(address) -> Channel``, ``accept(draft) -> Envelope`` and ``accept_batch(drafts)``.
-Accepting = pick a shard, write + fsync + commit the spool file, enqueue one job per channel; a
+Accepting = pick a shard, write + fsync + commit the spool file, enqueue one job per channel (a
+draft marked ``held``, mail moved in from another node where it was on hold, is committed into
+hold/ instead and gets no job; a ``birth`` given is kept, so its retries and lifetime go on); a
 batch shares the syncs (across its shards, when they share a file system) and one pipelined Redis
 round trip (group commit). Mail for remote recipients from a trusted client is DKIM-signed first
 (core.dkim), so the spool holds the signed bytes. When a draft
@@ -53,6 +55,8 @@ class Draft:
     body: bytes  # CRLF line endings, headers included
     client: Client = field(default_factory=Client)
     smtputf8: bool = False
+    birth: float | None = None  # a message moved in from another node keeps its birth (None = now)
+    held: bool = False  # and, held there, is committed into hold/ here: no job, no delivery
 
 
 Result = Envelope | QueueUnavailable
@@ -105,12 +109,15 @@ class Submitter:
                 id=draft.message_id,
                 sender=draft.sender,
                 recipients=recipients,
-                birth=now,
+                birth=now if draft.birth is None else min(draft.birth, now),
                 shard=shard,
                 size=len(bodies[index]),
                 smtputf8=draft.smtputf8,
                 client=draft.client,
             )
+            if draft.held:
+                results[index] = self._accept_held(envelope, draft.body)
+                continue
             by_shard.setdefault(shard, []).append((index, envelope))
         committed: dict[int, list[tuple[int, Envelope]]] = {}
         answers = write_batches([(self.map.spool(shard), [(env, bodies[i]) for i, env in entries])
@@ -127,6 +134,16 @@ class Submitter:
         faults.crash_point("after_enqueue")
         metrics.committed(results, time.time() - now)
         return results  # type: ignore[return-value]
+
+    def _accept_held(self, envelope: Envelope, body: bytes) -> Result:
+        """A held message: committed into hold/ and given no job (``shardmail queue release`` rings
+        its bell)."""
+        try:
+            self.map.spool(envelope.shard).write_held(envelope, body)
+        except OSError as exc:
+            log.error("spool write failed for held %s on shard %d: %s", envelope.id, envelope.shard, exc)
+            return QueueUnavailable(Deferred("4.3.0", f"queue write failed: {exc.strerror}"))
+        return envelope
 
     def _enqueue(self, committed: dict[int, list[tuple[int, Envelope]]], results: list[Result | None]) -> None:
         items = []

@@ -10,6 +10,19 @@ durable commit as SMTP's 250 (core.submit through ingress.committer's group comm
 gets a Received line naming QMQP and the client, CRLF line ends for the spool, and the same hop
 limit as SMTP mail; after that a queue node treats it as its own SMTP mail.
 
+Mail moved here by another node (``shardmail queue move``, ``shards move``: ops.move) starts with
+one line ``X-Shardmail-Move: node=<node> id=<old id> birth=<unix time>[ hold=yes]``, which is
+taken off: the message keeps its birth (its retry times and lifetime go on, however often it
+moves), and one held there is committed into hold/ here (core.submit ``held``), never queued.
+Only the very first line counts (every spooled message starts with a Received line of ours), and
+only clients in ``qmqpclients`` reach this at all: they are trusted to relay, so they may hold.
+The new id is remembered in Redis for ``MOVED_TTL`` (``<prefix>:moved:<this node>:<node>/<old
+id>``, set once the copy is queued, before the K): a mover killed while our K was on its way asks
+again on its rerun and gets the same K without a second copy (only Redis losing that key lets the
+one copy too many through that the mover's journal allows).
+The double-bounce sender ``#@[]`` and a bare ``postmaster`` recipient are taken as core.submit
+takes them (a moved double bounce).
+
 Failures: what the client got wrong is ``D`` (permanent, with an enhanced status code): a message
 over ``databytes`` (from the length field alone), more than ``maxrcptcount`` recipients, a
 malformed netstring or address, a routing loop. What we cannot do now is ``Z``: the spool or Redis
@@ -17,7 +30,7 @@ unavailable. A client that stops mid-request (EOF) or stays silent past ``timeou
 disconnected without a reply; nothing of a partial request reaches the spool.
 
 Settings: ``qmqp_listen``, ``qmqpclients``, ``databytes``, ``maxrcptcount``, ``maxhops``,
-``timeoutsmtpd``, ``ingress_threads``, ``me``, plus those of core.submit.
+``timeoutsmtpd``, ``ingress_threads``, ``me``, ``node``, ``redis_prefix``, plus those of core.submit.
 """
 
 from __future__ import annotations
@@ -27,11 +40,15 @@ import contextlib
 import email.utils
 import ipaddress
 import logging
+import re
+from dataclasses import dataclass
+
+import redis
 
 from core import hops, sdnotify
 from core.address import check_mailbox, clean_for_header, peer_in
 from core.config import Settings
-from core.envelope import Client
+from core.envelope import DOUBLE_BOUNCE_SENDER, Client, valid_id
 from core.outcome import QueueUnavailable
 from core.qmqp import ProtocolError, Reply, Request, TooLong, read_netstring, unpack
 from core.redis_conn import connect
@@ -42,6 +59,8 @@ from ingress.serve import listening_socket, serve_until_stopped
 log = logging.getLogger("shardmail.qmqpd")
 ADDRESS_ROOM = 300  # bytes a recipient's netstring may take in the size bound
 NO_LIMIT = 2**31
+MOVE_HEADER = b"X-Shardmail-Move:"  # the first line of a message another node moves here (ops.move)
+MOVED_TTL = 86400  # s a moved message's new id is remembered, for a mover that asks again after a crash
 
 
 class QmqpService:
@@ -95,24 +114,31 @@ class QmqpService:
             return Reply("D", "message too big (#5.3.4)")
         if len(request.recipients) > self.settings.maxrcptcount:
             return Reply("D", f"too many recipients, {self.settings.maxrcptcount} at most (#5.5.3)")
-        for address in ([request.sender] if request.sender else []) + request.recipients:
+        sender = [request.sender] if request.sender not in ("", DOUBLE_BOUNCE_SENDER) else []
+        for address in sender + [r for r in request.recipients if r.lower() != "postmaster"]:
             problem = check_mailbox(address, smtputf8=True)
             if problem:
                 return Reply("D", f"<{clean_for_header(address)}>: {problem} (#5.1.3)")
         return None
 
     async def commit(self, request: Request, peer: str) -> Reply:
-        content = request.message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        move, message = moved_from(request.message)
+        content = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if content and not content.endswith(b"\r\n"):
             content += b"\r\n"
         if (loop := hops.check(content, self.settings.maxhops, added=1)) is not None:
             return Reply("D", f"{loop.text} (#{loop.status})")
+        if move is not None and (earlier := await self._moved_before(move)):
+            log.info("%s moved here before as %s (the mover asks again after a crash): not queued twice",
+                     move.origin, earlier)
+            return Reply("K", f"ok {earlier}")
         message_id = self.submitter.new_id()
         received = (f"Received: from [{clean_for_header(peer)}]\r\n\tby {self.settings.me} (shardmail) with QMQP "
                     f"id {message_id}; {email.utils.formatdate(localtime=True)}\r\n")
         addresses = [request.sender, *request.recipients]
         draft = Draft(message_id, request.sender, request.recipients, received.encode() + content,
-                      Client(address=peer, helo="", protocol="QMQP"), not all(a.isascii() for a in addresses))
+                      Client(address=peer, helo="", protocol="QMQP"), not all(a.isascii() for a in addresses),
+                      birth=move.birth if move else None, held=bool(move and move.held))
         try:
             await self.committer.commit(draft)
         except QueueUnavailable as exc:
@@ -120,9 +146,64 @@ class QmqpService:
         except Exception:
             log.exception("unexpected failure queueing %s", message_id)
             return Reply("Z", "internal error, try again later (#4.3.0)")
-        log.info("queued %s by QMQP from %s: <%s> for %d rcpt, %d bytes", message_id, peer, request.sender,
-                 len(request.recipients), len(draft.body))
+        log.info("queued %s by QMQP from %s: <%s> for %d rcpt, %d bytes%s", message_id, peer, request.sender,
+                 len(request.recipients), len(draft.body),
+                 f" (moved from {move.origin}{', on hold' if move.held else ''})" if move else "")
+        if move is not None and move.known:
+            await self._remember(move, message_id)
         return Reply("K", f"ok {message_id}")
+
+    def _moved_key(self, move: Move) -> str:
+        return f"{self.settings.redis_prefix}:moved:{self.settings.node}:{move.origin}"
+
+    async def _moved_before(self, move: Move) -> str | None:
+        """The id this node gave the same message when it was moved here before (None: never, or
+        Redis does not say: then it is queued, and at worst once more)."""
+        if not move.known:
+            return None
+        try:
+            found = await asyncio.to_thread(self.submitter.jobs.conn.get, self._moved_key(move))
+        except redis.RedisError as exc:
+            log.warning("cannot look up whether %s moved here before: %s", move.origin, exc)
+            return None
+        return found.decode() if isinstance(found, bytes) else found
+
+    async def _remember(self, move: Move, message_id: str) -> None:
+        try:
+            await asyncio.to_thread(self.submitter.jobs.conn.set, self._moved_key(move), message_id, ex=MOVED_TTL)
+        except redis.RedisError as exc:
+            log.warning("cannot record that %s moved here as %s: %s", move.origin, message_id, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """What a node moving mail here says of a message in its ``X-Shardmail-Move`` line."""
+
+    origin: str  # "<node>/<old id>"
+    birth: float | None
+    held: bool
+    known: bool = False  # node and id given: a repeated request can be recognised
+
+
+def moved_from(message: bytes) -> tuple[Move | None, bytes]:
+    """The move line at the very top of a request's message (and the message without it), or
+    (None, message). Only the first line counts: every message the spool holds starts with a
+    Received line of ours, and the mover puts its own line above it, so a header of that name
+    further down (from a sender) is never taken for one."""
+    if message[: len(MOVE_HEADER)].lower() != MOVE_HEADER.lower():
+        return None, message
+    end = message.find(b"\n")
+    line, rest = (message, b"") if end < 0 else (message[:end], message[end + 1:])
+    fields = dict(word.partition("=")[::2] for word in line[len(MOVE_HEADER):].decode("ascii", "replace").split())
+    try:
+        birth: float | None = float(fields.get("birth", ""))
+    except ValueError:
+        birth = None
+    if birth is not None and not (0 < birth < float("inf")):
+        birth = None
+    node, old_id = fields.get("node", ""), fields.get("id", "")
+    known = valid_id(old_id) and re.fullmatch(r"[A-Za-z0-9_-]+", node) is not None
+    return Move(f"{node or '?'}/{old_id or '?'}", birth, fields.get("hold") == "yes", known), rest
 
 
 async def serve(settings: Settings) -> None:

@@ -9,8 +9,9 @@ delivery pool),
 ops.cluster), ``qshape`` (domains by age; ``--cluster``: every node's, ops.cluster_spool),
 ``metrics`` (the Prometheus endpoint, or ``--once`` to print it), ``queue`` (list, show, hold,
 release, requeue, delete, flush queued mail: ops.queue; ``list --cluster``: every node's,
-ops.cluster_spool), ``config`` (validate and print the effective settings), ``dkim keygen`` (a
-signing key and its DNS record) and ``dkim cost`` (µs per signature): ops.dkim_keys.
+ops.cluster_spool; ``queue move``, like ``shards move``, hands it to another node: ops.move),
+``config`` (validate and print the effective settings), ``dkim keygen`` (a signing key and its DNS
+record) and ``dkim cost`` (µs per signature): ops.dkim_keys.
 
 Failures: a configuration error prints one line naming the key and exits 78 (EX_CONFIG).
 Settings: ``-c/--config`` or ``$SHARDMAIL_CONFIG`` names the file; see core.config.
@@ -361,7 +362,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     if args.action == "list" and args.cluster:
         return _queue_cluster(settings, args)
-    conn = _ping(connect(settings))
+    conn = _ping(connect(settings)) if args.action != "move" else None
     admin = QueueAdmin(settings, conn)
     flt = Filter(_shards(getattr(args, "shard", "all"), settings, "--shard"), getattr(args, "held", False),
                  getattr(args, "domain", "") or "")
@@ -381,6 +382,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if not ids:
         print(f"shardmail queue {args.action}: no message ids given", file=sys.stderr)
         return 64
+    if args.action == "move":
+        return _move(args, settings, ids=ids)
     if args.action == "show":
         return admin.show(ids, args.body)
     if args.action == "hold":
@@ -408,6 +411,12 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     shard_map = ShardMap(settings)
+    if args.action == "move":
+        return _move(args, settings, shard=args.shard)
+    if args.action != "list" and args.shard is not None and not args.shard.isdigit():
+        print(f"shardmail: shards {args.action}: {args.shard!r} is not a shard number", file=sys.stderr)
+        return 64
+    number = None if args.shard is None else int(args.shard)
     if args.action == "list":
         conn = _ping(connect(settings))
         if conn is None:
@@ -420,20 +429,82 @@ def cmd_shards(args: argparse.Namespace) -> int:
               "shards take it up within seconds")
         return 0
     if args.action in ("drain", "open"):
-        if args.shard is None:
+        if number is None:
             print(f"shardmail: shards {args.action}: which shard?", file=sys.stderr)
             return 64
         try:
-            changed = shard_map.drain(args.shard) if args.action == "drain" else shard_map.reopen(args.shard)
+            changed = shard_map.drain(number) if args.action == "drain" else shard_map.reopen(number)
         except KeyError as exc:
             print(f"shardmail: {exc.args[0]}", file=sys.stderr)
             return 64
         state = "draining" if args.action == "drain" else "open"
         print(f"shard {args.shard} {'is now' if changed else 'was already'} {state}")
         if args.action == "drain" and args.wait is not None:
-            return 0 if shard_admin.wait_empty(settings, connect(settings), args.shard, args.wait, sys.stdout) else 1
+            return 0 if shard_admin.wait_empty(settings, connect(settings), number, args.wait, sys.stdout) else 1
         return 0
     return _rebalance(args, settings)
+
+
+def _move(args: argparse.Namespace, settings: Settings, ids: list[str] | None = None,
+          shard: str | None = None) -> int:
+    """``queue move ID... --to NODE`` or ``shards move <node>/s<N> --to NODE`` (ops.move)."""
+    import redis
+
+    from core.redis_conn import connect, connect_shared
+    from core.shards import ShardMap
+    from ops.move import MoveBusy, Mover, MoveRefused, find_target, parse_shard
+    from scheduler.recover import Progress
+
+    if not args.to:
+        print("shardmail: move: --to NODE names the node to move the mail to", file=sys.stderr)
+        return 64
+    number = None
+    if ids is None:
+        try:
+            number = parse_shard(shard or "", settings.node)
+        except ValueError as exc:
+            print(f"shardmail: shards move: {exc}", file=sys.stderr)
+            return 64
+    conn, shared = connect(settings), connect_shared(settings)
+    try:
+        conn.ping()
+        target = find_target(settings, shared, args.to, args.qmqp)
+    except MoveRefused as exc:
+        print(f"shardmail: move: {exc}", file=sys.stderr)
+        return exc.status
+    except redis.RedisError as exc:
+        print(f"shardmail: move: Redis unavailable ({exc}): nothing moved", file=sys.stderr)
+        return EX_TEMPFAIL
+    if number is not None:
+        shard_map = ShardMap(settings)
+        total = (shard_map.spool(number).count() + sum(1 for _ in shard_map.spool(number).held())
+                 if number in shard_map.ids(fresh=True) else 0)
+    else:
+        total = len(ids or [])
+    progress = Progress(total, sys.stderr, "move") if sys.stderr.isatty() and total > 1 else None
+    mover = Mover(settings, conn, target, shared=shared, timeout=args.timeout, each=ids is not None,
+                  parallel=args.parallel, progress=progress)
+    status = None
+    try:
+        if number is None:
+            mover.move_ids(ids or [])
+        else:
+            mover.move_shard(number)
+    except MoveRefused as exc:
+        print(f"shardmail: move: {exc}", file=sys.stderr)
+        status = exc.status
+    except MoveBusy as exc:
+        print(f"shardmail: move: {exc}", file=sys.stderr)
+        status = EX_TEMPFAIL
+    except (redis.RedisError, OSError) as exc:
+        print(f"shardmail: move: {exc}: the journal holds what was done; run the same command again",
+              file=sys.stderr)
+        status = EX_TEMPFAIL
+    finally:
+        if progress is not None:
+            progress.close()
+    print(mover.report.summary(target))
+    return mover.report.status() if status is None else status
 
 
 def _rebalance(args: argparse.Namespace, settings: Settings) -> int:
@@ -605,14 +676,17 @@ def parser() -> argparse.ArgumentParser:
                         "own spool; a dead or silent node's share is marked unknown")
     qshape.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="--cluster: how long to wait for the nodes' answers (default 5)")
-    shards = sub.add_parser("shards", help="list, drain, reopen, add and rebalance queue shards")
-    shards.add_argument("action", choices=["list", "drain", "open", "add", "rebalance"])
-    shards.add_argument("shard", nargs="?", type=int, help="the shard to drain or open")
+    shards = sub.add_parser("shards", help="list, drain, reopen, add and rebalance queue shards, or move one to "
+                            "another node")
+    shards.add_argument("action", choices=["list", "drain", "open", "add", "rebalance", "move"])
+    shards.add_argument("shard", nargs="?", help="the shard to drain or open (a number), or to move "
+                        "(<node>/s<N>)")
     shards.add_argument("--wait", nargs="?", type=float, const=86400.0, metavar="SECONDS",
                         help="drain: wait until the shard's spool is empty (exit 1 if not within SECONDS)")
     shards.add_argument("--from", dest="source", type=int, help="rebalance: the shard to move messages from")
-    shards.add_argument("--to", help="rebalance: the shards to move them to, e.g. 2,3")
+    shards.add_argument("--to", help="rebalance: the shards to move them to, e.g. 2,3; move: the node")
     shards.add_argument("--count", type=int, help="rebalance: move at most this many messages")
+    _move_options(shards, "move: ")
     metrics = sub.add_parser("metrics", help="serve the Prometheus metrics (what `run` serves on metrics_listen)")
     metrics.add_argument("--listen", help="host:port (default: metrics_listen)")
     metrics.add_argument("--once", action="store_true", help="print the metrics once, in Prometheus' text format")
@@ -647,6 +721,15 @@ def _ping(conn: Redis) -> Redis | None:
     return conn
 
 
+def _move_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    parser.add_argument("--qmqp", metavar="HOST:PORT", help=f"{prefix}the target's QMQP listener (default: what its "
+                        "heartbeat announces)")
+    parser.add_argument("--timeout", type=float, default=30.0, help=f"{prefix}seconds to wait for the target's "
+                        "answer to each message")
+    parser.add_argument("--parallel", type=int, default=8, metavar="N", help=f"{prefix}messages handed over at once "
+                        "(default 8)")
+
+
 def _queue_parser(sub: argparse._SubParsersAction) -> None:
     queue = sub.add_parser("queue", help="list, show, hold, release, requeue, delete or flush queued mail")
     actions = queue.add_subparsers(dest="action", required=True)
@@ -670,7 +753,10 @@ def _queue_parser(sub: argparse._SubParsersAction) -> None:
     delete = actions.add_parser("delete", help="delete messages (ALL --all: every message the filters take)")
     delete.add_argument("--all", action="store_true", help="confirms delete ALL")
     flush = actions.add_parser("flush", help="bring deferred mail forward: due now")
-    for action in (show, hold, release, requeue, delete):
+    move = actions.add_parser("move", help="hand messages to another node over QMQP (--to NODE)")
+    move.add_argument("--to", required=True, metavar="NODE", help="the node to move them to")
+    _move_options(move, "")
+    for action in (show, hold, release, requeue, delete, move):
         action.add_argument("ids", nargs="*", metavar="ID", help=ids_help)
     for action in (listing, delete, flush):
         action.add_argument("--shard", default="all", help="e.g. 0-3,5 (default: all)")

@@ -3,9 +3,11 @@
 Interface: ``QueueAdmin(settings, conn, out, err)`` (``conn`` None when Redis is down) with
 ``listing(filter, as_json, limit)``, ``show(ids, body)``, ``hold(ids, force, wait)``, ``release(ids)``,
 ``requeue(ids)``, ``delete(ids)``, ``delete_all(filter)``, ``flush(filter)``, each returning the
-exit status; ``Filter`` (shards, held only, recipient domain), ``parse_ids(words, stdin)``;
-``message_doc``, ``render_message``, ``summary_line`` (one listed message as JSON and as text, and
-the closing line: ops.cluster_spool shows other nodes' listings with them).
+exit status; for ops.move ``take_out(entry, force, wait) -> TakeOut`` (what ``hold`` does to one
+message) and ``restore(entry)`` (its undoing, as ``release``); ``Filter`` (shards, held only,
+recipient domain), ``parse_ids(words, stdin)``; ``message_doc``, ``render_message``,
+``summary_line`` (one listed message as JSON and as text, and the closing line: ops.cluster_spool
+shows other nodes' listings with them).
 
 The spool is the truth and Redis only rings the bell, so every command starts from the spool
 entry and treats Redis as something to tidy: a job whose entry is gone (held, deleted) ends
@@ -62,7 +64,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import redis
 
@@ -78,6 +80,16 @@ log = logging.getLogger("shardmail.queue")
 EX_NOTFOUND = 1
 WAIT_STEP = 0.1  # s between two looks at an attempt in flight
 FLUSH_BATCH = 1000  # retry entries rescored per round trip
+
+
+@dataclass(frozen=True, slots=True)
+class TakeOut:
+    """What ``take_out`` did: "held", "busy" (an attempt still in flight: queued as before), or
+    "gone" (the message left the queue meanwhile); ``live``: the channels with an attempt in flight."""
+
+    state: Literal["held", "busy", "gone"]
+    live: frozenset[Channel] = frozenset()
+
 
 @dataclass(frozen=True, slots=True)
 class Filter:
@@ -362,7 +374,6 @@ class QueueAdmin:
 
     def _hold_one(self, found: Entry, force: bool, wait: float) -> int:
         message_id = found.id
-        spool = self.map.spool(found.shard)
         if found.held:
             self._say(f"{message_id}: already on hold")
             return EX_OK
@@ -370,51 +381,83 @@ class QueueAdmin:
             self._say_err(f"{message_id}: not held: Redis is unavailable, so an attempt in flight cannot be "
                           "seen (--force holds it anyway)")
             return EX_TEMPFAIL
-        deadline = time.monotonic() + wait
-        dropped: set[Channel] = set()
-        live: set[Channel] = set()
         try:
-            while True:
-                if self.conn is not None:
-                    result = self._drop(found.shard, message_id)
-                    dropped |= {c for c, (gone, _) in result.items() if gone}
-                    live = {c for c, (_, claim) in result.items() if claim == 1}
-                if live and not force:
-                    if time.monotonic() < deadline:
-                        time.sleep(WAIT_STEP)
-                        continue
-                    self._settle_later(found.shard, message_id, dropped - live)
-                    self._say_err(f"{message_id}: not held: a delivery attempt is in flight ({', '.join(sorted(live))})"
-                                  f"; try again, wait longer (--wait), or --force")
-                    return EX_TEMPFAIL
-                try:
-                    spool.hold(message_id)
-                except FileNotFoundError:
-                    self.missing += 1
-                    self._say_err(f"{message_id}: left the queue before it could be held")
-                    return EX_OK
-                if live or self.conn is None:
-                    break
-                # a claim taken between the drop and the rename may have read the entry before it
-                # moved: give it back to that attempt, and hold when the attempt is over
-                again = self._drop(found.shard, message_id)
-                dropped |= {c for c, (gone, _) in again.items() if gone}
-                if not any(claim == 1 for _, claim in again.values()):
-                    break
-                spool.unhold(message_id)
+            taken = self.take_out(found, force, wait)
         except redis.RedisError as exc:
+            where = self.map.spool(found.shard).where(message_id)
             self._say_err(f"{message_id}: Redis failed during the hold ({exc}); "
-                          f"it is {'on hold' if spool.where(message_id) == 'hold' else 'still queued'}")
+                          f"it is {'on hold' if where == 'hold' else 'still queued'}")
             return EX_TEMPFAIL
         except OSError as exc:
             self._say_err(f"{message_id}: not held: {exc}")
             return EX_TEMPFAIL
+        if taken.state == "busy":
+            self._say_err(f"{message_id}: not held: a delivery attempt is in flight ({', '.join(sorted(taken.live))})"
+                          f"; try again, wait longer (--wait), or --force")
+            return EX_TEMPFAIL
+        if taken.state == "gone":
+            self.missing += 1
+            self._say_err(f"{message_id}: left the queue before it could be held")
+            return EX_OK
+        live = taken.live
         note = f" (an attempt in flight on {', '.join(sorted(live))}: its outcome is not recorded)" if live else ""
         if self.conn is None:
             note = " (Redis unavailable: its doorbells end harmlessly when they ring)"
         log.info("%s: held (shard %d)%s", message_id, found.shard, note)
         self._say(f"{message_id}: held{note}")
         return EX_OK
+
+    def take_out(self, found: Entry, force: bool = False, wait: float = 10.0) -> TakeOut:
+        """Take a queued message out of delivery: its doorbells dropped and its entry renamed into
+        hold/ once no attempt is in flight (``hold``, and ``shardmail queue move`` before it hands a
+        message on). "busy": an attempt was still in flight after ``wait`` seconds, and the message
+        is queued as before (its dropped doorbells given back to the scheduler); "gone": it left the
+        queue meanwhile. Raises redis.RedisError and OSError (the entry is then in one of the two
+        places, ``Spool.where`` says which)."""
+        message_id = found.id
+        spool = self.map.spool(found.shard)
+        deadline = time.monotonic() + wait
+        dropped: set[Channel] = set()
+        live: set[Channel] = set()
+        while True:
+            if self.conn is not None:
+                result = self._drop(found.shard, message_id)
+                dropped |= {c for c, (gone, _) in result.items() if gone}
+                live = {c for c, (_, claim) in result.items() if claim == 1}
+            if live and not force:
+                if time.monotonic() < deadline:
+                    time.sleep(WAIT_STEP)
+                    continue
+                self._settle_later(found.shard, message_id, dropped - live)
+                return TakeOut("busy", frozenset(live))
+            try:
+                spool.hold(message_id)
+            except FileNotFoundError:
+                return TakeOut("gone")
+            if live or self.conn is None:
+                return TakeOut("held", frozenset(live))
+            # a claim taken between the drop and the rename may have read the entry before it
+            # moved: give it back to that attempt, and hold when the attempt is over
+            again = self._drop(found.shard, message_id)
+            dropped |= {c for c, (gone, _) in again.items() if gone}
+            if not any(claim == 1 for _, claim in again.values()):
+                return TakeOut("held")
+            spool.unhold(message_id)
+
+    def restore(self, found: Entry) -> list[Channel]:
+        """Undo ``take_out``: the held entry back into the queue with doorbells as it had them: a
+        job now for a channel never tried, and for one whose recipients were tried (deferred) a
+        settle entry, from which the scheduler puts it back at its computed retry time. Returns
+        the channels given jobs. Raises FileNotFoundError (not held), OSError, redis.RedisError
+        (then the entry is queued, and the sweep rings its bell)."""
+        self.map.spool(found.shard).unhold(found.id)
+        envelope = found.read
+        result = self._drop(found.shard, found.id)
+        live = {c for c, (_, claim) in result.items() if claim == 1}
+        states = envelope.states()
+        tried = {c for c in envelope.channels() if any(states[i] is not None for i in envelope.pending(c))}
+        self._settle_later(found.shard, found.id, tried - live)
+        return self._ring(found.shard, envelope, live | tried)
 
     def release(self, ids: list[str]) -> int:
         worst = EX_OK

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from core.jobs import Jobs
 from core.qmqp import Reply, netstring, pack, send
+from core.redis_conn import connect
+from core.shards import Namespace, ShardMap
 from tests.conftest import Node, RedisServer
 from tests.conftest import _connectable as listens
 from tests.support import free_port, wait_until
@@ -155,3 +158,25 @@ def test_nullmailer_hands_mail_in(qmqpd: tuple[Node, int], tmp_path: Path) -> No
     assert envelope.sender == "n@example.net"
     assert [r.address for r in envelope.recipients] == ["u7@test.example", "u8@test.example"]
     assert b"with QMQP" in body and body.endswith(b"second line\r\n")
+
+
+def test_a_move_line_on_top_keeps_birth_and_hold_and_nowhere_else_counts(qmqpd: tuple[Node, int]) -> None:
+    """ops.move's first line: taken off, the birth kept, hold=yes committed into hold/ with no job;
+    the same line lower down (a sender's header) is only a header."""
+    node, port = qmqpd
+    line = b"X-Shardmail-Move: node=n0 id=0123456789ABCDEF0123456789 birth=1700000000.5 hold=yes\n"
+    reply = send("127.0.0.1", port, pack(line + MESSAGE, "a@example.net", ["h@test.example"]), 10)
+    assert reply.accepted, reply
+    held_id = reply.text.removeprefix("ok ")
+    settings = node.settings()
+    shard_map = ShardMap(settings)
+    (shard,) = [s for s in shard_map.ids() if shard_map.spool(s).where(held_id) == "hold"]
+    envelope, body = shard_map.spool(shard).load(held_id, held=True)
+    assert envelope.birth == 1700000000.5 and b"X-Shardmail-Move" not in body
+    assert body.startswith(b"Received: ") and b"\r\n\r\nfirst line\r\n" in body
+    assert Jobs(connect(settings), Namespace.of(settings)).doorbells(shard) == set()  # no job for held mail
+    lower = b"Subject: x\n" + line
+    reply = send("127.0.0.1", port, pack(lower + b"\nbody\n", "a@example.net", ["q@test.example"]), 10)
+    assert reply.accepted, reply
+    envelope, body = node.message(reply.text.removeprefix("ok "))  # queued, not held
+    assert envelope.birth > 1700000001 and b"X-Shardmail-Move: node=n0" in body

@@ -194,7 +194,8 @@ def test_held_mail_is_never_delivered_until_released_then_once(
 
 def test_hold_waits_for_an_attempt_in_flight_or_forces(
         node_factory: Callable[..., Node], dns_server: DnsServer, sink_factory: Callable[..., Sink]) -> None:
-    sink = sink_factory("127.0.1.45", data_delay=2.0, data_reply="451 4.3.0 try again later")
+    # each attempt lasts long enough for two commands to run during it, even on a loaded machine
+    sink = sink_factory("127.0.1.45", data_delay=4.0, data_reply="451 4.3.0 try again later")
     rig = remote_rig(node_factory, dns_server)
     slow = rig.send(["u@d45.test"])
     pool = rig.start("worker", "remote")
