@@ -89,16 +89,27 @@ FAILURE_TTL = 7 * 86400  # seconds a job that raised stays in rq's failed regist
 TALLY_TTL = 180  # seconds a per-minute tally hash lives (``shardmail status`` reads this minute's and the last)
 WAKE_TIMEOUT = 1.0  # s an idle pool blocks on its wake-up keys before it claims anyway (and sees a stop)
 
+# Up to ARGV[1] jobs from each shard's queue, recorded as started; KEYS, four a shard: queue list,
+# started registry, pause key, wake key. One call for every shard of a claim round (a script call
+# per shard cost Redis about as much again as the jobs it took, and redis-py checks a pipeline's
+# scripts with SCRIPT EXISTS first: one more round trip). Returns a list of job ids per shard.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
-local ids = redis.call('LPOP', KEYS[1], ARGV[1])
-if not ids then return {} end
-if redis.call('LLEN', KEYS[1]) > 0 then redis.call('ZADD', KEYS[4], 0, '1') end
-for _, id in ipairs(ids) do
-  redis.call('HSET', ARGV[2] .. id, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[4])
-  redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[6])
+local out = {}
+for i = 1, #KEYS, 4 do
+  local ids = false
+  if redis.call('EXISTS', KEYS[i + 2]) == 0 then ids = redis.call('LPOP', KEYS[i], ARGV[1]) end
+  if ids then
+    if redis.call('LLEN', KEYS[i]) > 0 then redis.call('ZADD', KEYS[i + 3], 0, '1') end
+    for _, id in ipairs(ids) do
+      redis.call('HSET', ARGV[2] .. id, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[4])
+      redis.call('ZADD', KEYS[i + 1], ARGV[5], id .. ':' .. ARGV[6])
+    end
+    out[#out + 1] = ids
+  else
+    out[#out + 1] = {}
+  end
 end
-return ids
+return out
 """
 
 
@@ -368,17 +379,17 @@ class Jobs:
         return self.claim_many([shard], channel, count, worker)
 
     def claim_many(self, shards: Iterable[int], channel: Channel, count: int, worker: str) -> list[Claim]:
-        """``claim`` on several shards' queues in one round trip (up to ``count`` from each)."""
+        """``claim`` on several shards' queues (up to ``count`` from each) in one script call."""
         shards = list(shards)
+        if not shards:
+            return []
         execution = uuid.uuid4().hex
-        with self.conn.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                queue = self.queue(shard, channel)
-                self._claim(keys=[queue.key, self._started(shard, channel), pause_key(self.space, shard),
-                                  wake_key(self.space, shard, channel)],
-                            args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
-                                  execution], client=pipe)
-            answers = pipe.execute()
+        keys = []
+        for shard in shards:
+            keys += [self.queue(shard, channel).key, self._started(shard, channel), pause_key(self.space, shard),
+                     wake_key(self.space, shard, channel)]
+        answers = self._claim(keys=keys, args=[count, "rq:job:", utcformat(now()), worker,
+                                               int(time.time()) + CLAIM_LEASE, execution])
         claims = []
         for shard, ids in zip(shards, answers, strict=True):
             for raw in ids or []:
