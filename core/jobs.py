@@ -3,7 +3,8 @@
 Interface: ``queue_name(space, shard, channel)``, ``job_id(space, message_id, channel)``,
 ``message_of(job_id)``, ``pause_key(space, shard)``, ``wake_key(space, shard, channel)``,
 ``Jobs(conn, space)`` (``space``: core.shards' ``Namespace``, the cluster's prefix and this node) with
-``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many``,
+``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many`` (with the finish of
+the previous batch in the same round trip),
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
 ``fail(claim, why)``, ``depths(shards)``, ``wake(queues)``; ``Waiter(jobs, timeout)`` (an idle
 pool's blocking wait); ``announce(queues, name) -> Registration`` (a pool in rq's worker registry:
@@ -67,7 +68,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,18 +379,32 @@ class Jobs:
         """Take up to ``count`` jobs in one round trip, recording them as started."""
         return self.claim_many([shard], channel, count, worker)
 
-    def claim_many(self, shards: Iterable[int], channel: Channel, count: int, worker: str) -> list[Claim]:
-        """``claim`` on several shards' queues (up to ``count`` from each) in one script call."""
+    def claim_many(self, shards: Iterable[int], channel: Channel, count: int, worker: str,
+                   finished: Sequence[Claim] = ()) -> list[Claim]:
+        """``claim`` on several shards' queues (up to ``count`` from each) in one script call;
+        ``finished`` (a consumer's previous batch) are ``finish``ed first in the same round trip."""
         shards = list(shards)
         if not shards:
+            if finished:
+                self.finish(finished)
             return []
         execution = uuid.uuid4().hex
         keys = []
         for shard in shards:
             keys += [self.queue(shard, channel).key, self._started(shard, channel), pause_key(self.space, shard),
                      wake_key(self.space, shard, channel)]
-        answers = self._claim(keys=keys, args=[count, "rq:job:", utcformat(now()), worker,
-                                               int(time.time()) + CLAIM_LEASE, execution])
+        args: list[str | int] = [count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
+                                 execution]
+        if not finished:
+            answers = self._claim(keys=keys, args=args)
+        else:  # EVALSHA by hand: redis-py would check a pipeline's scripts with SCRIPT EXISTS first (a round trip)
+            with self.conn.pipeline(transaction=False) as pipe:
+                self._finish_into(pipe, finished)
+                pipe.evalsha(self._claim.sha, len(keys), *keys, *args)
+                try:
+                    answers = pipe.execute()[-1]
+                except redis.exceptions.NoScriptError:  # a Redis that lost its scripts (restarted): load it
+                    answers = self._claim(keys=keys, args=args)
         claims = []
         for shard, ids in zip(shards, answers, strict=True):
             for raw in ids or []:
@@ -402,16 +417,19 @@ class Jobs:
         scheduler's doorbell for each (``<id>:<channel>`` on the shard's settle list: it retries,
         bounces or removes what the attempt left) unless its claim says ``settle=False`` (the
         entry is gone already: the scheduler would only find it missing), in one round trip."""
-        tally: dict[tuple[int, Channel], int] = {}
         with self.conn.pipeline(transaction=False) as pipe:
-            for claim in claims:
-                tally[claim.shard, claim.channel] = tally.get((claim.shard, claim.channel), 0) + 1
-                pipe.zrem(self._started(claim.shard, claim.channel), f"{claim.job_id}:{claim.execution}")
-                pipe.delete(f"rq:job:{claim.job_id}")
-                if claim.settle:
-                    pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
-            self._tally(pipe, "out", tally)
+            self._finish_into(pipe, claims)
             pipe.execute()
+
+    def _finish_into(self, pipe: redis.client.Pipeline, claims: Iterable[Claim]) -> None:
+        tally: dict[tuple[int, Channel], int] = {}
+        for claim in claims:
+            tally[claim.shard, claim.channel] = tally.get((claim.shard, claim.channel), 0) + 1
+            pipe.zrem(self._started(claim.shard, claim.channel), f"{claim.job_id}:{claim.execution}")
+            pipe.delete(f"rq:job:{claim.job_id}")
+            if claim.settle:
+                pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
+        self._tally(pipe, "out", tally)
 
     def _tally(self, pipe: redis.client.Pipeline, kind: str, counts: dict[tuple[int, Channel], int]) -> None:
         """Add to this minute's counters (``<prefix>:tally:<unix minute>``, field ``<kind>:<node>/s<N>:<channel>``)
