@@ -1,6 +1,7 @@
 """A small SMTP load generator for benchmarks that need many recipients (smtp-source has one).
 
-Interface: ``run_load(port, messages, sessions, size, recipients) -> float`` (seconds taken);
+Interface: ``run_load(port, messages, sessions, size, recipients) -> (seconds, failed)``;
+``run_spread([(port, messages, sessions), ...], size, recipients)`` (several listeners at once);
 ``python -m bench.smtp_load --port P --messages N``; ``--smoke`` (for CI) sends 300 messages to an
 in-process aiosmtpd sink on a free port instead. One connection per message, like smtp-source's
 default; recipients taken in turn from the list; loopback only.
@@ -104,13 +105,24 @@ async def _load(port: int, messages: int, sessions: int, size: int, recipients: 
 
 def run_load(port: int, messages: int, sessions: int, size: int, recipients: list[str]) -> tuple[float, int]:
     """(seconds, failed messages)."""
+    return run_spread([(port, messages, sessions)], size, recipients)
+
+
+async def _spread(targets: list[tuple[int, int, int]], size: int, recipients: list[str]) -> int:
+    return sum(await asyncio.gather(*(_load(port, messages, sessions, size, recipients)
+                                      for port, messages, sessions in targets)))
+
+
+def run_spread(targets: list[tuple[int, int, int]], size: int, recipients: list[str]) -> tuple[float, int]:
+    """Several listeners loaded at once from one event loop, ``(port, messages, sessions)`` each
+    (the nodes of a cluster); (seconds until the last is done, failed messages)."""
     started = time.perf_counter()
     try:
         import uvloop
 
-        failures = uvloop.run(_load(port, messages, sessions, size, recipients))
+        failures = uvloop.run(_spread(targets, size, recipients))
     except ImportError:
-        failures = asyncio.run(_load(port, messages, sessions, size, recipients))
+        failures = asyncio.run(_spread(targets, size, recipients))
     return time.perf_counter() - started, failures
 
 

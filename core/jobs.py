@@ -3,7 +3,8 @@
 Interface: ``queue_name(space, shard, channel)``, ``job_id(space, message_id, channel)``,
 ``message_of(job_id)``, ``pause_key(space, shard)``, ``wake_key(space, shard, channel)``,
 ``Jobs(conn, space)`` (``space``: core.shards' ``Namespace``, the cluster's prefix and this node) with
-``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many``,
+``enqueue(items)``, ``claim(shard, channel, count, worker)``, ``claim_many`` (with the finish of
+the previous batch in the same round trip),
 ``finish(claims)``, ``extend(claims)``, ``release(claims)``, ``reclaim(shard, channel, worker)``,
 ``fail(claim, why)``, ``depths(shards)``, ``wake(queues)``; ``Waiter(jobs, timeout)`` (an idle
 pool's blocking wait); ``announce(queues, name) -> Registration`` (a pool in rq's worker registry:
@@ -67,7 +68,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,16 +91,27 @@ FAILURE_TTL = 7 * 86400  # seconds a job that raised stays in rq's failed regist
 TALLY_TTL = 180  # seconds a per-minute tally hash lives (``shardmail status`` reads this minute's and the last)
 WAKE_TIMEOUT = 1.0  # s an idle pool blocks on its wake-up keys before it claims anyway (and sees a stop)
 
+# Up to ARGV[1] jobs from each shard's queue, recorded as started; KEYS, four a shard: queue list,
+# started registry, pause key, wake key. One call for every shard of a claim round (a script call
+# per shard cost Redis about as much again as the jobs it took, and redis-py checks a pipeline's
+# scripts with SCRIPT EXISTS first: one more round trip). Returns a list of job ids per shard.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
-local ids = redis.call('LPOP', KEYS[1], ARGV[1])
-if not ids then return {} end
-if redis.call('LLEN', KEYS[1]) > 0 then redis.call('ZADD', KEYS[4], 0, '1') end
-for _, id in ipairs(ids) do
-  redis.call('HSET', ARGV[2] .. id, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[4])
-  redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[6])
+local out = {}
+for i = 1, #KEYS, 4 do
+  local ids = false
+  if redis.call('EXISTS', KEYS[i + 2]) == 0 then ids = redis.call('LPOP', KEYS[i], ARGV[1]) end
+  if ids then
+    if redis.call('LLEN', KEYS[i]) > 0 then redis.call('ZADD', KEYS[i + 3], 0, '1') end
+    for _, id in ipairs(ids) do
+      redis.call('HSET', ARGV[2] .. id, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[4])
+      redis.call('ZADD', KEYS[i + 1], ARGV[5], id .. ':' .. ARGV[6])
+    end
+    out[#out + 1] = ids
+  else
+    out[#out + 1] = {}
+  end
 end
-return ids
+return out
 """
 
 
@@ -368,18 +380,32 @@ class Jobs:
         """Take up to ``count`` jobs in one round trip, recording them as started."""
         return self.claim_many([shard], channel, count, worker)
 
-    def claim_many(self, shards: Iterable[int], channel: Channel, count: int, worker: str) -> list[Claim]:
-        """``claim`` on several shards' queues in one round trip (up to ``count`` from each)."""
+    def claim_many(self, shards: Iterable[int], channel: Channel, count: int, worker: str,
+                   finished: Sequence[Claim] = ()) -> list[Claim]:
+        """``claim`` on several shards' queues (up to ``count`` from each) in one script call;
+        ``finished`` (a consumer's previous batch) are ``finish``ed first in the same round trip."""
         shards = list(shards)
+        if not shards:
+            if finished:
+                self.finish(finished)
+            return []
         execution = uuid.uuid4().hex
-        with self.conn.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                queue = self.queue(shard, channel)
-                self._claim(keys=[queue.key, self._started(shard, channel), pause_key(self.space, shard),
-                                  wake_key(self.space, shard, channel)],
-                            args=[count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
-                                  execution], client=pipe)
-            answers = pipe.execute()
+        keys = []
+        for shard in shards:
+            keys += [self.queue(shard, channel).key, self._started(shard, channel), pause_key(self.space, shard),
+                     wake_key(self.space, shard, channel)]
+        args: list[str | int] = [count, "rq:job:", utcformat(now()), worker, int(time.time()) + CLAIM_LEASE,
+                                 execution]
+        if not finished:
+            answers = self._claim(keys=keys, args=args)
+        else:  # EVALSHA by hand: redis-py would check a pipeline's scripts with SCRIPT EXISTS first (a round trip)
+            with self.conn.pipeline(transaction=False) as pipe:
+                self._finish_into(pipe, finished)
+                pipe.evalsha(self._claim.sha, len(keys), *keys, *args)
+                try:
+                    answers = pipe.execute()[-1]
+                except redis.exceptions.NoScriptError:  # a Redis that lost its scripts (restarted): load it
+                    answers = self._claim(keys=keys, args=args)
         claims = []
         for shard, ids in zip(shards, answers, strict=True):
             for raw in ids or []:
@@ -392,16 +418,19 @@ class Jobs:
         scheduler's doorbell for each (``<id>:<channel>`` on the shard's settle list: it retries,
         bounces or removes what the attempt left) unless its claim says ``settle=False`` (the
         entry is gone already: the scheduler would only find it missing), in one round trip."""
-        tally: dict[tuple[int, Channel], int] = {}
         with self.conn.pipeline(transaction=False) as pipe:
-            for claim in claims:
-                tally[claim.shard, claim.channel] = tally.get((claim.shard, claim.channel), 0) + 1
-                pipe.zrem(self._started(claim.shard, claim.channel), f"{claim.job_id}:{claim.execution}")
-                pipe.delete(f"rq:job:{claim.job_id}")
-                if claim.settle:
-                    pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
-            self._tally(pipe, "out", tally)
+            self._finish_into(pipe, claims)
             pipe.execute()
+
+    def _finish_into(self, pipe: redis.client.Pipeline, claims: Iterable[Claim]) -> None:
+        tally: dict[tuple[int, Channel], int] = {}
+        for claim in claims:
+            tally[claim.shard, claim.channel] = tally.get((claim.shard, claim.channel), 0) + 1
+            pipe.zrem(self._started(claim.shard, claim.channel), f"{claim.job_id}:{claim.execution}")
+            pipe.delete(f"rq:job:{claim.job_id}")
+            if claim.settle:
+                pipe.rpush(self.settle_key(claim.shard), f"{claim.message_id}:{claim.channel}")
+        self._tally(pipe, "out", tally)
 
     def _tally(self, pipe: redis.client.Pipeline, kind: str, counts: dict[tuple[int, Channel], int]) -> None:
         """Add to this minute's counters (``<prefix>:tally:<unix minute>``, field ``<kind>:<node>/s<N>:<channel>``)

@@ -27,6 +27,18 @@ N = r"-?[\d,]+(?:\.\d+)?"  # a number as the benchmarks print them
 
 # module -> regexes, each of which must match a line of its output
 FIGURES: dict[str, list[str]] = {
+    "cluster": [rf"^round 1 1 node: {N} messages in {N} s \({N} msg/s\); Redis CPU {N} us/msg raw, {N} idle-corrected; "
+                rf"{N} commands, {N} reads, {N} B in, {N} B out per msg$",
+                rf"^round 1 3 nodes idle: Redis CPU {N} us/s \({N} % of a core\), {N} commands/s, {N} reads/s$",
+                rf"^Redis CPU us/msg, raw +{N} +{N}$",
+                rf"^Redis CPU us/msg, idle-corrected +{N} +{N}$",
+                rf"^one Redis core, msg/s \(idle-corrected\) +{N} +{N}$",
+                rf"^evalsha +{N} +{N} +{N} +{N}$",
+                r"^peer: none ",
+                rf"^target raw: Redis CPU per delivered message <= 25 us .*: 1 node {N} us, 3 nodes {N} us: "
+                r"(PASS|FAIL)$",
+                rf"^target idle-corrected: 3 nodes on one Redis cost no more .*: {N} against {N} us, {N}x: "
+                r"(PASS|FAIL)$"],
     "drain": [rf"^enqueue, one pipelined round trip per message : +{N} jobs/s$",
               rf"^rq SimpleWorker \(stock\), \d+ jobs +: +{N} jobs/s$",
               rf"^shardmail Consumer, batch \d+, \d+ jobs +: +{N} jobs/s$",

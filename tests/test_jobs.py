@@ -11,7 +11,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from core.jobs import DELIVER_FUNC, Item, Jobs, job_id, queue_name
+from core.jobs import DELIVER_FUNC, Item, Jobs, job_id, pause_key, queue_name
 from core.shards import Namespace, Picker, ShardMap
 from tests.conftest import Node
 
@@ -64,6 +64,33 @@ def test_finish_rings_the_doorbell_only_for_claims_left_to_settle(redis_url: str
     assert StartedJobRegistry(queue=jobs.queue(0, "local")).count == 0
     assert not conn.exists(f"rq:job:{claims[0].job_id}")
     assert jobs.settled(0, 10) == [(c.message_id, "local") for c in claims[1:]]
+
+
+def test_claim_many_finishes_the_previous_batch_in_the_same_round_trip(redis_url: str) -> None:
+    """A consumer's finished batch rides on its next claim (one pipeline): those jobs are gone from
+    rq and the settle list has theirs; the claim takes from every shard asked, a paused one
+    excepted; a Redis that lost its scripts is given the claim script again."""
+    conn = redis.Redis.from_url(redis_url)
+    space = Namespace("t", "n1")
+    jobs = Jobs(conn, space)
+    jobs.enqueue([Item(shard, f"{shard}{i:025X}", "local") for shard in range(3) for i in range(4)])
+    first = jobs.claim_many([0, 1, 2], "local", 2, "worker-1")
+    assert sorted((c.shard, c.message_id) for c in first) == [(s, f"{s}{i:025X}") for s in range(3) for i in range(2)]
+    conn.set(pause_key(space, 2), "1")
+    second = jobs.claim_many([0, 1, 2], "local", 2, "worker-1", finished=first)
+    assert sorted((c.shard, c.message_id) for c in second) == [(s, f"{s}{i:025X}") for s in range(2) for i in (2, 3)]
+    for shard in (0, 1):
+        started = StartedJobRegistry(queue=jobs.queue(shard, "local")).get_job_ids(cleanup=False)
+        assert sorted(started) == sorted(c.job_id for c in second if c.shard == shard)
+        assert jobs.settled(shard, 10) == [(f"{shard}{i:025X}", "local") for i in range(2)]
+    assert not any(conn.exists(f"rq:job:{c.job_id}") for c in first)
+    conn.delete(pause_key(space, 2))
+    conn.script_flush()
+    third = jobs.claim_many([0, 1, 2], "local", 2, "worker-1", finished=second)
+    assert sorted(c.message_id for c in third) == [f"2{i:025X}" for i in (2, 3)]
+    assert not any(conn.exists(f"rq:job:{c.job_id}") for c in second)
+    assert jobs.claim_many([], "local", 2, "worker-1", finished=third) == []
+    assert StartedJobRegistry(queue=jobs.queue(2, "local")).count == 0
 
 
 def test_depths_count_ready_jobs_per_shard(redis_url: str) -> None:

@@ -10,8 +10,11 @@ while an asynchronous delivery is in flight, and are finished later through ``Jo
 
 Why not rq's stock worker: it runs one job at a time with several Redis round trips and its own
 bookkeeping per job (about 250 jobs/s per process, measured). Claiming N jobs per round trip with
-``Jobs.claim`` keeps rq's registries truthful and costs two round trips per *batch*
-(``bench/drain.py`` measures both).
+``Jobs.claim_many`` keeps rq's registries truthful and costs one round trip per *batch*
+(``bench/drain.py`` measures both): a batch's finish goes with the next claim of its channel,
+which follows at once (the round found work); what is still unfinished when the consumer stops
+is finished on its own. A finish lost with a Redis error leaves its claims started, as before:
+rq's cleanup or the sweep moves them on when their lease ends.
 
 A consumer that found nothing blocks on its queues' wake-up keys (``core.jobs.Waiter``, on a
 connection of its own, at most ``WAKE_TIMEOUT``) rather than polling: an idle pool costs Redis
@@ -76,6 +79,7 @@ class Consumer:
         self.handle = handle
         self.batch = batch
         self.name = name or f"{socket.gethostname()}.{os.getpid()}"
+        self._finished: dict[Channel, list[Claim]] = {}  # done, to be finished with the channel's next claim
 
     def _round(self) -> int:
         """One pass over every queue (one claim round trip per channel, up to ``batch`` jobs from
@@ -84,8 +88,11 @@ class Consumer:
         by_channel: dict[Channel, list[int]] = {}
         for shard, channel in self.queues:
             by_channel.setdefault(channel, []).append(shard)
+        for channel in [c for c in self._finished if c not in by_channel]:  # a channel no longer consumed
+            self.jobs.finish(self._finished.pop(channel))
         for channel, shards in by_channel.items():
-            claims = self.jobs.claim_many(shards, channel, self.batch, self.name)
+            claims = self.jobs.claim_many(shards, channel, self.batch, self.name,
+                                          finished=self._finished.pop(channel, []))
             if not claims:
                 continue
             taken += len(claims)
@@ -98,8 +105,13 @@ class Consumer:
                     self.jobs.fail(claim, why)
                 continue
             if done:
-                self.jobs.finish(done)
+                self._finished[channel] = list(done)
         return taken
+
+    def flush(self) -> None:
+        """Finish what is done and not finished yet (the consumer stops)."""
+        while self._finished:
+            self.jobs.finish(self._finished.popitem()[1])
 
     def _refollow(self) -> bool:
         if self.follow is None:
@@ -149,6 +161,8 @@ class Consumer:
                     backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             waiter.close()
+            with contextlib.suppress(redis.RedisError):
+                self.flush()
             if worker is not None:
                 with contextlib.suppress(redis.RedisError):
                     worker.death()
@@ -158,6 +172,7 @@ class Consumer:
         while True:
             taken = self._round()
             if not taken:
+                self.flush()
                 return total
             total += taken
 
