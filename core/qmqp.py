@@ -6,7 +6,7 @@ with LF line ends, as the protocol has it); ``unpack(payload) -> Request``; ``re
 limit)`` (asyncio: one netstring off a stream, the length field bounded); ``Reply`` (``code`` K
 accepted, Z temporary, D permanent, and its text) with ``encode()`` and ``Reply.decode(raw)``;
 ``send(host, port, request, timeout) -> Reply`` (one request per connection, as qmail's qmqpc and
-Postfix's qmqpd do).
+Postfix's qmqpd do); ``reply_complete(raw)`` (a client's reader has the whole reply).
 
 Why netstrings (``<decimal length>:<bytes>,``): the receiver knows each part's size before it reads
 it, so a message is never parsed for an end marker and a too-big one is refused from its length
@@ -15,7 +15,8 @@ field alone.
 Failures: a malformed netstring or request raises ``ProtocolError`` (the server answers D or closes);
 ``send`` never raises for the peer's sake: a refused or reset connection, a timeout or a garbled
 reply comes back as a ``Z`` reply (temporary: try another server or later), only the server's own
-``D`` is permanent.
+``D`` is permanent. A reply the server sent before it hung up on the rest of the request counts
+(``reply_complete``: read up to the reply's end, not to EOF).
 
 Settings: none (callers pass limits and timeouts).
 """
@@ -145,19 +146,39 @@ class Reply:
         return cls("Z", text if code == "Z" else f"unknown QMQP reply {payload[:60]!r}")
 
 
+MAX_REPLY = 65536  # a reply is a code and a line of text; a peer sending more is not a QMQP server
+
+
+def reply_complete(raw: bytes) -> bool:
+    """Whether ``raw`` holds a whole reply netstring, or so much garbage that no more is worth reading.
+
+    A client stops reading here rather than at EOF: a server that answers before it has read the
+    whole request (Postfix's qmqpd refusing a client or an oversized message) closes with unread
+    data, and the kernel then resets the connection, which would turn its answer into an error."""
+    colon = raw.find(b":", 0, MAX_LENGTH_DIGITS + 1)
+    if colon < 0:
+        return len(raw) > MAX_LENGTH_DIGITS
+    if not raw[:colon].isdigit():
+        return True
+    return len(raw) >= min(colon + int(raw[:colon]) + 2, MAX_REPLY)
+
+
 def send(host: str, port: int, request: bytes, timeout: float) -> Reply:
-    """Hand one packed request to a QMQP server and read its verdict."""
+    """Hand one packed request to a QMQP server and read its verdict; ``timeout`` bounds each
+    connect, send and receive."""
+    received = b""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := sock.recv(4096):
-                chunks.append(chunk)
-                if sum(len(c) for c in chunks) > 65536:
-                    break
+            try:
+                sock.sendall(request)
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it may have answered early and hung up: its reply is still to be read
+            while not reply_complete(received) and (chunk := sock.recv(4096)):
+                received += chunk
     except OSError as exc:
-        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc}")
-    if not chunks:
+        if not reply_complete(received):
+            return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc}")
+    if not received:
         return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply")
-    return Reply.decode(b"".join(chunks))
+    return Reply.decode(received)
