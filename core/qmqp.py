@@ -178,7 +178,7 @@ def send(host: str, port: int, request: bytes, timeout: float) -> Reply:
                 received += chunk
     except OSError as exc:
         if not reply_complete(received):
-            return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc}")
+            return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.1)")
     if not received:
-        return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply")
+        return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply (#4.4.2)")
     return Reply.decode(received)
