@@ -3,7 +3,8 @@
 Interface: ``netstring(data) -> bytes``; ``pack(message, sender, recipients) -> bytes`` (one
 request: an outer netstring holding the message's, the sender's and each recipient's; the message
 with LF line ends, as the protocol has it); ``unpack(payload) -> Request``; ``read_netstring(reader,
-limit)`` (asyncio: one netstring off a stream, the length field bounded); ``Reply`` (``code`` K
+limit)`` (asyncio: one netstring off a stream, the length field bounded) and ``length_field(data)``
+(the same rules on the bytes received so far); ``Reply`` (``code`` K
 accepted, Z temporary, D permanent, and its text) with ``encode()`` and ``Reply.decode(raw)``;
 ``send(host, port, request, timeout) -> Reply`` (one request per connection, as qmail's qmqpc and
 Postfix's qmqpd do); ``reply_complete(raw)`` (a client's reader has the whole reply).
@@ -87,6 +88,19 @@ def unpack(payload: bytes) -> Request:
         return Request(message, sender.decode(), [r.decode() for r in recipients])
     except UnicodeDecodeError:
         raise ProtocolError("an address is not UTF-8") from None
+
+
+def length_field(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(payload length, bytes of the length field and its colon) of the netstring ``data`` begins
+    with; None while the field is still incomplete; ``ProtocolError`` as soon as the bytes so far
+    cannot begin one (the rules of ``read_netstring``, for a server that reads as the data comes)."""
+    for at in range(min(len(data), MAX_LENGTH_DIGITS + 1)):
+        char = data[at]
+        if char == 0x3A and at:  # ":" after at least one digit
+            return int(data[:at]), at + 1
+        if not 0x30 <= char <= 0x39 or at >= MAX_LENGTH_DIGITS or (at == 1 and data[0] == 0x30):
+            raise ProtocolError("malformed netstring length")
+    return None
 
 
 async def read_netstring(reader: asyncio.StreamReader, limit: int) -> bytes:
