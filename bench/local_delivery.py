@@ -92,7 +92,8 @@ def _role(pid: int) -> str:
         return "?"
     words = [a.decode(errors="replace") for a in argv if a]
     text = " ".join(words)
-    for key, name in (("ops.cli smtpd", "smtpd"), ("worker local", "local pool"), ("worker remote", "remote pool"),
+    for key, name in (("ops.cli smtpd", "smtpd"), ("ops.cli qmqpd", "qmqpd"), ("worker local", "local pool"),
+                      ("worker remote", "remote pool"),
                       ("ops.cli scheduler", "scheduler"), ("ops.cli run", "supervisor"), ("redis-server", "redis"),
                       ("slapd", "slapd")):
         if key in text:

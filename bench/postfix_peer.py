@@ -255,7 +255,10 @@ def _main_cf(inst: PostfixInstance) -> str:
     #   biff = no                         no comsat notifications.
     #   compatibility_level = 3.6         current defaults, without backwards-compat warnings.
     # mail_owner and setgid_group are the Debian defaults, spelled out for clarity.
+    #   qmqpd_authorized_clients          only with qmqp_port: the load generator's address may
+    #                                     hand mail to qmqpd (its default trusts no one).
     # All durability settings (fsync of queue files) are left at their defaults.
+    qmqp = f"qmqpd_authorized_clients = {inst.address}\n" if inst.qmqp_port else ""
     return f"""\
 compatibility_level = 3.6
 queue_directory = {inst.queue_dir}
@@ -285,17 +288,19 @@ smtpd_peername_lookup = no
 alias_maps =
 alias_database =
 biff = no
-"""
+{qmqp}"""
 
 
-def _master_cf(inst: PostfixInstance) -> str:
+def _master_cf(inst: PostfixInstance, extra: str = "") -> str:
     host = f"[{inst.address}]" if ipaddress.ip_address(inst.address).version == 6 else inst.address
     # Only the services this setup can reach; no chroot (n) so paths are plain; and
-    # exactly one inet listener: smtpd on address:port (nothing on port 25).
+    # the inet listeners asked for: smtpd on address:port (nothing on port 25), Postfix's
+    # QMQP server qmqpd on address:qmqp_port when that is set, and the caller's ``extra``.
+    qmqpd = f"{host}:{inst.qmqp_port} inet n - n - - qmqpd\n" if inst.qmqp_port else ""
     return f"""\
 # service type  private unpriv  chroot  wakeup  maxproc command
 {host}:{inst.port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
+{qmqpd}{extra}pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
@@ -326,6 +331,7 @@ class PostfixInstance:
     workdir: Path
     port: int
     address: str = "127.0.0.1"
+    qmqp_port: int | None = None  # Postfix's qmqpd listens here too when set
     config_dir: Path = field(init=False)
     queue_dir: Path = field(init=False)
     data_dir: Path = field(init=False)
@@ -454,21 +460,29 @@ def _stop(inst: PostfixInstance, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def postfix_instance(workdir: Path, port: int, address: str = "127.0.0.1", extra_main_cf: str = ""
-                     ) -> Iterator[PostfixInstance]:
+def postfix_instance(workdir: Path, port: int, address: str = "127.0.0.1", extra_main_cf: str = "",
+                     qmqp_port: int | None = None, extra_master_cf: str = "") -> Iterator[PostfixInstance]:
     """Run a private Postfix on ``address:port`` (loopback only) for the duration of the block.
 
     Config, queue, data directories and the log live under ``workdir``. On exit the
     instance is stopped and every one of its processes is gone. ``extra_main_cf`` is appended
     to main.cf (a later setting overrides an earlier one), e.g. to deliver to Maildirs.
+    ``qmqp_port`` adds Postfix's QMQP server on ``address:qmqp_port``, open to ``address``
+    (``qmqpd_authorized_clients``); ``extra_master_cf`` adds master.cf lines (e.g. a second
+    qmqpd with ``-o`` overrides). Every listener must be on a loopback address.
     """
     _check_loopback(address)
     if os.geteuid() != 0:
         raise PermissionError("postfix start needs root")
     ensure_postfix_tools()
-    if not _port_free(address, port):
-        raise OSError(f"{address}:{port} is already in use")
-    inst = PostfixInstance(Path(workdir), port, address)
+    for busy in (port, qmqp_port):
+        if busy is not None and not _port_free(address, busy):
+            raise OSError(f"{address}:{busy} is already in use")
+    for line in extra_master_cf.splitlines():
+        fields = line.split()
+        if not line[:1].isspace() and len(fields) > 1 and fields[1] == "inet":
+            _check_loopback(fields[0].rpartition(":")[0].strip("[]"))
+    inst = PostfixInstance(Path(workdir), port, address, qmqp_port)
     inst.workdir.mkdir(parents=True, exist_ok=True)
     inst.workdir.chmod(0o755)
     _check_traversable(inst.workdir)
@@ -476,7 +490,7 @@ def postfix_instance(workdir: Path, port: int, address: str = "127.0.0.1", extra
         d.mkdir(exist_ok=True)
         d.chmod(0o755)
     (inst.config_dir / "main.cf").write_text(_main_cf(inst) + extra_main_cf)  # later lines win
-    (inst.config_dir / "master.cf").write_text(_master_cf(inst))
+    (inst.config_dir / "master.cf").write_text(_master_cf(inst, extra_master_cf))
     inst.log_file.touch()
     try:
         # "postfix check" (run by start) creates the queue subdirectories and the data

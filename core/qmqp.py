@@ -3,11 +3,12 @@
 Interface: ``netstring(data) -> bytes``; ``pack(message, sender, recipients) -> bytes`` (one
 request: an outer netstring holding the message's, the sender's and each recipient's; the message
 with LF line ends, as the protocol has it); ``unpack(payload) -> Request``; ``read_netstring(reader,
-limit)`` (asyncio: one netstring off a stream, the length field bounded); ``Reply`` (``code`` K
-accepted, Z temporary, D permanent, and its text) with ``encode()``, ``outcome()`` (as a
-``Delivered``/``Deferred``/``Failed``) and ``Reply.decode(raw)``;
+limit)`` (asyncio: one netstring off a stream, the length field bounded) and ``length_field(data)``
+(the same rules on the bytes received so far); ``Reply`` (``code`` K accepted, Z temporary, D
+permanent, and its text) with ``encode()``, ``outcome()`` (as a ``Delivered``/``Deferred``/``Failed``)
+and ``Reply.decode(raw)``;
 ``send(host, port, request, timeout) -> Reply`` (one request per connection, as qmail's qmqpc and
-Postfix's qmqpd do).
+Postfix's qmqpd do); ``reply_complete(raw)`` (a client's reader has the whole reply).
 
 Why netstrings (``<decimal length>:<bytes>,``): the receiver knows each part's size before it reads
 it, so a message is never parsed for an end marker and a too-big one is refused from its length
@@ -17,7 +18,9 @@ Failures: a malformed netstring or request raises ``ProtocolError`` (the server 
 ``send`` never raises for the peer's sake: a refused or reset connection, a timeout or a garbled
 reply comes back as a ``Z`` reply (temporary: try another server or later), only the server's own
 ``D`` is permanent. Such a ``Z`` after the request went out is ``unsure`` (the server may have
-queued it): a caller that must not make a second copy (ops.move) keeps its own until it knows.
+queued it): a caller that must not make a second copy (ops.move) keeps its own until it knows. A
+reply the server sent before it hung up on the rest of the request counts (``reply_complete``:
+read up to the reply's end, not to EOF).
 
 Settings: none (callers pass limits and timeouts).
 """
@@ -94,6 +97,19 @@ def unpack(payload: bytes) -> Request:
         raise ProtocolError("an address is not UTF-8") from None
 
 
+def length_field(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(payload length, bytes of the length field and its colon) of the netstring ``data`` begins
+    with; None while the field is still incomplete; ``ProtocolError`` as soon as the bytes so far
+    cannot begin one (the rules of ``read_netstring``, for a server that reads as the data comes)."""
+    for at in range(min(len(data), MAX_LENGTH_DIGITS + 1)):
+        char = data[at]
+        if char == 0x3A and at:  # ":" after at least one digit
+            return int(data[:at]), at + 1
+        if not 0x30 <= char <= 0x39 or at >= MAX_LENGTH_DIGITS or (at == 1 and data[0] == 0x30):
+            raise ProtocolError("malformed netstring length")
+    return None
+
+
 async def read_netstring(reader: asyncio.StreamReader, limit: int) -> bytes:
     """One netstring's payload; ``TooLong`` from its length field alone when it exceeds ``limit``,
     ``ProtocolError`` for anything malformed, ``asyncio.IncompleteReadError`` at an early EOF."""
@@ -168,23 +184,43 @@ class Reply:
         return cls("Z", f"unknown QMQP reply {payload[:60]!r}", unsure=True)
 
 
+MAX_REPLY = 65536  # a reply is a code and a line of text; a peer sending more is not a QMQP server
+
+
+def reply_complete(raw: bytes) -> bool:
+    """Whether ``raw`` holds a whole reply netstring, or so much garbage that no more is worth reading.
+
+    A client stops reading here rather than at EOF: a server that answers before it has read the
+    whole request (Postfix's qmqpd refusing a client or an oversized message) closes with unread
+    data, and the kernel then resets the connection, which would turn its answer into an error."""
+    colon = raw.find(b":", 0, MAX_LENGTH_DIGITS + 1)
+    if colon < 0:
+        return len(raw) > MAX_LENGTH_DIGITS
+    if not raw[:colon].isdigit():
+        return True
+    return len(raw) >= min(colon + int(raw[:colon]) + 2, MAX_REPLY)
+
+
 def send(host: str, port: int, request: bytes, timeout: float) -> Reply:
-    """Hand one packed request to a QMQP server and read its verdict."""
+    """Hand one packed request to a QMQP server and read its verdict; ``timeout`` bounds each
+    connect, send and receive."""
+    received = b""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:  # nothing was sent: the server has certainly not taken it
         return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.1)")
     try:
         with sock:
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := sock.recv(4096):
-                chunks.append(chunk)
-                if sum(len(c) for c in chunks) > 65536:
-                    break
+            try:
+                sock.sendall(request)
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it may have answered early and hung up: its reply is still to be read
+            while not reply_complete(received) and (chunk := sock.recv(4096)):
+                received += chunk
     except OSError as exc:
-        return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.2)", unsure=True)
-    if not chunks:
+        if not reply_complete(received):
+            return Reply("Z", f"QMQP server {host}:{port}: {exc.strerror or exc} (#4.4.2)", unsure=True)
+    if not received:
         return Reply("Z", f"QMQP server {host}:{port} closed the connection without a reply (#4.4.2)", unsure=True)
-    return Reply.decode(b"".join(chunks))
+    return Reply.decode(received)

@@ -37,12 +37,11 @@ from core.dkim import Signer, SigningUnavailable
 from core.envelope import new_id, node_tag
 from core.nodes import Registry
 from core.outcome import Deferred, Failed, QueueRefused, QueueUnavailable
-from core.qmqp import Reply, pack
+from core.qmqp import Reply, pack, reply_complete
 from core.submit import Draft
 
 log = logging.getLogger("shardmail.handover")
 REFRESH = 2.0  # s a list of queue nodes from the registry is reused
-MAX_REPLY = 65536
 
 
 @dataclass
@@ -135,17 +134,23 @@ class Handover:
 async def _exchange(host: str, port: int, request: bytes, timeout: float) -> Reply:
     """One QMQP conversation; any trouble on the way is a Z (the message may go elsewhere)."""
     writer = None
+    received = b""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write(request)
-            writer.write_eof()
-            await writer.drain()
-            chunks: list[bytes] = []
-            while (chunk := await reader.read(4096)) and sum(map(len, chunks)) < MAX_REPLY:
-                chunks.append(chunk)
-            return Reply.decode(b"".join(chunks))
+            try:
+                writer.write(request)
+                writer.write_eof()
+                await writer.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it may have answered early (D from the length field) and hung up: read that
+            received = b""
+            while not reply_complete(received) and (chunk := await reader.read(4096)):
+                received += chunk
+            return Reply.decode(received)
     except (OSError, TimeoutError) as exc:
+        if reply_complete(received):  # it answered, then hung up on the rest of the request
+            return Reply.decode(received)
         return Reply("Z", f"{host}:{port}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timeout'}")
     finally:
         if writer is not None:

@@ -74,6 +74,25 @@ def test_a_request_is_queued_with_crlf_and_a_received_line_then_delivered(qmqpd:
     assert b"Subject: by QMQP" in delivered and b"with QMQP" in delivered
 
 
+def test_a_request_arriving_a_few_bytes_at_a_time_is_taken_whole(qmqpd: tuple[Node, int]) -> None:
+    """The server gathers the request as it comes: the length field split over reads, then the rest."""
+    node, port = qmqpd
+    request = pack(MESSAGE, "a@example.net", ["u1@test.example"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for at in range(0, 12, 2):
+            sock.sendall(request[at:at + 2])
+            time.sleep(0.02)  # pacing the input (the point of the test), not waiting for the server
+        sock.sendall(request[12:])  # no EOF from us: the request's own length says where it ends
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+        reply = Reply.decode(received)
+    assert reply.accepted, reply
+    _, body = node.message(reply.text.removeprefix("ok "))
+    assert body.endswith(b"\r\n\r\nfirst line\r\nsecond line\r\n")
+
+
 def test_the_null_sender_and_8bit_addresses_are_taken(qmqpd: tuple[Node, int]) -> None:
     node, port = qmqpd
     reply = send("127.0.0.1", port, pack(MESSAGE, "", ["jörg@test.example"]), 10)
