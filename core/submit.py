@@ -5,7 +5,8 @@ Interface: ``Draft`` (a message not yet accepted), ``Submitter(settings, conn)``
 Accepting = pick a shard, write + fsync + commit the spool file, enqueue one job per channel; a
 batch shares the syncs (across its shards, when they share a file system) and one pipelined Redis
 round trip (group commit). Mail for remote recipients from a trusted client is DKIM-signed first
-(core.dkim), so the spool holds the signed bytes. When a draft
+(core.dkim), so the spool holds the signed bytes. A draft's ``verp`` delimiters go into the
+envelope (core.verp: each recipient's delivery and bounce then use its own VERP sender). When a draft
 comes back as an ``Envelope``, it is durable and queued: the caller may say 250 (or exit 0).
 
 Failures: a draft comes back as (or ``accept`` raises) ``QueueUnavailable`` (temporary, 4.3.0) when
@@ -39,6 +40,7 @@ from core.jobs import Item, Jobs
 from core.outcome import Deferred, QueueUnavailable
 from core.shards import Namespace, NoShardAvailable, Picker, ShardMap
 from core.spool import write_batches
+from core.verp import NO_VERP_SENDERS
 
 log = logging.getLogger("shardmail.submit")
 
@@ -53,6 +55,7 @@ class Draft:
     body: bytes  # CRLF line endings, headers included
     client: Client = field(default_factory=Client)
     smtputf8: bool = False
+    verp: str = ""  # VERP delimiters (core.verp), or "" for none; dropped for the null sender
 
 
 Result = Envelope | QueueUnavailable
@@ -110,6 +113,7 @@ class Submitter:
                 size=len(bodies[index]),
                 smtputf8=draft.smtputf8,
                 client=draft.client,
+                verp=draft.verp if draft.sender not in NO_VERP_SENDERS else "",
             )
             by_shard.setdefault(shard, []).append((index, envelope))
         committed: dict[int, list[tuple[int, Envelope]]] = {}
