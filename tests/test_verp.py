@@ -10,6 +10,7 @@ import smtplib
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,11 @@ from scheduler.bounce import DOUBLE_BOUNCE_SENDER, bounces
 from scheduler.retry import Settler
 from tests.conftest import Node
 from tests.dns_server import DnsServer
+from tests.slapd import Slapd
 from tests.smtp_peers import Sink, Transaction
 from tests.support import wait_until
+from tests.test_local import make_rig
+from tests.test_smtp_auth import Session, auth_node
 
 MESSAGE = b"Subject: list mail\r\nFrom: <list@x.example>\r\n\r\nhello subscribers\r\n"
 RECIPIENTS = ["ann@d38.test", "bob@d38.test", "cy@d39.test"]  # three remote recipients on two domains
@@ -183,3 +187,34 @@ def test_xverp_is_refused_where_it_does_not_belong(node: Node) -> None:
     result = node.command("sendmail", "-V", "-f", "", "ann@d38.test", input=MESSAGE)
     assert result.returncode == 64 and b"non-null sender" in result.stderr
     assert node.spooled() == []
+
+
+def test_local_delivery_uses_the_recipients_verp_sender(node_factory: Callable[..., Node], tmp_path: Path) -> None:
+    rig = make_rig(node_factory, tmp_path, deliveryprograms="true", deliveryprogramuser="root")
+    envelope = rig.submitter.accept(Draft(rig.submitter.new_id(), "list@x.example",
+                                          ["alice@test.example", "fwd@test.example", "prog@test.example"],
+                                          b"Subject: hi\r\n\r\nhello\r\n", verp="-="))
+    rig.run(envelope)
+    assert rig.marks(envelope) == []  # all three delivered: the entry is gone
+    (copy,) = rig.inbox("alice")
+    assert copy.startswith(b"Return-Path: <list-alice=test.example@x.example>\n")
+    program = (tmp_path / "program.out").read_bytes()  # the program's input is the local copy too
+    assert program.startswith(b"Return-Path: <list-prog=test.example@x.example>\n")
+    ((forward, _),) = rig.queued_to("one@elsewhere.example")
+    assert forward.sender == "list-fwd=test.example@x.example" and forward.verp == ""  # qmail-local's way
+
+
+def test_an_authenticated_client_may_ask_for_verp(node_factory: Callable[..., Node], auth_slapd: Slapd) -> None:
+    node, context = auth_node(node_factory, auth_slapd)  # relaynets 10.0.0.0/8: loopback is a stranger
+    talk = Session(node.port, context)
+    assert "XVERP" in talk.ehlo  # offered where AUTH is: the client may log in first
+    assert talk.cmd("MAIL FROM:<auth-ssha@auth.example> XVERP").startswith("555 5.5.4")
+    assert talk.plain("auth-ssha@auth.example", "pw-ssha-secret").startswith("235")
+    assert talk.cmd("MAIL FROM:<auth-ssha@auth.example> XVERP=-=").startswith("250")
+    assert talk.cmd("RCPT TO:<x@elsewhere.example>").startswith("250")
+    assert talk.cmd("DATA").startswith("354")
+    assert talk.cmd("Subject: list\r\n\r\nbody\r\n.").startswith("250")
+    talk.close()
+    wait_until(lambda: node.spooled(), timeout=10, what="the message spooled")
+    envelope, _ = node.message(node.spooled()[0])
+    assert envelope.verp == "-=" and envelope.sender_for(0) == "auth-ssha-x=elsewhere.example@auth.example"
