@@ -348,7 +348,8 @@ class Server(SMTP):
         params = path.params
         if sender:
             self.verp_request = None
-            if params and "XVERP" in params.upper():
+            session = self.session  # after HELO the parameter stays, for aiosmtpd's refusal
+            if params and "XVERP" in params.upper() and session is not None and session.extended_smtp:
                 params = self._take_verp(params)
         if not path.mailbox:
             return "<>", params

@@ -75,7 +75,7 @@ def bounces(envelope: Envelope, failed: list[int], doublebounceto: str) -> list[
     target = addressing(envelope, doublebounceto)
     if target is None:
         return None
-    if not envelope.verp:
+    if not envelope.verp or target[0]:  # target[0] set: a bounce's bounce, never per recipient
         return [(target[0], target[1], failed)]
     return [("", envelope.sender_for(i), [i]) for i in failed]
 

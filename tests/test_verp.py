@@ -94,6 +94,7 @@ def test_bounces_one_per_failed_recipient_to_its_verp_address() -> None:
     assert bounces(_envelope("+="), [0, 1], "postmaster") == [("", "list+ann=d38.test@x.example", [0]),
                                                                 ("", "list+bob=d38.test@x.example", [1])]
     assert bounces(_envelope("+=", DOUBLE_BOUNCE_SENDER), [0], "postmaster") is None
+    assert bounces(_envelope("+=", ""), [0], "postmaster") == [(DOUBLE_BOUNCE_SENDER, "postmaster", [0])]
 
 
 # -- the whole path -------------------------------------------------------------------------------
@@ -189,6 +190,18 @@ def test_xverp_is_refused_where_it_does_not_belong(node: Node) -> None:
     assert node.spooled() == []
 
 
+def test_an_ingress_only_node_refuses_verp(node_factory: Callable[..., Node]) -> None:
+    """QMQP cannot carry VERP to the queue node: refused rather than silently lost."""
+    node = node_factory(role="ingress", qmqpservers="127.0.0.1:1")
+    node.start_smtpd()
+    with smtplib.SMTP("127.0.0.1", node.port) as client:  # in relaynets
+        client.ehlo()
+        assert not client.has_extn("xverp")
+        assert client.mail("list@x.example", ["XVERP"])[0] == 555
+    result = node.command("sendmail", "-XV", "-f", "list@x.example", "ann@d38.test", input=MESSAGE)
+    assert result.returncode == 64 and b"role = node" in result.stderr
+
+
 def test_local_delivery_uses_the_recipients_verp_sender(node_factory: Callable[..., Node], tmp_path: Path) -> None:
     rig = make_rig(node_factory, tmp_path, deliveryprograms="true", deliveryprogramuser="root")
     envelope = rig.submitter.accept(Draft(rig.submitter.new_id(), "list@x.example",
@@ -218,3 +231,15 @@ def test_an_authenticated_client_may_ask_for_verp(node_factory: Callable[..., No
     wait_until(lambda: node.spooled(), timeout=10, what="the message spooled")
     envelope, _ = node.message(node.spooled()[0])
     assert envelope.verp == "-=" and envelope.sender_for(0) == "auth-ssha-x=elsewhere.example@auth.example"
+
+
+def test_sendmail_verp_options_parse_as_postfix_spells_them() -> None:
+    from ingress.inject import UsageError, parse_args
+
+    assert parse_args(["x@y.example"]).verp is None
+    for argv, verp in ((["-V"], ""), (["-XV"], ""), (["-V-="], "-="), (["-XV+-"], "+-"), (["-Vsome-envid"], None),
+                       (["-X", "/tmp/log"], None)):
+        opts = parse_args([*argv, "x@y.example"])
+        assert (opts.verp, opts.recipients) == (verp, ["x@y.example"]), argv
+    with pytest.raises(UsageError, match="-XV needs two characters"):
+        parse_args(["-XVab", "x@y.example"])
