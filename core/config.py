@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.verp import valid_delimiters
+
 ENV_PREFIX = "SHARDMAIL_"
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # a DNS label (and what rq allows in job ids)
 SHARD_POLICIES = ("roundrobin", "random", "leastloaded")
@@ -149,6 +151,8 @@ class Settings:
         ["127.0.0.1/32", "::1/128"], "client networks allowed to relay (tcpserver's RELAYCLIENT)", _cidr_list
     )
     databytes: int = _setting(10240000, "largest message accepted, bytes (0 = no limit)", NONNEGATIVE)
+    verpdelimiters: str = _setting("+=", "VERP delimiters when XVERP or sendmail -XV names none (two of -+=)",
+                                   lambda v: None if valid_delimiters(v) else "two characters from -+=")
     maxrcptcount: int = _setting(1000, "recipients per message; further ones get 452 4.5.3", POSITIVE)
     maxhops: int = _setting(100, "Received:/Delivered-To: header lines a message may carry; more is a routing "
                                  "loop, refused after DATA and bounced at delivery (5.4.6)", POSITIVE)

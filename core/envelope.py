@@ -1,9 +1,12 @@
 """The envelope of a queued message, its per-recipient state, message ids, and the on-disk codec.
 
 Interface: ``Envelope``, ``Recipient``, ``Mark``, ``new_id(node)``, ``encode(envelope) -> bytes``,
-``decode(line) -> Envelope``, ``encode_mark(mark) -> bytes``, ``decode_marks(blob) -> list[Mark]``.
-The codec is versioned JSON (never pickle: a spool file must not be able to run code, and ops
-tools in any language must be able to read it).
+``decode(line) -> Envelope``, ``encode_mark(mark) -> bytes``, ``decode_marks(blob) -> list[Mark]``;
+``Envelope.sender_for(index)`` (the envelope sender a recipient's delivery uses: the VERP address
+when ``verp`` holds delimiters, core.verp). The codec is versioned JSON (never pickle: a spool file
+must not be able to run code, and ops tools in any language must be able to read it); a field
+added later is written only when set and read with its default when absent, so entries written
+before it (e.g. without ``verp``) decode as they always did.
 
 Failures: ``EnvelopeError`` for anything that does not decode to a valid envelope; callers treat
 such a spool entry as corrupt, never as a reason to stop.
@@ -22,6 +25,8 @@ import time
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Literal
+
+from core.verp import valid_delimiters, verp_sender
 
 FORMAT_VERSION = 1
 DOUBLE_BOUNCE_SENDER = "#@[]"  # qmail's envelope sender for double bounces: sent as <>, and never bounced
@@ -74,6 +79,13 @@ class Envelope:
     smtputf8: bool = False
     client: Client = field(default_factory=Client)
     marks: tuple[Mark, ...] = ()
+    verp: str = ""  # "" = no VERP; else its two delimiters (core.verp), e.g. "+="
+
+    def sender_for(self, index: int) -> str:
+        """The envelope sender for recipient ``index``: ``sender``, or its VERP address."""
+        if not self.verp:
+            return self.sender
+        return verp_sender(self.sender, self.recipients[index].address, self.verp)
 
     def states(self) -> list[Mark | None]:
         """The latest mark of each recipient (None = never attempted)."""
@@ -162,6 +174,8 @@ def encode(envelope: Envelope) -> bytes:
         "smtputf8": envelope.smtputf8,
         "client": [envelope.client.address, envelope.client.helo, envelope.client.protocol, envelope.client.user],
     }
+    if envelope.verp:
+        doc["verp"] = envelope.verp
     return json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
@@ -176,6 +190,9 @@ def decode(line: bytes) -> Envelope:
         if not recipients:
             raise EnvelopeError("envelope without recipients")
         address, helo, protocol, user = doc.get("client", ["", "", "ESMTP", ""])
+        verp = doc.get("verp", "")
+        if verp and not (isinstance(verp, str) and valid_delimiters(verp)):
+            raise EnvelopeError(f"bad VERP delimiters {verp!r}")
         return Envelope(
             id=str(doc["id"]),
             sender=str(doc["sender"]),
@@ -185,6 +202,7 @@ def decode(line: bytes) -> Envelope:
             size=int(doc["size"]),
             smtputf8=bool(doc.get("smtputf8", False)),
             client=Client(str(address), str(helo), str(protocol), str(user)),
+            verp=verp,
         )
     except EnvelopeError:
         raise

@@ -7,7 +7,8 @@ draft marked ``held``, mail moved in from another node where it was on hold, is 
 hold/ instead and gets no job; a ``birth`` given is kept, so its retries and lifetime go on); a
 batch shares the syncs (across its shards, when they share a file system) and one pipelined Redis
 round trip (group commit). Mail for remote recipients from a trusted client is DKIM-signed first
-(core.dkim), so the spool holds the signed bytes. When a draft
+(core.dkim), so the spool holds the signed bytes. A draft's ``verp`` delimiters go into the
+envelope (core.verp: each recipient's delivery and bounce then use its own VERP sender). When a draft
 comes back as an ``Envelope``, it is durable and queued: the caller may say 250 (or exit 0).
 
 Failures: a draft comes back as (or ``accept`` raises) ``QueueUnavailable`` (temporary, 4.3.0) when
@@ -41,6 +42,7 @@ from core.jobs import Item, Jobs
 from core.outcome import Deferred, QueueUnavailable
 from core.shards import Namespace, NoShardAvailable, Picker, ShardMap
 from core.spool import write_batches
+from core.verp import NO_VERP_SENDERS
 
 log = logging.getLogger("shardmail.submit")
 
@@ -57,6 +59,7 @@ class Draft:
     smtputf8: bool = False
     birth: float | None = None  # a message moved in from another node keeps its birth (None = now)
     held: bool = False  # and, held there, is committed into hold/ here: no job, no delivery
+    verp: str = ""  # VERP delimiters (core.verp), or "" for none; dropped for the null sender
 
 
 Result = Envelope | QueueUnavailable
@@ -114,6 +117,7 @@ class Submitter:
                 size=len(bodies[index]),
                 smtputf8=draft.smtputf8,
                 client=draft.client,
+                verp=draft.verp if draft.sender not in NO_VERP_SENDERS else "",
             )
             if draft.held:
                 results[index] = self._accept_held(envelope, draft.body)

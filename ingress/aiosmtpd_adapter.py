@@ -15,7 +15,9 @@ Checked against aiosmtpd 1.4.6 (the pin in pyproject.toml is >=1.4.6,<1.5). Each
 - ``_reset_timeout`` / ``_timeout_cb`` / ``data_received``: one armed timer whose deadline moves,
   and any bytes (not only a whole command) count as activity.
 - ``_strip_command_keyword`` / ``_getaddr``: paths by RFC 5321's grammar only
-  (core.address.parse_path), never aiosmtpd's RFC 5322 fallback, with 501 5.1.7 / 5.1.3.
+  (core.address.parse_path), never aiosmtpd's RFC 5322 fallback, with 501 5.1.7 / 5.1.3; MAIL's
+  ``XVERP`` parameter is taken out there (aiosmtpd knows only SIZE, BODY and SMTPUTF8) and left in
+  ``Server.verp_request`` for the handler.
 - ``smtp_DATA``: the data read in chunks up to CRLF.CRLF rather than line by line (40 % of a
   session's CPU), with the size and line limits answered after the end (RFC 5321 4.2.5).
 - ``connection_lost`` / ``_unlink``: a finished session's reference cycles are cut.
@@ -343,11 +345,31 @@ class Server(SMTP):
         if isinstance(path, str):
             self._path_refusal = (replies.BAD_SENDER if sender else replies.BAD_RECIPIENT).format(why=path)
             return None, None
+        params = path.params
+        if sender:
+            self.verp_request = None
+            session = self.session  # after HELO the parameter stays, for aiosmtpd's refusal
+            if params and "XVERP" in params.upper() and session is not None and session.extended_smtp:
+                params = self._take_verp(params)
         if not path.mailbox:
-            return "<>", path.params
+            return "<>", params
         if "@" not in path.mailbox:
-            return f"postmaster@{self.event_handler.settings.me}", path.params  # the bare <Postmaster>
-        return path.mailbox, path.params
+            return f"postmaster@{self.event_handler.settings.me}", params  # the bare <Postmaster>
+        return path.mailbox, params
+
+    verp_request: str | None = None  # MAIL's XVERP parameter: "" (bare) or its delimiters; None: absent
+
+    def _take_verp(self, params: str) -> str:
+        """MAIL's parameters without ``XVERP``/``XVERP=xy`` (aiosmtpd would refuse it as unknown),
+        which goes to ``verp_request`` for the handler's ``handle_MAIL`` to judge."""
+        kept = []
+        for param in params.split():
+            keyword, equals, value = param.partition("=")
+            if keyword.upper() == "XVERP":
+                self.verp_request = value if equals else ""
+            else:
+                kept.append(param)
+        return " ".join(kept)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -39,6 +39,7 @@ from core.nodes import Registry
 from core.outcome import Deferred, Failed, QueueRefused, QueueUnavailable
 from core.qmqp import Reply, pack, reply_complete
 from core.submit import Draft
+from core.verp import qmail_spelling
 
 log = logging.getLogger("shardmail.handover")
 REFRESH = 2.0  # s a list of queue nodes from the registry is reused
@@ -110,7 +111,13 @@ class Handover:
                 body = await loop.run_in_executor(None, self.signer.header, body, draft.sender, draft.client) + body
             except SigningUnavailable as exc:
                 raise QueueUnavailable(Deferred("4.4.3", str(exc))) from None
-        request = pack(body, draft.sender, draft.recipients)
+        sender = draft.sender
+        if draft.verp:  # QMQP carries a sender only: VERP goes over in qmail's spelling of it
+            spelled = qmail_spelling(draft.sender, draft.verp)
+            if spelled is None:
+                raise QueueRefused(Failed("5.5.4", f"VERP delimiters {draft.verp!r} cannot cross QMQP (only x=)"))
+            sender = spelled
+        request = pack(body, sender, draft.recipients)
         deadline = loop.time() + self.settings.qmqptimeout
         last = Reply("Z", "no queue node answered")
         for host, port in servers:

@@ -6,6 +6,12 @@ is removed), ``-f sender`` / ``-r sender``, ``-F full name``, ``-i`` / ``-oi`` (
 end the input), ``-C config``; ``-bm`` (the default), and the usual no-op options (``-odi``,
 ``-oem``, ``-v``, ``-N dsn``, ``-B type``...). Date, Message-ID and From are added when missing.
 
+VERP (core.verp): ``-XV`` or ``-V`` asks for it with the ``verpdelimiters`` setting, ``-XVxy`` or
+``-Vxy`` with the delimiters ``x`` and ``y`` (two of ``-+=``), as Postfix's sendmail takes them;
+``-V`` followed by anything else is sendmail's DSN envelope id, ignored (write it attached,
+``-Venvid``: ``-V`` alone asks for VERP). qmail's spelling works too: ``-f prefix-@host-@[]``
+is ``-f prefix@host -XV-=``. VERP needs a sender (not ``-f ''``) and a spooling node.
+
 Failures, as exit statuses (sysexits, like Postfix): 0 queued; 64 bad usage or no recipient;
 65 malformed address or message; 74 unreadable input; 75 the queue is unavailable (spool or
 Redis fault; try again later); 78 bad configuration.
@@ -31,11 +37,12 @@ from core.address import check_mailbox
 from core.config import ConfigError, Settings, load
 from core.envelope import Client
 from core.outcome import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_USAGE, QueueRefused, QueueUnavailable, exit_code
+from core.verp import ALLOWED, qmail_form, valid_delimiters
 
 if TYPE_CHECKING:
     from ingress.handover import Handover
 
-_IGNORED_WITH_ARG = {"N", "B", "R", "V", "L", "O", "p", "X", "h"}
+_IGNORED_WITH_ARG = {"N", "B", "R", "L", "O", "p", "X", "h"}
 _IGNORED_FLAGS = {"v", "m", "n", "U", "G", "bm"}
 _BUNDLED = set("tivmnUG")  # flags without an argument, which getopt lets one write together
 
@@ -52,6 +59,7 @@ class Options:
     ignore_dots: bool = False
     config: str | None = None
     recipients: list[str] = field(default_factory=list)
+    verp: str | None = None  # "" = VERP with the configured delimiters; "xy" = with these; None = none
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -78,7 +86,14 @@ def parse_args(argv: list[str]) -> Options:
                 raise UsageError(f"option -{flag} requires an argument")
             return args.pop(0)
 
-        if flag in ("f", "r"):
+        if flag == "V" or (flag == "X" and rest.startswith("V")):
+            delimiters = rest[1:] if flag == "X" else rest
+            if flag == "V" and delimiters and not valid_delimiters(delimiters):
+                continue  # -Venvid: sendmail's DSN envelope id, ignored as before
+            if delimiters and not valid_delimiters(delimiters):
+                raise UsageError(f"-XV needs two characters from {ALLOWED}, not {delimiters!r}")
+            opts.verp = delimiters
+        elif flag in ("f", "r"):
             opts.sender = value()
         elif flag == "F":
             opts.full_name = value()
@@ -161,6 +176,8 @@ def prepare(message: bytes, opts: Options, me: str, login: str) -> tuple[str, li
         fields = [(n, raw) for n, raw in fields if n != b"bcc"]
     recipients = [r if "@" in r else f"{r}@{me}" for r in recipients]
     sender = opts.sender if opts.sender is not None else f"{login}@{me}"
+    if sender and (qmail := qmail_form(sender)) is not None:  # qmail's prefix-@host-@[]: VERP with -=
+        sender, opts.verp = qmail
     if sender and "@" not in sender:
         sender = f"{sender}@{me}"
     added = []
@@ -202,6 +219,10 @@ def main(argv: list[str], stdin: BinaryIO | None = None,
     if not recipients:
         print("sendmail: no recipient addresses found", file=sys.stderr)
         return EX_USAGE
+    verp = "" if opts.verp is None else opts.verp or settings.verpdelimiters
+    if verp and not sender:
+        print("sendmail: -V option requires non-null sender address", file=sys.stderr)
+        return EX_USAGE
     for address in ([sender] if sender else []) + recipients:
         problem = check_mailbox(address, smtputf8=True)
         if problem:
@@ -220,7 +241,8 @@ def main(argv: list[str], stdin: BinaryIO | None = None,
     received = (f"Received: (shardmail {message_id} invoked by {login});"
                 f" {email.utils.formatdate(localtime=True)}\r\n").encode()
     smtputf8 = not all(a.isascii() for a in [sender, *recipients])
-    draft = Draft(message_id, sender, recipients, received + message, Client(protocol="local", user=login), smtputf8)
+    draft = Draft(message_id, sender, recipients, received + message, Client(protocol="local", user=login), smtputf8,
+                  verp=verp)
     try:
         if isinstance(submitter, Submitter):
             submitter.accept(draft)

@@ -54,6 +54,7 @@ from core.outcome import QueueUnavailable
 from core.qmqp import ProtocolError, Reply, Request, length_field, unpack
 from core.redis_conn import connect
 from core.submit import Draft, Submitter
+from core.verp import qmail_form
 from ingress.committer import Committer
 from ingress.serve import listening_socket, serve_until_stopped
 
@@ -91,15 +92,20 @@ class QmqpService:
         return known
 
     async def answer(self, payload: bytes, peer: str) -> Reply:
-        """The reply to one whole request (the outer netstring's payload)."""
+        """The reply to one whole request (the outer netstring's payload). A sender in qmail's VERP
+        spelling (``prefix-@origin-@[]``: an ingress-only node's or a mover's) asks for VERP."""
         try:
             request = unpack(payload)
         except ProtocolError as exc:
             return Reply("D", f"bad QMQP request: {exc} (#5.5.2)")
+        verp = ""
+        if (spelled := qmail_form(request.sender)) is not None:
+            request = Request(request.message, spelled[0], request.recipients)
+            verp = spelled[1]
         refusal = self.check(request)
         if refusal is not None:
             return refusal
-        return await self.commit(request, peer)
+        return await self.commit(request, peer, verp)
 
     def check(self, request: Request) -> Reply | None:
         """The D for a request we must not take, or None."""
@@ -114,7 +120,7 @@ class QmqpService:
                 return Reply("D", f"<{clean_for_header(address)}>: {problem} (#5.1.3)")
         return None
 
-    async def commit(self, request: Request, peer: str) -> Reply:
+    async def commit(self, request: Request, peer: str, verp: str = "") -> Reply:
         move, message = moved_from(request.message)
         content = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if content and not content.endswith(b"\r\n"):
@@ -134,7 +140,7 @@ class QmqpService:
         addresses = [request.sender, *request.recipients]
         draft = Draft(message_id, request.sender, request.recipients, received.encode() + content,
                       Client(address=peer, helo="", protocol="QMQP"), not all(a.isascii() for a in addresses),
-                      birth=move.birth if move else None, held=bool(move and move.held))
+                      birth=move.birth if move else None, held=bool(move and move.held), verp=verp)
         try:
             await self.committer.commit(draft)
         except QueueUnavailable as exc:

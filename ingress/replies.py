@@ -47,6 +47,9 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 RELAY_DENIED = Reply(554, "5.7.1", "Relaying denied")
 BARE_CR_LF = Reply(554, "5.5.2", "Message contains a bare CR or LF (RFC 5321 2.3.8); use CRLF line endings")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
+VERP_REFUSED = Reply(555, "5.5.4", "Unsupported option: XVERP")  # Postfix's words to a client not allowed it
+VERP_BAD_DELIMITERS = Reply(501, "5.5.4", "Error: XVERP needs two characters from {allowed}")
+VERP_NULL_SENDER = Reply(503, "5.5.4", "Error: XVERP requires non-null sender")
 TRY_AGAIN = "{text}, try again later"  # a QueueUnavailable outcome's text, as the client reads it
 # aiosmtpd's own replies, as ingress.smtpd rewrites them
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")

@@ -5,7 +5,10 @@ hook API only); the server class it runs in, and every use of aiosmtpd's interna
 ingress.aiosmtpd_adapter's ``Server``; the words of every reply are ingress.replies'.
 
 Policy, in the order a transaction meets it:
-- MAIL: sender syntax (501 5.1.7), SIZE over ``databytes`` (552 5.3.4), 8-bit without SMTPUTF8.
+- MAIL: sender syntax (501 5.1.7), SIZE over ``databytes`` (552 5.3.4), 8-bit without SMTPUTF8;
+  ``XVERP`` / ``XVERP=xy`` (VERP, core.verp, as Postfix takes it; offered in EHLO to relaynets and
+  where AUTH is offered) only from a client in ``relaynets`` or authenticated, on a spooling node
+  (555 5.5.4 otherwise), with two delimiters of ``-+=`` (501 5.5.4), not with ``<>`` (503 5.5.4).
 - RCPT: syntax (501 5.1.3); more than ``maxrcptcount`` (452 4.5.3, the client sends the rest
   later); a domain outside ``rcpthosts``/``locals`` from a client outside ``relaynets`` (554 5.7.1);
   for ``locals``, the directory: unknown or deleted 550 5.1.1, disabled 550 5.2.1, directory down
@@ -20,7 +23,7 @@ Failures: a spool or Redis fault, or any unexpected exception, is ``451 4.3.0`` 
 default would be a permanent 500): infrastructure trouble is never the client's fault.
 
 Settings: ``me``, ``smtpgreeting``, ``rcpthosts``, ``locals``, ``relaynets``, ``databytes``,
-``maxrcptcount``, ``maxhops``, ``timeoutsmtpd``.
+``maxrcptcount``, ``maxhops``, ``timeoutsmtpd``, ``role``, ``verpdelimiters``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from core.directory import Directory, account_verdict, lookup_outcome
 from core.envelope import Client
 from core.outcome import Deferred, Failed, QueueRefused, QueueUnavailable
 from core.submit import Draft
+from core.verp import ALLOWED, valid_delimiters
 from ingress import replies
 from ingress.committer import IdSource, Intake
 
@@ -75,11 +79,17 @@ class Handler:
     def may_relay(self, session: Session) -> bool:
         return peer_in(session.peer[0] if isinstance(session.peer, tuple) else "", self.relaynets)
 
+    def may_verp(self, session: Session) -> bool:
+        """XVERP only from a client allowed to relay by its address or its login (Postfix's
+        authorized_verp_clients); an ingress-only node passes it on in qmail's spelling."""
+        return session.authenticated or Handler.may_relay(self, session)
+
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
-        return _ehlo_lines(responses)
+        offer = Handler.may_relay(self, session) or any(r[4:].startswith("AUTH ") for r in responses)
+        return _ehlo_lines(responses, ["XVERP"] if offer else [])
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -89,6 +99,15 @@ class Handler:
             problem = check_mailbox(address, smtputf8)
             if problem:
                 return replies.BAD_SENDER.format(why=problem)
+        request = getattr(server, "verp_request", None)  # ingress.aiosmtpd_adapter took XVERP out
+        if request is not None:
+            if not self.may_verp(session):
+                return replies.VERP_REFUSED.line
+            if request and not valid_delimiters(request):
+                return replies.VERP_BAD_DELIMITERS.format(allowed=ALLOWED)
+            if address == "<>":
+                return replies.VERP_NULL_SENDER.line
+            envelope.verp = request or self.settings.verpdelimiters  # type: ignore[attr-defined]  # ours
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return replies.SENDER_OK.line
@@ -130,7 +149,8 @@ class Handler:
         body = self._received(message_id, helo, peer, protocol, envelope.rcpt_tos, user) + self.tags(session)
         body += content
         draft = Draft(message_id, _sender(envelope), list(envelope.rcpt_tos), body,
-                      Client(address=peer, helo=helo, protocol=protocol, user=user), smtputf8)
+                      Client(address=peer, helo=helo, protocol=protocol, user=user), smtputf8,
+                      verp=getattr(envelope, "verp", ""))
         try:
             await self.committer.commit(draft)
         except QueueUnavailable as exc:
@@ -195,10 +215,11 @@ def _sender(envelope: Envelope) -> str:
     return "" if envelope.mail_from in (None, "<>") else envelope.mail_from
 
 
-def _ehlo_lines(responses: list[str]) -> list[str]:
+def _ehlo_lines(responses: list[str], extra: list[str]) -> list[str]:
     """aiosmtpd's EHLO lines (greeting name, SIZE, 8BITMIME, SMTPUTF8, ...) plus ours."""
     keywords = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
     keywords[:0] = ["PIPELINING"]
+    keywords += extra
     keywords.append("ENHANCEDSTATUSCODES")
     lines = ["250-" + responses[0][4:]] + [f"250-{k}" for k in keywords[:-1]]
     return [*lines, f"250 {keywords[-1]}"]

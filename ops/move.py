@@ -80,6 +80,7 @@ from core.outcome import EX_OK, EX_TEMPFAIL, EX_USAGE
 from core.qmqp import Reply, pack, send
 from core.shards import LABEL_PATTERN, ShardMap
 from core.spool import Entry, fsync_dir
+from core.verp import qmail_spelling
 from ops.queue import EX_NOTFOUND, QueueAdmin
 
 log = logging.getLogger("shardmail.move")
@@ -415,7 +416,10 @@ class Mover:
             self._add("removed")
             return
         line = f"X-Shardmail-Move: node={self.settings.node} id={message_id} birth={envelope.birth!r}"
-        request = pack((line + (" hold=yes" if was_held else "") + "\r\n").encode() + body, envelope.sender,
+        sender = envelope.sender  # VERP crosses QMQP in qmail's spelling (delimiters x= only)
+        if envelope.verp:
+            sender = qmail_spelling(envelope.sender, envelope.verp) or sender
+        request = pack((line + (" hold=yes" if was_held else "") + "\r\n").encode() + body, sender,
                        [envelope.recipients[i].address for i in pending])
         reply = send(target.host, target.port, request, self.timeout)
         if not reply.accepted:

@@ -2,6 +2,7 @@
 
 Interface: ``Failure`` (one failed recipient), ``failure(address, mark) -> Failure``,
 ``addressing(envelope, doublebounceto) -> (sender, recipient) | None``,
+``bounces(envelope, failed, doublebounceto) -> [(sender, recipient, indexes)] | None``,
 ``compose(envelope, failures, body, recipient, me, max_bytes, message_id) -> bytes``; ``DOUBLE_BOUNCE_SENDER``.
 
 One bounce per message per round, listing every recipient that failed in it: a
@@ -13,7 +14,9 @@ headers (``text/rfc822-headers``) when it is larger than ``max_bytes``.
 Who gets it (qmail's rules): the envelope sender, from the null sender ``<>``; a message from
 ``<>`` (a bounce that bounced) goes to ``doublebounceto`` from ``DOUBLE_BOUNCE_SENDER``
 (qmail's ``#@[]``, sent as ``<>`` on the wire); a message from that sender failing is discarded
-(logged by the caller), so bounces never loop.
+(logged by the caller), so bounces never loop. A message with VERP (core.verp) gets one bounce per
+failed recipient, each to that recipient's VERP address, so the list learns who failed even from
+a bounce it cannot parse.
 
 A peer's words reach the bounce only as printable ASCII on one line (no CR, LF or other control
 character, at most ``TEXT_LIMIT`` characters), so a reply can never start a header, a MIME part
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 from core.envelope import DOUBLE_BOUNCE_SENDER, Envelope, Mark
 
-__all__ = ["DOUBLE_BOUNCE_SENDER", "Failure", "addressing", "compose", "failure", "safe_text"]
+__all__ = ["DOUBLE_BOUNCE_SENDER", "Failure", "addressing", "bounces", "compose", "failure", "safe_text"]
 TEXT_LIMIT = 900
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _REMOTE = re.compile(r"\bhost ([^\s\[\]]+)\[([^\]\s]*)\]")
@@ -63,6 +66,18 @@ def addressing(envelope: Envelope, doublebounceto: str) -> tuple[str, str] | Non
     if envelope.sender == "":
         return DOUBLE_BOUNCE_SENDER, doublebounceto
     return "", envelope.sender
+
+
+def bounces(envelope: Envelope, failed: list[int], doublebounceto: str) -> list[tuple[str, str, list[int]]] | None:
+    """(envelope sender, recipient, indexes of the failed recipients it reports) of each bounce, or
+    None: discard them. One bounce for all, as ``addressing`` says; with VERP one per failed
+    recipient, to that recipient's VERP address (what a list manager such as ezmlm expects)."""
+    target = addressing(envelope, doublebounceto)
+    if target is None:
+        return None
+    if not envelope.verp or target[0]:  # target[0] set: a bounce's bounce, never per recipient
+        return [(target[0], target[1], failed)]
+    return [("", envelope.sender_for(i), [i]) for i in failed]
 
 
 def _header_block(body: bytes) -> bytes:

@@ -10,7 +10,8 @@ For a message (its spool entry is the truth; Redis only said which attempt ended
    good (its 4.x.y becomes 5.x.y, with the reason kept): so after the lifetime exactly one more
    attempt is made, and a clock stepped forward never bounces mail without that attempt;
 2. every failed recipient without a bounce gets one, a single bounce per message per round
-   (scheduler.bounce), entering through the front door; then those recipients are marked
+   (scheduler.bounce; with VERP one per failed recipient, to its VERP address), entering through
+   the front door; then those recipients are marked
    ``bounced`` (a crash between the two sends the bounce twice at most, never not at all). A
    bounce of a double bounce is dropped and logged;
 3. an entry with every recipient delivered or bounced leaves the spool;
@@ -46,7 +47,7 @@ from core.jobs import Jobs
 from core.outcome import QueueUnavailable
 from core.shards import Namespace
 from core.submit import Draft, Submitter
-from scheduler.bounce import addressing, compose, failure
+from scheduler.bounce import bounces, compose, failure
 
 log = logging.getLogger("shardmail.scheduler")
 RELEASE_BATCH = 1000
@@ -122,16 +123,15 @@ class Settler:
 
     def _bounce(self, envelope: Envelope, now: float) -> Envelope:
         failed = envelope.unreported()
-        target = addressing(envelope, self.settings.doublebounceto)
-        note = "bounce discarded (a double bounce failed)"
-        if target is None:
+        targets = bounces(envelope, failed, self.settings.doublebounceto)
+        if targets is None:
             log.warning("%s: double bounce failed for %s; discarded", envelope.id,
                         ", ".join(envelope.recipients[i].address for i in failed))
-        else:
-            sender, recipient = target
-            body = self.map.spool(envelope.shard).load(envelope.id)[1]
-            states = envelope.states()
-            failures = [failure(envelope.recipients[i].address, states[i]) for i in failed]  # type: ignore[arg-type]
+            return self._mark_bounced(envelope, failed, "bounce discarded (a double bounce failed)", now)
+        body = self.map.spool(envelope.shard).load(envelope.id)[1]
+        states = envelope.states()
+        for sender, recipient, indexes in targets:  # one bounce, or (VERP) one per failed recipient
+            failures = [failure(envelope.recipients[i].address, states[i]) for i in indexes]  # type: ignore[arg-type]
             bounce_id = self.submitter.new_id()
             raw = compose(envelope, failures, body, recipient, self.settings.me, self.settings.bouncemaxbytes,
                           bounce_id)
@@ -142,8 +142,13 @@ class Settler:
                 return envelope
             faults.crash_point("after_bounce_queued")  # a crash here sends this bounce twice, never not at all
             note = f"bounced to <{recipient}> as {bounce_id}"
-            log.info("%s: %s for %d recipient(s)", envelope.id, note, len(failed))
-        marks = [Mark(i, "bounced", envelope.states()[i].status, note, now) for i in failed]  # type: ignore[union-attr]
+            log.info("%s: %s for %d recipient(s)", envelope.id, note, len(indexes))
+            envelope = self._mark_bounced(envelope, indexes, note, now)
+        return envelope
+
+    def _mark_bounced(self, envelope: Envelope, indexes: list[int], note: str, now: float) -> Envelope:
+        states = envelope.states()
+        marks = [Mark(i, "bounced", states[i].status, note, now) for i in indexes]  # type: ignore[union-attr]
         self.map.spool(envelope.shard).mark(envelope.id, marks)
         metrics.settled(envelope, marks)
         return envelope.with_marks([*envelope.marks, *marks])

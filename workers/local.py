@@ -26,6 +26,10 @@ For the recipient's entry, in this order:
   same envelope sender and a Delivered-To line;
 - the autoresponder for ``deliveryMode: reply`` (RFC 3834; once per sender per ``autoreplyinterval``).
 
+For a message with VERP (core.verp), "the envelope sender" above is the recipient's VERP address,
+as qmail-local sees it: the Return-Path of the copy, ``SENDER`` of a program, the sender of a
+forward (which itself asks for no VERP) and of a cluster hand-over, the address an autoreply goes to.
+
 Failures: directory down → 4.4.3; a disk error → 4.3.0; an unsafe mailMessageStore → 4.3.5
 (a configuration error: kept queued and logged until an admin fixes the entry). Never raises for
 a delivery problem: outcomes are values.
@@ -42,6 +46,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import redis
 
@@ -131,6 +136,8 @@ class LocalDelivery:
     def _deliver(self, envelope: Envelope, index: int, body: bytes, batch: list[Staged] | None
                  ) -> Outcome | Staged:
         address = envelope.recipients[index].address
+        if envelope.verp:  # this recipient's envelope sender everywhere below: Return-Path, SENDER, forwards
+            envelope = replace(envelope, sender=envelope.sender_for(index), verp="")
         user, verdict = lookup_outcome(self.directory, address)
         if verdict is not None:
             return verdict

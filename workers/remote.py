@@ -6,7 +6,8 @@ Interface: ``RemoteEngine(settings, shard_map, on_done, io, resolver=None)`` wit
 ``needs_smtputf8(envelope, body)``.
 
 Work is cut into *deliveries*: one message's pending remote recipients for one domain, at most
-``remotercptlimit`` of them (one SMTP transaction each). A delivery waits in the queue of its
+``remotercptlimit`` of them (one SMTP transaction each), or exactly one when the message asks for
+VERP (core.verp: each recipient's MAIL FROM is its own VERP address). A delivery waits in the queue of its
 *destination*: the domain, or the relay an ``smtproutes`` entry names (so domains sharing a relay
 share its limits and connections). A destination runs at most ``concurrencydestination`` sessions,
 the process at most ``concurrencyremote``; when the process is full, destinations wanting a session
@@ -151,7 +152,7 @@ class RemoteEngine:
         if not by_domain:
             self.on_done(claim)
             return
-        step = self.settings.remotercptlimit
+        step = 1 if envelope.verp else self.settings.remotercptlimit  # VERP: a transaction per recipient
         chunks = [(d, ix[i : i + step]) for d, ix in by_domain.items() for i in range(0, len(ix), step)]
         message = Message(claim, envelope, len(chunks))
         self._messages[claim.job_id] = message
@@ -310,7 +311,8 @@ class RemoteEngine:
             self._record(delivery, [Deferred("4.3.0", f"spool read failed: {exc.strerror}")] * len(delivery.indexes))
             return session
         utf8 = needs_smtputf8(envelope, body)
-        sender = "" if envelope.sender == DOUBLE_BOUNCE_SENDER else wire_address(envelope.sender, utf8)
+        sender = "" if envelope.sender == DOUBLE_BOUNCE_SENDER else wire_address(
+            envelope.sender_for(delivery.indexes[0]) if envelope.verp else envelope.sender, utf8)
         recipients = [wire_address(envelope.recipients[i].address, utf8) for i in delivery.indexes]
         data = wire_data(body)
         for _ in range(2):
