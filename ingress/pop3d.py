@@ -185,8 +185,12 @@ class Session:
         if self.tls:
             await self.error("TLS already active")
             return
+        # Read nothing more in plain text: the client's handshake may follow our +OK at once, and
+        # bytes read before start_tls would land in the plain-text buffer, lost to TLS (a hung
+        # handshake). start_tls resumes reading for the TLS layer.
+        self.writer.transport.pause_reading()
         buffered = getattr(self.reader, "_buffer", None)
-        if buffered:  # sent before our +OK: it must not count as said inside TLS (RFC 2595 §3.1)
+        if buffered:  # sent with STLS, before our +OK: never to count as said inside TLS (RFC 2595 §3.1)
             buffered.clear()
         await self.reply("+OK begin TLS")
         try:
