@@ -46,6 +46,7 @@ import logging
 import re
 import ssl
 from base64 import b64decode
+from typing import cast
 
 from core import sdnotify
 from core.auth import Authenticator, AuthResult, AuthThrottle
@@ -188,7 +189,7 @@ class Session:
         # Read nothing more in plain text: the client's handshake may follow our +OK at once, and
         # bytes read before start_tls would land in the plain-text buffer, lost to TLS (a hung
         # handshake). start_tls resumes reading for the TLS layer.
-        self.writer.transport.pause_reading()
+        cast(asyncio.Transport, self.writer.transport).pause_reading()
         buffered = getattr(self.reader, "_buffer", None)
         if buffered:  # sent with STLS, before our +OK: never to count as said inside TLS (RFC 2595 §3.1)
             buffered.clear()
