@@ -107,7 +107,7 @@ class Session:
             raise Closing from None
 
     async def reply(self, text: str) -> None:
-        await self.send(text.encode("utf-8", "replace") + b"\r\n")
+        await self.send(text.encode("utf-8", "surrogateescape") + b"\r\n")
 
     async def error(self, text: str) -> None:
         self.errors += 1
@@ -151,7 +151,7 @@ class Session:
             if b"\x00" in raw:
                 await self.error("NUL in command")
                 continue
-            text = raw.decode("utf-8", "replace")
+            text = raw.decode("utf-8", "surrogateescape")  # PASS gets its bytes back, whatever the charset
             verb, _, argument = text.partition(" ")
             verb = verb.upper()
             handler = getattr(self, f"_{'trans' if self.mailbox else 'auth'}_{verb.lower()}", None)
@@ -420,7 +420,7 @@ class Session:
         except OSError as exc:
             log.error("POP3 mailbox of %s: removing deleted messages: %s", self.login, exc)
             failed = len(self.deleted)
-        log.info("POP3 QUIT by %s from %s: %d retrieved, %d deleted", self.login, self.peer, self.retrieved,
+        log.info("POP3 QUIT by %s from %s: %d RETR, %d deleted", self.login, self.peer, self.retrieved,
                  len(self.deleted) - failed)
         self.deleted.clear()
         if failed:

@@ -3,7 +3,8 @@ socket for the bytes on the wire. Messages are Maildir files named as the local 
 (workers.maildir); accounts are in the embedded LDIF directory; the failure throttle is in the
 test Redis. Listing and retrieval byte for byte, deletions only at QUIT, UIDLs stable across
 sessions and a SIGKILL of the server, [IN-USE], wrong passwords and the throttle, no plain-text
-login before STLS, each kind of bad input, the idle timeout and the per-address limit."""
+login before STLS, each kind of bad input, the idle timeout and the per-address limit; and Debian's
+fetchmail in keep mode, which must fetch each message once (by UIDL), over port 995 and STLS."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import base64
 import hashlib
 import os
 import poplib
+import shutil
 import signal
 import socket
 import ssl
@@ -303,7 +305,7 @@ def test_bad_input_gets_err_and_the_session_goes_on(pop3_factory: Callable[..., 
     names = server.deliver()
     raw = Raw(server.tls_port, server.context)
     assert raw.cmd("STAT") == b"-ERR command not valid in this state"
-    assert raw.cmd("FROB 1") == b"-ERR unknown command"
+    assert raw.cmd(b"FROB \xff\xfe") == b"-ERR unknown command"  # not UTF-8 either
     assert raw.cmd("") == b"-ERR unknown command"
     assert raw.cmd("NOOP " + "x" * 300).startswith(b"-ERR command line too long")
     assert raw.cmd("NOOP " + "x" * 20000).startswith(b"-ERR command line too long")
@@ -342,3 +344,49 @@ def test_idle_timeout_and_sessions_per_address(pop3_factory: Callable[..., Pop3N
     assert idle.line() == b"-ERR [SYS/TEMP] idle for too long, logged out"
     assert idle.closed() and busy.closed()
     assert Maildir(server.maildir()).usage()[1] == 3  # a timed-out session deletes nothing
+
+
+FETCHMAIL = shutil.which("fetchmail")
+
+
+def fetchmail(server: Pop3Node, home: Path, tls: str) -> tuple[int, str]:
+    """One run of Debian's fetchmail in keep mode, its seen UIDLs in ``home``, each message handed to
+    a shell that writes it to its own file in ``home/got``: (exit status, output)."""
+    got = home / "got"
+    got.mkdir(parents=True, exist_ok=True)
+    cert = server.node.var_dir / "tls" / "cert.pem"
+    port, mode = (server.tls_port, "ssl") if tls == "implicit" else (server.port, "")  # else STLS, required
+    rc = home / "fetchmailrc"
+    rc.write_text(f'set no bouncemail\nset no syslog\n'
+                  f'poll 127.0.0.1 with proto POP3 port {port} auth password uidl\n'
+                  f'  user "alice" there with password "alice-secret" is "alice" here\n'
+                  f'  options keep {mode} sslproto "tls1.2+" sslcertck sslcertfile "{cert}" '
+                  f'sslcommonname "mx.test.example" mda "cat > {got}/$$"\n')
+    rc.chmod(0o600)
+    env = {**os.environ, "HOME": str(home), "FETCHMAILHOME": str(home)}
+    done = subprocess.run([FETCHMAIL, "-f", str(rc), "--idfile", str(home / "uidls"), "--nodetach"],
+                          env=env, capture_output=True, timeout=60)
+    return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
+
+
+@pytest.mark.skipif(FETCHMAIL is None, reason="fetchmail is not installed (scripts/setup.sh installs it)")
+def test_fetchmail_keep_mode_fetches_each_message_once(pop3_factory: Callable[..., Pop3Node],
+                                                        tmp_path: Path) -> None:
+    server = pop3_factory()
+    server.deliver()
+    home = tmp_path / "fetchmail"
+    status, output = fetchmail(server, home, "implicit")
+    assert status == 0, output  # 0: mail fetched
+    assert len(os.listdir(home / "got")) == 3, output
+    fetched = sorted((home / "got" / name).read_bytes() for name in os.listdir(home / "got"))
+    assert all(any(body.endswith(m.replace(b"\r\n", b"\n").rstrip(b"\n") + b"\n") for body in fetched)
+               for m in MESSAGES), fetched
+    status, output = fetchmail(server, home, "stls")  # the other listener: same UIDLs
+    assert status == 1, output  # 1: no new mail
+    assert len(os.listdir(home / "got")) == 3
+    box = Maildir(server.maildir())
+    box.deliver(file_name(1_700_000_100, "Q9test", 0, 20), b"Subject: four\n\nnew\n", retry=False)
+    status, output = fetchmail(server, home, "stls")
+    assert status == 0, output
+    assert len(os.listdir(home / "got")) == 4
+    assert box.usage()[1] == 4  # keep: nothing deleted
