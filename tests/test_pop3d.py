@@ -1,10 +1,11 @@
 """``shardmail pop3d`` against real clients: Python's poplib over STLS and implicit TLS, and a raw
 socket for the bytes on the wire. Messages are Maildir files named as the local pool names them
-(workers.maildir); accounts are in the embedded LDIF directory; the failure throttle is in the
-test Redis. Listing and retrieval byte for byte, deletions only at QUIT, UIDLs stable across
-sessions and a SIGKILL of the server, [IN-USE], wrong passwords and the throttle, no plain-text
-login before STLS, each kind of bad input, the idle timeout and the per-address limit; and Debian's
-fetchmail in keep mode, which must fetch each message once (by UIDL), over port 995 and STLS."""
+(workers.maildir); accounts are in the embedded LDIF directory or a real slapd (ldaprebind); the
+failure throttle is in the test Redis, shared with a real SMTP process's AUTH. Listing and
+retrieval byte for byte, deletions only at QUIT, UIDLs stable across sessions and a SIGKILL of the
+server, [IN-USE], wrong passwords and the throttle, no plain-text login before STLS, each kind of
+bad input, the idle timeout and the per-address limit; and Debian's fetchmail in keep mode, which
+must fetch each message once (by UIDL), over port 995 and STLS."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Node, _connectable
+from tests.slapd import Slapd
 from tests.support import free_port, wait_until
+from tests.test_smtp_auth import Session
 from tests.test_smtp_limits import make_cert
 from workers.maildir import Maildir, file_name
 
@@ -35,9 +38,10 @@ def ssha(password: str) -> str:
     return "{SSHA}" + base64.b64encode(hashlib.sha1(password.encode() + salt).digest() + salt).decode()
 
 
-def account(uid: str, password: str, status: str = "active") -> str:
+def account(uid: str, password: str, status: str = "active", host: str = "") -> str:
     return (f"dn: uid={uid},ou=people,dc=test\nobjectClass: qmailUser\nuid: {uid}\nmail: {uid}@test.example\n"
-            f"mailMessageStore: {uid}/\naccountStatus: {status}\nuserPassword: {ssha(password)}\n\n")
+            f"mailMessageStore: {uid}/\naccountStatus: {status}\nuserPassword: {ssha(password)}\n"
+            + (f"mailHost: {host}\n" if host else "") + "\n")
 
 
 MESSAGES = [
@@ -102,7 +106,7 @@ def pop3_factory(node_factory: Callable[..., Node], tmp_path: Path) -> Iterator[
     def factory(**overrides: str) -> Pop3Node:
         users = tmp_path / f"pop3-users-{len(made)}.ldif"
         users.write_text(account("alice", "alice-secret") + account("dora", "dora-secret", "disabled")
-                         + account("nora", "nora-secret", "nopop"))
+                         + account("nora", "nora-secret", "nopop") + account("remo", "remo-secret", host="mx2.example"))
         port, tls_port = free_port(), free_port()
         options = {"users_ldif": str(users), "pop3_listen": f"127.0.0.1:{port}",
                    "pop3s_listen": f"127.0.0.1:{tls_port}", "authfaildelay": "0"}
@@ -274,6 +278,7 @@ def test_wrong_passwords_are_refused_then_throttled(pop3_factory: Callable[..., 
     disabled = raw.login("dora", "dora-secret")
     assert unknown == disabled == b"-ERR [AUTH] authentication failed"  # no enumeration
     assert raw.login("nora", "nora-secret") == b"-ERR [AUTH] POP access disabled for this account"
+    assert raw.login("remo", "remo-secret") == b"-ERR [SYS/TEMP] this mailbox is served by another node"
     for _ in range(3):
         assert raw.login("alice", "wrong") == b"-ERR [AUTH] authentication failed"
     assert raw.login("alice", "alice-secret") == b"-ERR [SYS/TEMP] too many failed logins, try again later"
@@ -344,6 +349,24 @@ def test_idle_timeout_and_sessions_per_address(pop3_factory: Callable[..., Pop3N
     assert idle.line() == b"-ERR [SYS/TEMP] idle for too long, logged out"
     assert idle.closed() and busy.closed()
     assert Maildir(server.maildir()).usage()[1] == 3  # a timed-out session deletes nothing
+
+
+def test_directory_logins_with_ldaprebind_and_the_throttle_shared_with_smtp_auth(
+        pop3_factory: Callable[..., Pop3Node], auth_slapd: Slapd) -> None:
+    server = pop3_factory(ldapserver=auth_slapd.url, ldapbasedn=auth_slapd.base_dn, ldaprebind="true",
+                          authfailmaxuser="2", authfailmaxip="100", locals="test.example,auth.example")
+    server.deliver("auth-ssha")
+    for login in ("auth-ssha@auth.example", "auth-ssha"):  # by address, or by uid
+        raw = Raw(server.tls_port, server.context)
+        assert raw.login(login, "pw-ssha-secret") == b"+OK 3 messages"
+        assert raw.cmd("QUIT") == b"+OK bye"
+    assert Raw(server.tls_port, server.context).login("auth-ssha", "pw-wrong") == b"-ERR [AUTH] authentication failed"
+    server.node.start_smtpd()
+    talk = Session(server.node.port, server.context)
+    for _ in range(2):
+        assert talk.plain("auth-sha@auth.example", "pw-wrong").startswith("535 5.7.8")
+    raw = Raw(server.tls_port, server.context)
+    assert raw.login("auth-sha@auth.example", "pw-sha-secret").startswith(b"-ERR [SYS/TEMP] too many failed")
 
 
 FETCHMAIL = shutil.which("fetchmail")
