@@ -330,10 +330,14 @@ class Session:
         assert self.mailbox is not None
         return [m for m in self.mailbox.messages if m.number not in self.deleted]
 
-    async def _measured(self) -> bool:
+    async def _measured(self, message: Message | None = None) -> bool:
+        """Sizes known (of ``message``, else of all), or False after the -ERR."""
         assert self.mailbox is not None
         try:
-            await asyncio.to_thread(self.mailbox.measure_all)
+            if message is None:
+                await asyncio.to_thread(self.mailbox.measure_all)
+            elif message.size < 0:
+                await asyncio.to_thread(self.mailbox.measure, message)
         except OSError as exc:
             log.error("POP3 mailbox of %s: %s", self.login, exc)
             await self.error("[SYS/TEMP] mailbox read failed")
@@ -348,7 +352,7 @@ class Session:
     async def _trans_list(self, argument: str) -> None:
         if argument.strip():
             message = await self._message(argument)
-            if message is not None and await self._measured():
+            if message is not None and await self._measured(message):
                 await self.reply(f"+OK {message.number} {message.size}")
             return
         if await self._measured():
