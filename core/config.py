@@ -307,6 +307,14 @@ class Settings:
     dkim_ldap: bool = _setting(False, "an authenticated user's dkimSigningDomain (directory entry) names the "
                                       "signing domain when the From: domain has no key, before dkim_fallback")
     dkim_expire: int = _setting(0, "seconds a DKIM signature is valid for (x= tag); 0 = no expiry", NONNEGATIVE)
+    pop3_listen: list[str] = _setting([], "POP3 listeners (port 110 style: STLS offered with a certificate), "
+                                          "host:port; empty (and no pop3s_listen) = no POP3 server", _listen_list)
+    pop3s_listen: list[str] = _setting([], "implicit-TLS POP3 listeners (port 995 style), host:port", _listen_list)
+    pop3plaintext: bool = _setting(False, "POP3 takes USER/PASS and AUTH PLAIN before STLS (passwords in the clear)")
+    pop3timeout: int = _setting(600, "seconds a POP3 client may stay silent (RFC 1939: at least 600)", POSITIVE)
+    pop3maxsessions: int = _setting(1000, "POP3 sessions per pop3d process; -ERR [SYS/TEMP] beyond", POSITIVE)
+    pop3maxperip: int = _setting(10, "POP3 sessions from one client address per pop3d process; -ERR [SYS/TEMP] "
+                                     "beyond (per user: one, the mailbox lock)", POSITIVE)
     metrics_listen: str = _setting("127.0.0.1:9525", "Prometheus endpoint of `shardmail run`, host:port (empty = off)",
                                    lambda v: _listen_list([v]) if v else None)
 

@@ -1,8 +1,8 @@
 """The ``shardmail`` command: one entry point for every role and every admin task.
 
 Interface: ``main(argv=None) -> None`` (exits with the command's status). Sub-commands: ``run``
-(supervisor), ``smtpd`` (one ingress process), ``qmqpd`` (the QMQP server), ``worker local|remote`` (a
-delivery pool),
+(supervisor), ``smtpd`` (one ingress process), ``qmqpd`` (the QMQP server), ``pop3d`` (the POP3
+server), ``worker local|remote`` (a delivery pool),
 ``sendmail`` (inject; also used when the program is invoked under the name ``sendmail``),
 ``scheduler`` (retries, bounces, sweeps), ``recover`` (rebuild Redis from the spool), ``adopt``
 (take in a dead node's spool: ops.adopt), ``status`` (depth per shard; ``--cluster``: every node,
@@ -121,6 +121,26 @@ def cmd_qmqpd(args: argparse.Namespace) -> int:
         serve(settings)
     except OSError as exc:
         logging.getLogger("shardmail.qmqpd").error("cannot listen: %s", exc)
+        return EX_CONFIG
+    return 0
+
+
+def cmd_pop3d(args: argparse.Namespace) -> int:
+    from ingress.pop3d import main as serve
+    from ingress.tls import TLSConfigError
+
+    _logging(args.verbose)
+    settings = _settings(args.config)
+    if not settings.pop3_listen and not settings.pop3s_listen:
+        print("shardmail pop3d: pop3_listen and pop3s_listen are empty", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        serve(settings)
+    except OSError as exc:
+        logging.getLogger("shardmail.pop3d").error("cannot listen: %s", exc)
+        return EX_CONFIG
+    except TLSConfigError as exc:
+        logging.getLogger("shardmail.pop3d").error("TLS: %s", exc)
         return EX_CONFIG
     return 0
 
@@ -639,6 +659,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run a whole node: embedded Redis if none configured, SMTP, workers")
     sub.add_parser("smtpd", help="run one SMTP ingress process")
     sub.add_parser("qmqpd", help="run the QMQP server (qmqp_listen, for qmqpclients)")
+    sub.add_parser("pop3d", help="run the POP3 server (pop3_listen, pop3s_listen)")
     worker = sub.add_parser("worker", help="run a delivery pool")
     worker.add_argument("channel", choices=["local", "remote"])
     worker.add_argument("--shards", default="all", help="e.g. 0-3,5 (default: all)")
@@ -774,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_sendmail(argv[1:]))
     args = parser().parse_args(argv)
     commands = {
-        "metrics": cmd_metrics,
+        "metrics": cmd_metrics, "pop3d": cmd_pop3d,
         "run": cmd_run, "smtpd": cmd_smtpd, "qmqpd": cmd_qmqpd, "worker": cmd_worker, "ldaplookup": cmd_ldaplookup,
         "status": cmd_status, "config": cmd_config, "scheduler": cmd_scheduler, "recover": cmd_recover,
         "adopt": cmd_adopt, "forget": cmd_forget,

@@ -4,7 +4,8 @@ Interface: ``Supervisor(settings, config_path).run() -> int``; ``starter_users_l
 embedded ``redis-server`` when neither ``redis_url`` nor ``redis_sentinels`` is configured (unix socket under
 ``var_dir``, persistence off: the spool is the ledger, so Redis may forget everything), then ``ingress_processes`` SMTP
 processes, ``localprocesses`` local and ``remoteprocesses`` remote delivery pools and
-``schedulerprocesses`` schedulers, restarts any child that dies (with a growing delay, logging
+``schedulerprocesses`` schedulers (and ``shardmail pop3d`` when ``pop3_listen`` or ``pop3s_listen``
+is set), restarts any child that dies (with a growing delay, logging
 why), and on SIGTERM or Ctrl-C stops the children, Redis last. Without LDAP it creates
 ``users_ldif`` with a postmaster entry (``starter_users_ldif``: the suffix and ``ou=people`` entries
 first, so ``ldapadd`` loads the file unchanged into an empty directory for that suffix).
@@ -151,6 +152,8 @@ class Supervisor:
             return children
         if self.settings.qmqp_listen:
             children.append(Child("qmqpd", [*base, "qmqpd"], env))
+        if self.settings.pop3_listen or self.settings.pop3s_listen:  # the Maildirs are here
+            children.append(Child("pop3d", [*base, "pop3d"], env))
         me = self.settings.me
         children += [Child(f"local-{i}", [*base, "worker", "local", "--name", f"{me}.local-{i}"], env)
                      for i in range(self.settings.localprocesses)]

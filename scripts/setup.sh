@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 mode="${1:-run}"
 [ $# -gt 0 ] && shift
 
-SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server redis-sentinel swaks slapd ldap-utils dovecot-imapd unbound postfix openssl prometheus systemd opendkim-tools"
+SYSTEM_PACKAGES="python3 python3-venv python3-pip redis-server redis-sentinel swaks slapd ldap-utils dovecot-imapd unbound postfix openssl prometheus systemd opendkim-tools fetchmail"
+# fetchmail is a POP3 client for tests/test_pop3d.py: its daemon stays off (Debian's START_DAEMON=no, and
+# no /etc/fetchmailrc), and the policy-rc.d below keeps it from starting while it installs.
 # Installed without their Recommends: prometheus would bring prometheus-node-exporter (one more service on every
 # interface), systemd a D-Bus daemon and a time syncer; the tests need only their binaries. opendkim-tools
 # (opendkim-testmsg, the tests' second DKIM verifier) is the library's command-line tools only: no daemon, no

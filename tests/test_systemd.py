@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
 SHIPPED_BINARY = "/usr/local/bin/shardmail"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"  # scripts/setup.sh: systemd
-ROLES = {"run", "smtpd", "qmqpd", "worker local", "worker remote", "scheduler", "metrics"}
-OPTIONAL = {"shardmail.service", "shardmail-qmqpd.service"}  # not pulled in by shardmail-roles.target
+ROLES = {"run", "smtpd", "qmqpd", "pop3d", "worker local", "worker remote", "scheduler", "metrics"}
+# not pulled in by shardmail-roles.target
+OPTIONAL = {"shardmail.service", "shardmail-qmqpd.service", "shardmail-pop3d.service"}
 HARDENING = {"ProtectSystem": "strict", "NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectHome": "yes",
              "ProtectKernelTunables": "yes", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
              "User": "shardmail", "ReadWritePaths": "/var/lib/shardmail"}
@@ -101,7 +102,7 @@ def test_every_role_has_a_unit_that_runs_a_real_subcommand_with_a_restart_policy
         assert "78" in service["RestartPreventExitStatus"][0].split(), path.name  # a configuration error stays down
         for key, value in HARDENING.items():
             assert service.get(key) == [value], (path.name, key, service.get(key))
-        binds = "smtpd" in argv or "qmqpd" in argv or "run" in argv
+        binds = bool({"smtpd", "qmqpd", "pop3d", "run"} & set(argv))
         assert service["CapabilityBoundingSet"] == (["CAP_NET_BIND_SERVICE"] if binds else [""]), path.name
     assert set(commands) == ROLES, commands
     assert keys(UNITS / "shardmail.service")["Service"]["KillMode"] == ["mixed"]  # the supervisor stops Redis last
@@ -169,6 +170,16 @@ def test_qmqpd_is_ready_when_it_listens(node_factory: Callable[..., Node], liste
     message = listener.receive()
     assert _connectable(port)
     assert message == {"READY": "1", "STATUS": f"QMQP on 127.0.0.1:{port}"}
+    assert listener.pending() == []
+
+
+def test_pop3d_is_ready_when_it_listens(node_factory: Callable[..., Node], listener: Listener) -> None:
+    port = free_port()
+    node = node_factory(pop3_listen=f"127.0.0.1:{port}")
+    start(node, ["pop3d"], listener.address)
+    message = listener.receive()
+    assert _connectable(port)
+    assert message == {"READY": "1", "STATUS": f"POP3 on 127.0.0.1:{port}"}
     assert listener.pending() == []
 
 
