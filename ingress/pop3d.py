@@ -61,7 +61,7 @@ from core.directory import (
 )
 from core.redis_conn import connect_shared
 from ingress.pop3_mailbox import Mailbox, MailboxBusy, Message
-from ingress.serve import listening_socket, serve_until_stopped
+from ingress.serve import listening_socket, run_on_uvloop, serve_until_stopped
 from ingress.tls import TLSConfigError, server_context
 
 log = logging.getLogger("shardmail.pop3d")
@@ -497,9 +497,4 @@ async def serve(settings: Settings) -> None:
 
 
 def main(settings: Settings) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+    run_on_uvloop(serve(settings))

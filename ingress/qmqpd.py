@@ -56,7 +56,7 @@ from core.redis_conn import connect
 from core.submit import Draft, Submitter
 from core.verp import qmail_form
 from ingress.committer import Committer
-from ingress.serve import listening_socket, serve_until_stopped
+from ingress.serve import listening_socket, run_on_uvloop, serve_until_stopped
 
 log = logging.getLogger("shardmail.qmqpd")
 ADDRESS_ROOM = 300  # bytes a recipient's netstring may take in the size bound
@@ -308,11 +308,4 @@ async def serve(settings: Settings) -> None:
 
 
 def main(settings: Settings) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(settings))
-    else:
-        # uvloop reads and writes sockets holding the interpreter lock; asyncio's own loop lets it go
-        # for every recv and send, and the commit thread then keeps it: 60-90 us per call measured.
-        uvloop.run(serve(settings))
+    run_on_uvloop(serve(settings))

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from core import sdnotify
@@ -146,10 +146,17 @@ async def serve(settings: Settings) -> None:
         committer.close()
 
 
-def main(settings: Settings) -> None:
+def run_on_uvloop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a server's coroutine on uvloop, as every listener of ours runs: uvloop reads and writes
+    sockets holding the interpreter lock, where asyncio's own loop lets it go for every recv and
+    send and a commit thread then keeps it (60-90 us per call measured for qmqpd)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(settings))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(settings))
+        uvloop.run(main)
+
+
+def main(settings: Settings) -> None:
+    run_on_uvloop(serve(settings))
