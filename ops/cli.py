@@ -48,15 +48,15 @@ def _serving(path: str | None) -> Settings:
     from core.nodes import SpoolOwned, serve_spool
 
     settings = _settings(path)
-    if settings.role == "ingress":  # an ingress-only node has no spool to serve
-        return settings
     from core.dkim import Signer
 
     try:
-        Signer.of(settings)  # the DKIM keys core.submit will sign with: all readable, or no start
+        Signer.of(settings)  # the DKIM keys core.submit (or the hand-over) signs with: all readable, or no start
     except ConfigError as exc:
         print(f"shardmail: configuration: {exc}", file=sys.stderr)
         sys.exit(EX_CONFIG)
+    if settings.role == "ingress":  # an ingress-only node has no spool to serve
+        return settings
     try:
         serve_spool(settings)
     except SpoolOwned as exc:
@@ -88,7 +88,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ops.run import Supervisor
 
     _logging(args.verbose)
-    return Supervisor(_settings(args.config), args.config).run()
+    settings = _settings(args.config)
+    from core.dkim import Signer
+
+    try:
+        Signer.of(settings)  # a bad key stops the node here, not each child every 30 s
+    except ConfigError as exc:
+        print(f"shardmail: configuration: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    return Supervisor(settings, args.config).run()
 
 
 def cmd_smtpd(args: argparse.Namespace) -> int:

@@ -218,16 +218,20 @@ def test_the_signing_domain_follows_from_then_the_fallbacks_and_a_domain_never_s
     assert domains("<news@shop.example>", theirs) == [b"shop.example", b"shop.example", b"esp.example"]
 
 
-def test_a_missing_key_stops_smtpd_qmqpd_and_sendmail_at_start_with_78(
+def test_a_missing_key_stops_run_smtpd_qmqpd_and_sendmail_at_start_with_78(
         node_factory: Callable[..., Node], tmp_path: Path) -> None:
     path = tmp_path / "nonexistent.key"
     node = node_factory(dkim=f"{DOMAIN}:r2026:{path}:rsa", qmqp_listen=f"127.0.0.1:{free_port()}")
-    for args in (["smtpd"], ["qmqpd"], ["sendmail", "u@d49.test"]):
+    for args in (["run"], ["smtpd"], ["qmqpd"], ["sendmail", "u@d49.test"]):
         done = node.command(*args, input=MESSAGE)
         assert done.returncode == 78, (args, done.stderr)
         assert f"dkim: key {path} (r2026._domainkey.shop.example): No such file".encode() in done.stderr
         assert b"Traceback" not in done.stderr, done.stderr
     assert node.spooled() == []
+    edge = node_factory(role="ingress", qmqpservers="127.0.0.1:1", dkim=f"{DOMAIN}:r2026:{path}:rsa")
+    for args in (["smtpd"], ["sendmail", "u@d49.test"]):  # an ingress-only node signs too: the same check
+        done = edge.command(*args, input=MESSAGE)
+        assert done.returncode == 78 and b"No such file" in done.stderr and b"Traceback" not in done.stderr, args
 
 
 @pytest.mark.parametrize("problem", ["not a key", "wrong algorithm"])
