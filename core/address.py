@@ -277,6 +277,17 @@ def peer_in(peer: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
 
+def a_label(domain: str) -> str:
+    """An international domain name in its IDNA (A-label) form; an ASCII one, or one IDNA cannot
+    encode, as given (the callers compare or print it, and a bad one matches nothing)."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
 def clean_for_header(text: str, limit: int = 200) -> str:
     """Printable ASCII without spaces, so a peer's words can never start a header or a line."""
     return _UNSAFE.sub("?", text)[:limit]

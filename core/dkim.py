@@ -58,7 +58,7 @@ from dkim.canonicalization import (
 )
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from core.address import peer_in
+from core.address import a_label, peer_in
 from core.config import ConfigError, Settings
 from core.envelope import Client
 
@@ -89,11 +89,7 @@ def relaxed_body(body: bytes) -> bytes:
 
 def _domain(text: str) -> str:
     """A domain as d= and the lookups compare it: lower case, A-labels, no trailing dot."""
-    name = text.strip().rstrip(".").lower()
-    try:
-        return name.encode("idna").decode("ascii")
-    except UnicodeError:
-        return name
+    return a_label(text.strip().rstrip(".").lower())
 
 
 @dataclass(frozen=True)

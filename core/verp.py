@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+from core.address import a_label
+
 DEFAULT_DELIMITERS = "+="
 ALLOWED = "-+="
 NO_VERP_SENDERS = ("", "#@[]")  # the null sender; qmail's double-bounce sender (core.envelope's)
@@ -53,15 +55,6 @@ def _quote(local: str) -> str:
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _ascii_domain(domain: str) -> str:
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
-
-
 def verp_sender(sender: str, recipient: str, delimiters: str) -> str:
     """The envelope sender for ``recipient`` (``sender`` itself for the null and double-bounce senders)."""
     if sender in NO_VERP_SENDERS:
@@ -74,7 +67,7 @@ def verp_sender(sender: str, recipient: str, delimiters: str) -> str:
         user, domain = recipient, ""
     local = _unquote(prefix) + delimiters[0] + _unquote(user)
     if domain:
-        local += delimiters[1] + _ascii_domain(domain)
+        local += delimiters[1] + a_label(domain)
     return _quote(local) + (f"@{origin}" if at else "")
 
 

@@ -62,6 +62,11 @@ class Servers:
             servers.append((host.strip("[]"), int(port)))
         return servers
 
+    def due(self) -> bool:
+        """Whether the next ``order`` reads the registry (a Redis round trip)."""
+        return not self.settings.qmqpservers and self.registry is not None and \
+            time.monotonic() - self._read > REFRESH
+
     def from_registry(self) -> list[tuple[str, int]]:
         """Live nodes with a QMQP listener, fewest spooled first (heartbeat figures, cached)."""
         if self.registry is None:
@@ -101,8 +106,10 @@ class Handover:
     async def commit(self, draft: Draft) -> Reply:
         """The queue node's K, once one gave it; raises QueueUnavailable or QueueRefused."""
         loop = asyncio.get_running_loop()
-        servers = await loop.run_in_executor(None, self.servers.order) if self.servers.registry else \
-            self.servers.order()
+        if self.servers.due():  # the registry is read off the event loop, once per REFRESH
+            servers = await loop.run_in_executor(None, self.servers.order)
+        else:
+            servers = self.servers.order()
         if not servers:
             raise QueueUnavailable(Deferred("4.3.0", "no queue node is known (qmqpservers, heartbeats)"))
         body = draft.body

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from core.address import a_label
 from core.config import Settings
 
 NULL_ENTRY = "<>"
@@ -39,13 +40,7 @@ NULL_ENTRY = "<>"
 
 def _domain(domain: str) -> str:
     """Lower case, no trailing dot, an international name in its A-label form (as given if it has none)."""
-    domain = domain.rstrip(".").lower()
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
+    return a_label(domain.rstrip(".").lower())
 
 
 def _address(address: str) -> tuple[str, str]:
